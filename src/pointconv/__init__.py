@@ -1,0 +1,31 @@
+"""pointconv: point-cloud convolution for PyTorch, on CPU and GPU, with no compile step."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._backend import use_backend
+from .neighbors import (
+    KNN,
+    NeighborIndex,
+    ball_query,
+    ball_query_packed,
+    farthest_point_sample,
+    gather,
+    grid_subsample,
+    knn,
+    knn_packed,
+)
+
+__all__ = [
+    "__version__",
+    "use_backend",
+    "KNN",
+    "NeighborIndex",
+    "ball_query",
+    "ball_query_packed",
+    "farthest_point_sample",
+    "gather",
+    "grid_subsample",
+    "knn",
+    "knn_packed",
+]

@@ -1,0 +1,122 @@
+"""Input validation shared by every public function.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape,
+range, device or value) with a message that names the argument and says what was expected.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def coords(name: str, x, *, ndim: int, dim: int | None = None) -> torch.Tensor:
+    """Floating-point coordinates of shape ``(B, N, D)`` (ndim=3) or ``(N, D)`` (ndim=2), all finite."""
+    tensor(name, x)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64 coordinates, got dtype {x.dtype}")
+    if x.dim() != ndim:
+        shape = "(B, N, D)" if ndim == 3 else "(N, D)"
+        raise ValueError(f"{name} must have shape {shape}, got shape {tuple(x.shape)}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name} must have at least one coordinate (D >= 1), got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[-1] != dim:
+        raise ValueError(f"{name} must have D = {dim} coordinates, got shape {tuple(x.shape)}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf coordinates")
+    return x
+
+
+def same_device(**tensors: torch.Tensor | None) -> torch.device:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    device = named[0][1].device
+    for n, t in named[1:]:
+        if t.device != device:
+            raise ValueError(
+                f"{n} is on {t.device} but {named[0][0]} is on {device}: all inputs must be on one device"
+            )
+    return device
+
+
+def same_dtype(**tensors: torch.Tensor) -> None:
+    named = list(tensors.items())
+    for n, t in named[1:]:
+        if t.dtype != named[0][1].dtype:
+            raise TypeError(f"{n} has dtype {t.dtype} but {named[0][0]} has dtype {named[0][1].dtype}")
+
+
+def positive_int(name: str, k) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"{name} must be >= 1, got {k}")
+    return int(k)
+
+
+def nonneg_int(name: str, k) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if k < 0:
+        raise ValueError(f"{name} must be >= 0, got {k}")
+    return int(k)
+
+
+def positive_float(name: str, r) -> float:
+    if isinstance(r, torch.Tensor) and r.numel() == 1:
+        r = r.item()
+    if isinstance(r, bool) or not isinstance(r, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {type(r).__name__}")
+    r = float(r)
+    if not (r > 0.0) or r != r or r == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {r}")
+    return r
+
+
+def lengths(name: str, lens, batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """Per-cloud lengths ``(B,)`` in [0, N]; ``None`` means every cloud is full. Returns int64."""
+    if lens is None:
+        return torch.full((batch,), n, dtype=torch.int64, device=device)
+    tensor(name, lens)
+    if lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got dtype {lens.dtype}")
+    if lens.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), got shape {tuple(lens.shape)}")
+    if lens.device != device:
+        raise ValueError(f"{name} is on {lens.device} but the coordinates are on {device}")
+    if batch and (bool((lens < 0).any()) or bool((lens > n).any())):
+        raise ValueError(f"{name} must lie in [0, {n}], got {lens.tolist()}")
+    return lens.to(torch.int64)
+
+
+def batch_vector(name: str, batch, n: int, device: torch.device) -> torch.Tensor:
+    """A sorted int64 batch vector ``(N,)`` of non-negative cloud ids."""
+    tensor(name, batch)
+    if batch.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor, got dtype {batch.dtype}")
+    if batch.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got shape {tuple(batch.shape)}")
+    if batch.device != device:
+        raise ValueError(f"{name} is on {batch.device} but the coordinates are on {device}")
+    if n:
+        if bool((batch < 0).any()):
+            raise ValueError(f"{name} must hold non-negative cloud ids")
+        if n > 1 and bool((batch[1:] < batch[:-1]).any()):
+            raise ValueError(f"{name} must be sorted ascending")
+    return batch
+
+
+def index_tensor(name: str, idx, ndim: int) -> torch.Tensor:
+    tensor(name, idx)
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int64 (or int32) index tensor, got dtype {idx.dtype}")
+    if idx.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(idx.shape)}")
+    return idx

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per family. Imported lazily: never on a CPU-only path."""

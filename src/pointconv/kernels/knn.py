@@ -1,0 +1,362 @@
+"""Triton kernels for exact k-nearest-neighbor and ball search.
+
+Two kernels share one top-k routine:
+
+* ``_knn_brute_kernel``: a program per block of queries scans every point of its cloud in tiles.
+  Any dimension D. Used for small clouds and D != 3.
+* ``_knn_grid_kernel``: points are sorted into a uniform grid (cell start offsets); a program per
+  block of queries (sorted by cell) scans rings of cells around each query until the k-th
+  neighbor is closer than every unscanned cell. D = 3.
+
+Top-k: each candidate is packed into one int64 key ``(float32 bits of the squared distance) << 32
+| index``. Non-negative floats order like their bit patterns, so ascending keys are ascending
+distances with ties broken by the lower index, the library's order. A block keeps the KP best
+keys per query (sorted); a tile of KP new keys is merged by sorting the 2*KP keys and keeping the
+first half (``tl.sort`` sorts values only, hence the packing). Tiles that cannot improve any
+query's k-th neighbor are skipped.
+
+Distances: ``(q - p)**2`` per coordinate, summed in coordinate order, launched with
+``enable_fp_fusion=False`` so no FMA changes the rounding: bitwise the reference's distances.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+INF_BITS = 0x7F800000  # float32 +inf
+INF_KEY = (INF_BITS << 32) | 0x7FFFFFFF
+_BRUTE_MAX_POINTS = 2048  # above this, D = 3 clouds use the grid kernel
+
+
+@triton.jit
+def _pack(dist, idx):
+    return (dist.to(tl.int32, bitcast=True).to(tl.int64) << 32) | idx.to(tl.int64)
+
+
+@triton.jit
+def _kth_key(best, K: tl.constexpr, KP: tl.constexpr):
+    """Column K-1 of the sorted (BQ, KP) buffer: each query's current k-th key."""
+    cols = tl.arange(0, KP)[None, :]
+    return tl.max(tl.where(cols == K - 1, best, 0), axis=1)
+
+
+@triton.jit
+def _merge(best, keys, K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr):
+    """Merge a tile of keys (BQ, KP) into the sorted best keys (BQ, KP)."""
+    kth = _kth_key(best, K, KP)
+    if tl.sum((keys < kth[:, None]).to(tl.int32)) > 0:
+        both = tl.reshape(tl.join(best, keys), (BQ, 2 * KP))
+        both = tl.sort(both, dim=1)
+        halves = tl.permute(tl.reshape(both, (BQ, 2, KP)), (0, 2, 1))
+        best, _ = tl.split(halves)
+    return best
+
+
+@triton.jit
+def _store(best, out_d_ptr, out_i_ptr, rows, row_mask, K: tl.constexpr, KP: tl.constexpr):
+    """Write the first K keys of each query as (squared distance, index); inf -> index -1."""
+    cols = tl.arange(0, KP)
+    dist = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    idx = (best & 0xFFFFFFFF).to(tl.int64)
+    idx = tl.where(dist == float("inf"), -1, idx)
+    offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    mask = row_mask[:, None] & (cols[None, :] < K)
+    tl.store(out_d_ptr + offs, dist, mask=mask)
+    tl.store(out_i_ptr + offs, idx, mask=mask)
+
+
+@triton.jit
+def _knn_brute_kernel(
+    q_ptr, p_ptr, qlen_ptr, plen_ptr, out_d_ptr, out_i_ptr,
+    Q, P, radius2,
+    D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, USE_RADIUS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    nq = tl.load(qlen_ptr + b)
+    npts = tl.load(plen_ptr + b)
+    rows = pid * BQ + tl.arange(0, BQ)
+    row_mask = rows < nq
+    q_base = q_ptr + b * Q * D + rows.to(tl.int64) * D
+    best = tl.full((BQ, KP), INF_KEY, tl.int64)
+    cols = tl.arange(0, KP)
+    if pid * BQ < nq:
+        for start in range(0, npts, KP):
+            offs_p = start + cols
+            p_mask = offs_p < npts
+            p_base = p_ptr + b * P * D + offs_p.to(tl.int64) * D
+            for c in tl.static_range(D):
+                qc = tl.load(q_base + c, mask=row_mask, other=0.0)
+                pc = tl.load(p_base + c, mask=p_mask, other=0.0)
+                diff = qc[:, None] - pc[None, :]
+                if c == 0:
+                    dist = diff * diff
+                else:
+                    dist = dist + diff * diff
+            invalid = (~p_mask)[None, :] | (~row_mask)[:, None]
+            if EXCLUDE_SELF:
+                invalid = invalid | (rows[:, None] == offs_p[None, :])
+            if USE_RADIUS:
+                invalid = invalid | (dist > radius2)
+            dist = tl.where(invalid, float("inf"), dist)
+            best = _merge(best, _pack(dist, offs_p[None, :]), K, KP, BQ)
+        _store(best, out_d_ptr + b * Q * K, out_i_ptr + b * Q * K, rows, row_mask, K, KP)
+
+
+@triton.jit
+def _scan_cells(
+    best, qx, qy, qz, qrow, lo_cell, hi_cell, ok, active, start_ptr, xyz_ptr, pid_ptr, radius2,
+    K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    USE_RADIUS: tl.constexpr,
+):
+    """Scan the contiguous cell range [lo_cell, hi_cell] of each active query."""
+    use = ok & active
+    seg_start = tl.load(start_ptr + lo_cell, mask=use, other=0)
+    seg_end = tl.load(start_ptr + hi_cell + 1, mask=use, other=0)
+    n_max = tl.max(seg_end - seg_start)
+    cols = tl.arange(0, KP)
+    for j in range(0, n_max, KP):
+        pos = seg_start[:, None] + j + cols[None, :]
+        m = pos < seg_end[:, None]
+        px = tl.load(xyz_ptr + pos * 3, mask=m, other=0.0)
+        py = tl.load(xyz_ptr + pos * 3 + 1, mask=m, other=0.0)
+        pz = tl.load(xyz_ptr + pos * 3 + 2, mask=m, other=0.0)
+        pidx = tl.load(pid_ptr + pos, mask=m, other=0)
+        dx = qx[:, None] - px
+        dy = qy[:, None] - py
+        dz = qz[:, None] - pz
+        dist = dx * dx
+        dist = dist + dy * dy
+        dist = dist + dz * dz
+        invalid = ~m
+        if EXCLUDE_SELF:
+            invalid = invalid | (pidx == qrow[:, None])
+        if USE_RADIUS:
+            invalid = invalid | (dist > radius2)
+        dist = tl.where(invalid, float("inf"), dist)
+        best = _merge(best, _pack(dist, pidx), K, KP, BQ)
+    return best
+
+
+@triton.jit
+def _knn_grid_kernel(
+    q_ptr, qbatch_ptr, qrow_ptr, nq_total,
+    xyz_ptr, pid_ptr, start_ptr,
+    lo_ptr, h_ptr, dims_ptr, base_ptr,
+    out_d_ptr, out_i_ptr, Q, radius2,
+    K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, USE_RADIUS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    slots = pid * BQ + tl.arange(0, BQ)
+    qmask = slots < nq_total
+    slots64 = slots.to(tl.int64)
+    qx = tl.load(q_ptr + slots64 * 3, mask=qmask, other=0.0)
+    qy = tl.load(q_ptr + slots64 * 3 + 1, mask=qmask, other=0.0)
+    qz = tl.load(q_ptr + slots64 * 3 + 2, mask=qmask, other=0.0)
+    qb = tl.load(qbatch_ptr + slots64, mask=qmask, other=0)
+    qrow = tl.load(qrow_ptr + slots64, mask=qmask, other=0)
+    lox = tl.load(lo_ptr + qb * 3, mask=qmask, other=0.0)
+    loy = tl.load(lo_ptr + qb * 3 + 1, mask=qmask, other=0.0)
+    loz = tl.load(lo_ptr + qb * 3 + 2, mask=qmask, other=0.0)
+    h = tl.load(h_ptr + qb, mask=qmask, other=1.0)
+    gx = tl.load(dims_ptr + qb * 3, mask=qmask, other=1)
+    gy = tl.load(dims_ptr + qb * 3 + 1, mask=qmask, other=1)
+    gz = tl.load(dims_ptr + qb * 3 + 2, mask=qmask, other=1)
+    base = tl.load(base_ptr + qb, mask=qmask, other=0)
+    # The query's cell, clamped into the grid (queries may lie outside the points' box).
+    cx = tl.minimum(tl.maximum(tl.floor((qx - lox) / h), 0.0), (gx - 1).to(tl.float32)).to(tl.int64)
+    cy = tl.minimum(tl.maximum(tl.floor((qy - loy) / h), 0.0), (gy - 1).to(tl.float32)).to(tl.int64)
+    cz = tl.minimum(tl.maximum(tl.floor((qz - loz) / h), 0.0), (gz - 1).to(tl.float32)).to(tl.int64)
+    # Rounding slack for the "every unscanned point is farther than" bound.
+    slack = 1e-4 * h + 1e-6 * (tl.abs(qx) + tl.abs(qy) + tl.abs(qz) + tl.abs(lox) + tl.abs(loy)
+                                + tl.abs(loz) + h * (gx + gy + gz).to(tl.float32))
+
+    best = tl.full((BQ, KP), INF_KEY, tl.int64)
+    active = qmask
+    r = 0
+    while tl.sum(active.to(tl.int32)) > 0:
+        for oz in range(-r, r + 1):
+            for oy in range(-r, r + 1):
+                y = cy + oy
+                z = cz + oz
+                ok = (y >= 0) & (y < gy) & (z >= 0) & (z < gz)
+                row = base + (z * gy + y) * gx
+                if (oy == r) | (oy == -r) | (oz == r) | (oz == -r):
+                    # A full row of 2r+1 cells: contiguous in the sorted points.
+                    xl = tl.maximum(cx - r, 0)
+                    xh = tl.minimum(cx + r, gx - 1)
+                    best = _scan_cells(best, qx, qy, qz, qrow, row + xl, row + xh, ok, active,
+                                       start_ptr, xyz_ptr, pid_ptr, radius2,
+                                       K, KP, BQ, EXCLUDE_SELF, USE_RADIUS)
+                else:
+                    # Inside the shell's faces only the two end cells of the row are new.
+                    xl = cx - r
+                    best = _scan_cells(best, qx, qy, qz, qrow, row + xl, row + xl, ok & (xl >= 0),
+                                       active, start_ptr, xyz_ptr, pid_ptr, radius2,
+                                       K, KP, BQ, EXCLUDE_SELF, USE_RADIUS)
+                    xh = cx + r
+                    best = _scan_cells(best, qx, qy, qz, qrow, row + xh, row + xh, ok & (xh < gx),
+                                       active, start_ptr, xyz_ptr, pid_ptr, radius2,
+                                       K, KP, BQ, EXCLUDE_SELF, USE_RADIUS)
+        # Distance from the query to the outside of the scanned block of cells; sides that reach
+        # the grid's edge hide nothing.
+        inf = float("inf")
+        bd = tl.full((BQ,), inf, tl.float32)
+        bd = tl.minimum(bd, tl.where(cx - r > 0, qx - (lox + (cx - r).to(tl.float32) * h), inf))
+        bd = tl.minimum(bd, tl.where(cy - r > 0, qy - (loy + (cy - r).to(tl.float32) * h), inf))
+        bd = tl.minimum(bd, tl.where(cz - r > 0, qz - (loz + (cz - r).to(tl.float32) * h), inf))
+        bd = tl.minimum(bd, tl.where(cx + r < gx - 1, lox + (cx + r + 1).to(tl.float32) * h - qx, inf))
+        bd = tl.minimum(bd, tl.where(cy + r < gy - 1, loy + (cy + r + 1).to(tl.float32) * h - qy, inf))
+        bd = tl.minimum(bd, tl.where(cz + r < gz - 1, loz + (cz + r + 1).to(tl.float32) * h - qz, inf))
+        bd = tl.maximum(bd - slack, 0.0)
+        kth = (_kth_key(best, K, KP) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        if USE_RADIUS:
+            kth = tl.minimum(kth, radius2)
+        active = active & ~(kth < bd * bd) & (bd < inf)
+        r += 1
+    out_rows = qb * Q + qrow
+    _store(best, out_d_ptr, out_i_ptr, out_rows, qmask, K, KP)
+
+
+def _kp(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
+
+
+class Grid:
+    """Points of a padded batch sorted into per-cloud uniform grids (see module docstring).
+
+    ``xyz (M, 3)`` and ``point_idx (M,)`` are the valid points sorted by (cloud, cell), with their
+    indices into the padded cloud; ``cell_start`` has one entry per cell plus one; cloud ``b``'s
+    grid has origin ``lo[b]``, cell size ``h[b]``, ``dims[b]`` cells (x, y, z) and its first
+    cell at ``base[b]``; cells are numbered ``base + (z * dims_y + y) * dims_x + x``.
+    """
+
+    def __init__(self, points: torch.Tensor, lengths: torch.Tensor, k_hint: int = 16):
+        B, P, _ = points.shape
+        dev = points.device
+        valid = torch.arange(P, device=dev)[None, :] < lengths[:, None]
+        bid, pidx = torch.nonzero(valid, as_tuple=True)
+        xyz = points[bid, pidx].float()
+        lens = lengths.clamp(min=1).float()
+        big = torch.finfo(torch.float32).max
+        lo = torch.where(valid[..., None], points.float(), big).amin(1)
+        hi = torch.where(valid[..., None], points.float(), -big).amax(1)
+        empty = lengths == 0
+        lo = torch.where(empty[:, None], 0.0, lo)
+        hi = torch.where(empty[:, None], 0.0, hi)
+        extent = (hi - lo).clamp(min=1e-12)
+        # Cell size: about `target` points per occupied cell. Start from the box volume, then
+        # correct for clouds that fill little of their box (surfaces, clusters).
+        target = max(2.0, k_hint / 4.0)
+        ext = torch.maximum(extent, extent.amax(1, keepdim=True) * 1e-3)
+        h = (ext.prod(1) / lens * target).pow(1.0 / 3.0)
+        for _ in range(2):
+            h = self._cap_cells(h, extent, lens)
+            lin, _, _ = self._cells(xyz, bid, lo, h, extent)
+            occupied = torch.bincount(self._first_of_runs(lin, bid), minlength=B).clamp(min=1)
+            occ = lens / occupied.float()
+            h = h * (target / occ).clamp(0.05, 4.0).sqrt()
+        h = self._cap_cells(h, extent, lens)
+        lin, dims, base = self._cells(xyz, bid, lo, h, extent)
+        order = torch.argsort(lin, stable=True)
+        lin = lin[order]
+        self.xyz = xyz[order].contiguous()
+        self.point_idx = pidx[order].contiguous()
+        total = int(base[-1] + dims[-1].prod()) if B else 0
+        self.cell_start = torch.searchsorted(lin, torch.arange(total + 1, device=dev)).contiguous()
+        self.lo, self.h, self.dims, self.base = lo.contiguous(), h.contiguous(), dims.contiguous(), base
+        self.lengths = lengths
+
+    @staticmethod
+    def _cap_cells(h, extent, lens):
+        # At most about 4 cells per point and 2^10 cells along an axis: bounded memory.
+        cells = ((extent / h[:, None]).floor() + 1).prod(1)
+        h = h * (cells / (4 * lens + 64)).clamp(min=1.0).pow(1.0 / 3.0)
+        return torch.maximum(h, extent.amax(1) / 1023.0).clamp(min=1e-12)
+
+    @staticmethod
+    def _first_of_runs(lin, bid):
+        srt, order = torch.sort(lin)
+        first = torch.ones_like(srt, dtype=torch.bool)
+        first[1:] = srt[1:] != srt[:-1]
+        return bid[order][first]
+
+    @staticmethod
+    def _cells(xyz, bid, lo, h, extent):
+        dims = ((extent / h[:, None]).floor() + 1).long()
+        c = ((xyz - lo[bid]) / h[bid, None]).floor().long()
+        c = torch.minimum(c.clamp(min=0), dims[bid] - 1)
+        ncell = dims.prod(1)
+        base = torch.cumsum(ncell, 0) - ncell
+        lin = base[bid] + (c[:, 2] * dims[bid, 1] + c[:, 1]) * dims[bid, 0] + c[:, 0]
+        return lin, dims, base
+
+
+def _out(B, Q, K, dtype, device):
+    return (torch.full((B, Q, K), float("inf"), dtype=dtype, device=device),
+            torch.full((B, Q, K), -1, dtype=torch.int64, device=device))
+
+
+def search_brute(query, points, k, radius2, query_lengths, points_lengths, exclude_self):
+    """Brute-force kNN / ball search of padded float32 clouds, any D."""
+    B, Q, D = query.shape
+    P = points.shape[1]
+    out_d, out_i = _out(B, Q, k, query.dtype, query.device)
+    if B == 0 or Q == 0 or P == 0:
+        return out_d, out_i
+    KP = _kp(k)
+    BQ = 32 if KP <= 32 else 16
+    grid = (triton.cdiv(Q, BQ), B)
+    _knn_brute_kernel[grid](
+        query.contiguous(), points.contiguous(), query_lengths.contiguous(), points_lengths.contiguous(),
+        out_d, out_i, Q, P, 0.0 if radius2 is None else radius2,
+        D=D, K=k, KP=KP, BQ=BQ, EXCLUDE_SELF=exclude_self, USE_RADIUS=radius2 is not None,
+        enable_fp_fusion=False,
+    )
+    return out_d, out_i
+
+
+def search_grid(query, grid, k, radius2, query_lengths, exclude_self):
+    """Grid kNN / ball search of padded float32 queries against a prebuilt ``Grid`` (D = 3)."""
+    B, Q, _ = query.shape
+    dev = query.device
+    out_d, out_i = _out(B, Q, k, query.dtype, dev)
+    valid = torch.arange(Q, device=dev)[None, :] < query_lengths[:, None]
+    qb, qrow = torch.nonzero(valid, as_tuple=True)
+    if qb.numel() == 0 or grid.xyz.shape[0] == 0:
+        return out_d, out_i
+    q = query[qb, qrow]
+    # Sort queries by cell so that a block's queries scan the same cells.
+    h = grid.h[qb, None]
+    c = ((q - grid.lo[qb]) / h).floor().clamp(min=0).long()
+    c = torch.minimum(c, grid.dims[qb] - 1)
+    d = grid.dims[qb]
+    lin = grid.base[qb] + (c[:, 2] * d[:, 1] + c[:, 1]) * d[:, 0] + c[:, 0]
+    order = torch.argsort(lin, stable=True)
+    q, qb, qrow = q[order].contiguous(), qb[order].contiguous(), qrow[order].contiguous()
+    KP = _kp(k)
+    BQ = 32 if KP <= 32 else 16
+    n = q.shape[0]
+    _knn_grid_kernel[(triton.cdiv(n, BQ),)](
+        q, qb, qrow, n, grid.xyz, grid.point_idx, grid.cell_start,
+        grid.lo, grid.h, grid.dims.contiguous(), grid.base.contiguous(),
+        out_d, out_i, Q, 0.0 if radius2 is None else radius2,
+        K=k, KP=KP, BQ=BQ, EXCLUDE_SELF=exclude_self, USE_RADIUS=radius2 is not None,
+        enable_fp_fusion=False,
+    )
+    return out_d, out_i
+
+
+def search(query, points, k, radius2, query_lengths, points_lengths, exclude_self, grid=None):
+    """Dispatch between the brute-force and grid kernels (float32 coordinates)."""
+    D = query.shape[-1]
+    if D != 3 or (grid is None and points.shape[1] <= _BRUTE_MAX_POINTS):
+        return search_brute(query, points, k, radius2, query_lengths, points_lengths, exclude_self)
+    if grid is None:
+        grid = Grid(points, points_lengths, k_hint=k)
+    return search_grid(query, grid, k, radius2, query_lengths, exclude_self)

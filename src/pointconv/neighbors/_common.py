@@ -1,0 +1,55 @@
+"""Validation and output assembly shared by knn, ball_query and NeighborIndex."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import _checks
+from ._distance import sq_dist
+
+
+class KNN(NamedTuple):
+    """Result of a neighbor search.
+
+    dists: ``(B, Q, k)`` SQUARED Euclidean distances, ascending (ties by lower index); ``inf`` in
+        slots with no neighbor. Differentiable w.r.t. the query and point coordinates.
+    idx: ``(B, Q, k)`` int64 indices into the points' second dimension; ``-1`` where no neighbor.
+    """
+
+    dists: torch.Tensor
+    idx: torch.Tensor
+
+
+def check_query(query, points, *, query_lengths, exclude_self):
+    """Validate ``query`` against already-validated ``points``; return int64 query lengths."""
+    _checks.coords("query", query, ndim=3)
+    _checks.same_device(points=points, query=query)
+    _checks.same_dtype(points=points, query=query)
+    if query.shape[0] != points.shape[0]:
+        raise ValueError(f"query has batch size {query.shape[0]} but points has {points.shape[0]}")
+    if query.shape[2] != points.shape[2]:
+        raise ValueError(f"query has D = {query.shape[2]} but points has D = {points.shape[2]}")
+    if exclude_self and query.shape[1] != points.shape[1]:
+        raise ValueError("exclude_self=True needs query and points to be the same cloud, got "
+                         f"{query.shape[1]} queries and {points.shape[1]} points per cloud")
+    return _checks.lengths("query_lengths", query_lengths, query.shape[0], query.shape[1], query.device)
+
+
+def check_points(points, points_lengths, name="points", lengths_name="points_lengths"):
+    _checks.coords(name, points, ndim=3)
+    return _checks.lengths(lengths_name, points_lengths, points.shape[0], points.shape[1], points.device)
+
+
+def differentiable_dists(dists, idx, query, points):
+    """Recompute the selected squared distances with autograd when coordinates need gradients.
+
+    Same formula as the search, so the values are unchanged; missing neighbors stay ``inf``.
+    """
+    if not torch.is_grad_enabled() or not (query.requires_grad or points.requires_grad):
+        return dists
+    from .gather import gather
+
+    nbr = gather(points, idx)
+    d = sq_dist(query[:, :, None, :], nbr)
+    return torch.where(idx >= 0, d, torch.full_like(d, float("inf")))

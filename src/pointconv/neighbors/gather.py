@@ -1,0 +1,48 @@
+"""Gather per-neighbor values: ``(B, P, C)`` values and ``(B, Q, k)`` indices -> ``(B, Q, k, C)``."""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+
+
+def gather_reference(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Plain loop-free reference: ``out[b, q, j] = values[b, idx[b, q, j]]``, zeros where idx = -1."""
+    B, Q, K = idx.shape
+    safe = idx.clamp(min=0).long()
+    out = torch.stack([values[b][safe[b].reshape(-1)].reshape(Q, K, -1) for b in range(B)]) if B else \
+        values.new_zeros((0, Q, K, values.shape[-1]))
+    return out * (idx >= 0)[..., None].to(values.dtype)
+
+
+def gather(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather neighbor values.
+
+    Args:
+        values: ``(B, P, C)`` per-point values (any dtype).
+        idx: ``(B, Q, k)`` int64 (or int32) indices into ``P``; ``-1`` marks a missing neighbor.
+
+    Returns:
+        ``(B, Q, k, C)`` with ``out[b, q, j] = values[b, idx[b, q, j]]`` and zeros where ``idx == -1``.
+        Differentiable w.r.t. ``values`` to any order (the backward is an index_put with
+        accumulation: deterministic under ``torch.use_deterministic_algorithms(True)``).
+    """
+    _checks.tensor("values", values)
+    _checks.index_tensor("idx", idx, 3)
+    if values.dim() != 3:
+        raise ValueError(f"values must have shape (B, P, C), got shape {tuple(values.shape)}")
+    _checks.same_device(values=values, idx=idx)
+    B, P, C = values.shape
+    if idx.shape[0] != B:
+        raise ValueError(f"idx has batch size {idx.shape[0]} but values has {B}")
+    if idx.numel() and (bool((idx < -1).any()) or bool((idx >= P).any())):
+        raise ValueError(f"idx must lie in [-1, {P - 1}] (P = {P}), got values in "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    _, Q, K = idx.shape
+    idx = idx.long()
+    missing = idx < 0
+    flat = (idx.clamp(min=0) + torch.arange(B, device=idx.device)[:, None, None] * P).reshape(-1)
+    out = values.reshape(B * P, C)[flat].reshape(B, Q, K, C) if P else values.new_zeros((B, Q, K, C))
+    if bool(missing.any()):
+        out = out.masked_fill(missing[..., None], 0)
+    return out

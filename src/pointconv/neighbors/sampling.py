@@ -1,0 +1,133 @@
+"""Farthest point sampling and grid subsampling of padded clouds."""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from .. import _checks
+from .._backend import backend_for
+from ._common import check_points
+from ._distance import sq_dist
+
+__all__ = ["farthest_point_sample", "grid_subsample", "GridSubsample"]
+
+
+def _fps_torch(points, n, lengths, start):
+    """Vectorized over the batch; one step per sample. Also the reference on every device.
+
+    Chosen points get a min-distance of -1 so they are never picked again (duplicated points do
+    not produce repeated indices); padded points get -2. Ties go to the lowest index (argmax
+    returns the first maximum).
+    """
+    B, N, _ = points.shape
+    dev = points.device
+    out = torch.full((B, n), -1, dtype=torch.int64, device=dev)
+    if B == 0 or N == 0:
+        return out
+    ar = torch.arange(N, device=dev)
+    valid = ar[None, :] < lengths[:, None]
+    mind = torch.where(valid, torch.tensor(float("inf"), dtype=points.dtype, device=dev),
+                       torch.tensor(-2.0, dtype=points.dtype, device=dev))
+    rows = torch.arange(B, device=dev)
+    cur = start
+    for s in range(min(n, N)):
+        has = s < lengths
+        out[:, s] = torch.where(has, cur, -1)
+        d = sq_dist(points, points[rows, cur][:, None, :])
+        mind = torch.minimum(mind, d)
+        mind[rows, cur] = torch.where(valid[rows, cur], -1.0, -2.0).to(points.dtype)
+        cur = torch.argmax(mind, dim=1)
+    return out
+
+
+def farthest_point_sample(points: torch.Tensor, n: int, *, lengths=None, random_start: bool = False) -> torch.Tensor:
+    """Iterative farthest point sampling.
+
+    Args:
+        points: ``(B, N, D)`` float32/float64 coordinates.
+        n: number of samples per cloud (``>= 1``).
+        lengths: optional ``(B,)`` valid lengths.
+        random_start: start at a random valid index (``torch``'s global generator) instead of 0.
+
+    Returns:
+        ``(B, n)`` int64 indices into ``points``: sample ``s`` is the point farthest (squared
+        Euclidean distance, ties to the lower index) from samples ``0..s-1``. Indices are distinct;
+        clouds with fewer than ``n`` points are padded with ``-1``.
+    """
+    lengths = check_points(points, lengths, lengths_name="lengths")
+    n = _checks.positive_int("n", n)
+    B = points.shape[0]
+    if random_start:
+        start = (torch.rand(B, device=points.device) * lengths.clamp(min=1)).long()
+        start = torch.minimum(start, (lengths - 1).clamp(min=0))
+    else:
+        start = torch.zeros(B, dtype=torch.int64, device=points.device)
+    backend = backend_for(points.device)
+    pts = points.detach()
+    if backend == "triton" and points.dtype == torch.float32:
+        from ..kernels.fps import farthest_point_sample_triton
+
+        return farthest_point_sample_triton(pts, n, lengths, start)
+    return _fps_torch(pts, n, lengths, start)
+
+
+class GridSubsample(NamedTuple):
+    """points: ``(B, M, D)`` one point per occupied voxel (the mean of its points), zero padded,
+    ordered by (voxel coordinate 0, 1, ...); lengths: ``(B,)`` int64 number of voxels per cloud."""
+
+    points: torch.Tensor
+    lengths: torch.Tensor
+
+
+def grid_subsample_reference(points, voxel_size, lengths=None) -> GridSubsample:
+    """Per-cloud dictionary of voxels: plainly right, slow."""
+    B, N, D = points.shape
+    lengths = [N] * B if lengths is None else lengths.tolist()
+    clouds = []
+    for b in range(B):
+        cells = {}
+        for j in range(lengths[b]):
+            key = tuple(torch.floor(points[b, j] / voxel_size).long().tolist())
+            cells.setdefault(key, []).append(points[b, j])
+        clouds.append([torch.stack(cells[c]).mean(0) for c in sorted(cells)])
+    m = max([len(c) for c in clouds], default=0)
+    out = points.new_zeros((B, m, D))
+    for b, c in enumerate(clouds):
+        if c:
+            out[b, : len(c)] = torch.stack(c)
+    return GridSubsample(out, torch.tensor([len(c) for c in clouds], dtype=torch.int64))
+
+
+def grid_subsample(points: torch.Tensor, voxel_size: float, *, lengths=None) -> GridSubsample:
+    """Replace the points of each occupied voxel by their mean.
+
+    Voxel ``v`` of a point ``x`` is ``floor(x / voxel_size)`` (a grid anchored at the origin, the
+    same for every cloud). Returns ``GridSubsample(points (B, M, D), lengths (B,))`` with the voxels
+    of each cloud sorted by their integer coordinates; deterministic, and differentiable w.r.t.
+    ``points``.
+    """
+    lengths = check_points(points, lengths, lengths_name="lengths")
+    if isinstance(voxel_size, numbers.Real) or isinstance(voxel_size, torch.Tensor):
+        voxel_size = _checks.positive_float("voxel_size", voxel_size)
+    else:
+        raise TypeError(f"voxel_size must be a positive number, got {type(voxel_size).__name__}")
+    B, N, D = points.shape
+    dev = points.device
+    valid = torch.arange(N, device=dev)[None, :] < lengths[:, None]
+    bid, pid = torch.nonzero(valid, as_tuple=True)
+    x = points[bid, pid]
+    vox = torch.floor(x.detach() / voxel_size).long()
+    keys = torch.cat([bid[:, None], vox], dim=1)
+    uniq, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    # index_put with accumulation: deterministic on CUDA under torch.use_deterministic_algorithms.
+    sums = x.new_zeros((uniq.shape[0], D)).index_put((inverse,), x, accumulate=True)
+    means = sums / counts[:, None].to(x.dtype)
+    ub = uniq[:, 0]
+    new_lengths = torch.bincount(ub, minlength=B)
+    offsets = torch.cumsum(new_lengths, 0) - new_lengths
+    m = int(new_lengths.max()) if B else 0
+    pos = torch.arange(uniq.shape[0], device=dev) - offsets[ub]
+    out = points.new_zeros((B, m, D)).index_put((ub, pos), means)
+    return GridSubsample(out, new_lengths)
