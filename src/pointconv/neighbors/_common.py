@@ -23,8 +23,9 @@ class KNN(NamedTuple):
 
 def check_query(query, points, *, query_lengths, exclude_self):
     """Validate ``query`` against already-validated ``points``; return int64 query lengths."""
-    _checks.coords("query", query, ndim=3)
+    _checks.tensor("query", query)
     _checks.same_device(points=points, query=query)
+    _checks.coords("query", query, ndim=3)
     _checks.same_dtype(points=points, query=query)
     if query.shape[0] != points.shape[0]:
         raise ValueError(f"query has batch size {query.shape[0]} but points has {points.shape[0]}")

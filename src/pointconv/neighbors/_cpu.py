@@ -120,9 +120,12 @@ def _ball_fallback(q, p, tree, k, radius2, exclude_self, self_ids, bad_rows, lim
         d = sq_dist(qb[start:stop][rows], p[cand])
         d = _mask(d, cand, self_ids[start:stop][rows], radius2, exclude_self)
         # Sort by (row, distance, index) with stable sorts, least significant key first.
-        for key in (cand, d, rows):
-            order = torch.argsort(key, stable=True)
-            cand, d, rows = cand[order], d[order], rows[order]
+        order = torch.argsort(cand, stable=True)
+        cand, d, rows = cand[order], d[order], rows[order]
+        order = torch.argsort(d, stable=True)
+        cand, d, rows = cand[order], d[order], rows[order]
+        order = torch.argsort(rows, stable=True)
+        cand, d, rows = cand[order], d[order], rows[order]
         first = torch.cumsum(lens, 0) - lens
         rank = torch.arange(len(rows)) - first[rows]
         keep = (rank < k) & ~torch.isinf(d)

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+import pointconv
+from pointconv.neighbors import gather_reference
+
+
+def test_gather_values_and_missing(device):
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 7, 5, generator=g).to(device)
+    idx = torch.randint(-1, 7, (2, 4, 3), generator=g).to(device)
+    out = pointconv.gather(v, idx)
+    assert torch.equal(out, gather_reference(v, idx))
+    for b in range(2):
+        for q in range(4):
+            for j in range(3):
+                i = int(idx[b, q, j])
+                expect = torch.zeros(5, device=device) if i < 0 else v[b, i]
+                assert torch.equal(out[b, q, j], expect)
+
+
+def test_gather_gradients_to_second_order():
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(2, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(-1, 6, (2, 5, 4), generator=g)
+    torch.autograd.gradcheck(lambda v: pointconv.gather(v, idx), (v,))
+    torch.autograd.gradgradcheck(lambda v: pointconv.gather(v, idx) ** 2, (v,))
+
+
+def test_gather_deterministic_gradient():
+    torch.use_deterministic_algorithms(True)
+    try:
+        v = torch.randn(1, 50, 8, requires_grad=True)
+        idx = torch.randint(0, 50, (1, 400, 16))
+        grads = []
+        for _ in range(2):
+            v.grad = None
+            pointconv.gather(v, idx).pow(2).sum().backward()
+            grads.append(v.grad.clone())
+        assert torch.equal(grads[0], grads[1])
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_gather_bad_input():
+    v = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="idx must lie in"):
+        pointconv.gather(v, torch.full((2, 1, 1), 5))
+    with pytest.raises(ValueError, match="idx must lie in"):
+        pointconv.gather(v, torch.full((2, 1, 1), -2))
+    with pytest.raises(TypeError, match="idx must be an int64"):
+        pointconv.gather(v, torch.zeros(2, 1, 1))
+    with pytest.raises(ValueError, match="batch size"):
+        pointconv.gather(v, torch.zeros(3, 1, 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="values must have shape"):
+        pointconv.gather(v[0], torch.zeros(2, 1, 1, dtype=torch.int64))
+    out = pointconv.gather(torch.randn(1, 0, 4), torch.full((1, 2, 3), -1))
+    assert out.shape == (1, 2, 3, 4) and bool((out == 0).all())

@@ -1,0 +1,85 @@
+"""The Triton kernels against the reference: on CUDA when there is one, else in Triton's
+interpreter (TRITON_INTERPRET=1, set by conftest.py) at small sizes."""
+import pytest
+import torch
+
+import pointconv
+from pointconv.neighbors import ball_query_reference, knn_reference
+from pointconv.neighbors._distance import radius_squared
+from pointconv.neighbors._reference import search_reference
+from pointconv.neighbors.sampling import _fps_torch
+from clouds import make_cloud
+
+pytest.importorskip("triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from pointconv.kernels import knn as knn_kernels  # noqa: E402  (after TRITON_INTERPRET is set)
+from pointconv.kernels.fps import farthest_point_sample_triton  # noqa: E402
+
+
+def _ref(q, p, k, r2, ql, pl, exclude_self=False):
+    return search_reference(q, p, k, radius2=r2, query_lengths=ql, points_lengths=pl, exclude_self=exclude_self)
+
+
+@pytest.mark.parametrize("kind,k,radius", [("uniform", 16, None), ("lattice", 5, None), ("clustered", 20, 0.08)])
+def test_brute_kernel(kind, k, radius):
+    q = make_cloud(kind, 2, 40, seed=1, device=DEV)
+    p = make_cloud(kind, 2, 50, seed=2, device=DEV)
+    ql, pl = torch.tensor([40, 13], device=DEV), torch.tensor([50, 9], device=DEV)
+    r2 = None if radius is None else radius_squared(radius, torch.float32)
+    d, i = knn_kernels.search_brute(q, p, k, r2, ql, pl, False)
+    rd, ri = _ref(q, p, k, r2, ql, pl)
+    assert torch.equal(i, ri) and torch.equal(d, rd)
+
+
+def test_brute_kernel_other_dimension_and_exclude_self():
+    p = make_cloud("duplicated", 1, 40, 5, seed=3, device=DEV)
+    pl = torch.tensor([40], device=DEV)
+    d, i = knn_kernels.search_brute(p, p, 6, None, pl, pl, True)
+    rd, ri = _ref(p, p, 6, None, pl, pl, True)
+    assert torch.equal(i, ri) and torch.equal(d, rd)
+
+
+@pytest.mark.parametrize("kind,k,radius", [("uniform", 8, None), ("surface", 4, None), ("lattice", 6, 0.9)])
+def test_grid_kernel(kind, k, radius):
+    q = make_cloud(kind, 2, 24, seed=4, device=DEV)
+    p = make_cloud(kind, 2, 60, seed=5, device=DEV)
+    ql, pl = torch.tensor([24, 7], device=DEV), torch.tensor([60, 11], device=DEV)
+    r2 = None if radius is None else radius_squared(radius, torch.float32)
+    grid = knn_kernels.Grid(p, pl, k_hint=k)
+    assert int(grid.dims.prod(1).max()) > 1  # a real grid, not one cell
+    d, i = knn_kernels.search_grid(q, grid, k, r2, ql, False)
+    rd, ri = _ref(q, p, k, r2, ql, pl)
+    assert torch.equal(i, ri) and torch.equal(d, rd)
+
+
+def test_grid_kernel_exclude_self_and_far_queries():
+    p = make_cloud("clustered", 1, 50, seed=6, device=DEV)
+    pl = torch.tensor([50], device=DEV)
+    grid = knn_kernels.Grid(p, pl, k_hint=5)
+    d, i = knn_kernels.search_grid(p, grid, 5, None, pl, True)
+    rd, ri = _ref(p, p, 5, None, pl, pl, True)
+    assert torch.equal(i, ri)
+    q = p[:, :6] * 3 - 5  # queries outside the points' box
+    ql = torch.tensor([6], device=DEV)
+    d, i = knn_kernels.search_grid(q, grid, 5, None, ql, False)
+    rd, ri = _ref(q, p, 5, None, ql, pl)
+    assert torch.equal(i, ri) and torch.equal(d, rd)
+
+
+def test_public_api_on_the_triton_backend():
+    q = make_cloud("uniform", 1, 20, seed=7, device=DEV)
+    p = make_cloud("uniform", 1, 30, seed=8, device=DEV)
+    with pointconv.use_backend("triton"):
+        a = pointconv.knn(q, p, 4)
+        b = pointconv.ball_query(q, p, 0.3, 4)
+        c = pointconv.farthest_point_sample(p, 10)
+    assert torch.equal(a.idx, knn_reference(q, p, 4).idx)
+    assert torch.equal(b.idx, ball_query_reference(q, p, 0.3, 4).idx)
+    assert torch.equal(c, _fps_torch(p, 10, torch.tensor([30], device=DEV), torch.zeros(1, dtype=torch.long, device=DEV)))
+
+
+def test_fps_kernel():
+    p = make_cloud("duplicated", 3, 40, seed=9, device=DEV)
+    lengths = torch.tensor([40, 17, 0], device=DEV)
+    start = torch.tensor([0, 3, 0], device=DEV)
+    assert torch.equal(farthest_point_sample_triton(p, 25, lengths, start), _fps_torch(p, 25, lengths, start))

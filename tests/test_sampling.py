@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+import pointconv
+from pointconv.neighbors import grid_subsample_reference
+from clouds import KINDS, make_cloud
+
+
+def naive_fps(x, n, start=0):
+    """Textbook farthest point sampling of one cloud ``(N, D)``; never repeats an index."""
+    chosen = [start]
+    while len(chosen) < min(n, len(x)):
+        best, best_d = None, -1.0
+        for j in range(len(x)):
+            if j in chosen:
+                continue
+            dj = min(float(((x[j] - x[c]) ** 2).sum()) for c in chosen)
+            if dj > best_d:
+                best, best_d = j, dj
+        chosen.append(best)
+    return chosen + [-1] * (n - len(chosen))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fps_matches_naive(kind, device):
+    x = make_cloud(kind, 2, 40, seed=1, dtype=torch.float64, device=device)
+    lengths = torch.tensor([40, 25], device=device)
+    out = pointconv.farthest_point_sample(x, 30, lengths=lengths)
+    assert out.dtype == torch.int64 and out.shape == (2, 30)
+    assert out[0].tolist() == naive_fps(x[0].cpu(), 30)
+    assert out[1].tolist() == naive_fps(x[1, :25].cpu(), 30)
+
+
+def test_fps_distinct_and_padded(device):
+    x = torch.zeros(1, 10, 3, device=device)  # all duplicates
+    out = pointconv.farthest_point_sample(x, 12)
+    assert sorted(out[0, :10].tolist()) == list(range(10))
+    assert out[0, 10:].tolist() == [-1, -1]
+    out = pointconv.farthest_point_sample(x, 3, lengths=torch.tensor([0], device=device))
+    assert out.tolist() == [[-1, -1, -1]]
+
+
+def test_fps_random_start_is_seeded():
+    x = make_cloud("uniform", 3, 50, seed=2)
+    torch.manual_seed(0)
+    a = pointconv.farthest_point_sample(x, 8, random_start=True)
+    torch.manual_seed(0)
+    b = pointconv.farthest_point_sample(x, 8, random_start=True)
+    assert torch.equal(a, b)
+    starts = set()
+    for s in range(10):
+        torch.manual_seed(s)
+        starts.add(int(pointconv.farthest_point_sample(x, 1, random_start=True)[0, 0]))
+    assert len(starts) > 1
+    for b in range(3):  # later samples follow from the start exactly
+        assert a[b].tolist() == naive_fps(x[b], 8, start=int(a[b, 0]))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "clustered", "lattice"])
+def test_grid_subsample_matches_reference(kind, device):
+    x = make_cloud(kind, 2, 120, seed=3, dtype=torch.float64, device=device)
+    lengths = torch.tensor([120, 41], device=device)
+    res = pointconv.grid_subsample(x, 0.25, lengths=lengths)
+    ref = grid_subsample_reference(x.cpu(), 0.25, lengths.cpu())
+    assert torch.equal(res.lengths.cpu(), ref.lengths)
+    torch.testing.assert_close(res.points.cpu(), ref.points, rtol=1e-12, atol=1e-12)
+
+
+def test_grid_subsample_gradient_and_empty():
+    x = make_cloud("uniform", 2, 15, seed=4, dtype=torch.float64).requires_grad_()
+    torch.autograd.gradcheck(lambda x: pointconv.grid_subsample(x, 0.5).points, (x,))
+    res = pointconv.grid_subsample(torch.zeros(2, 0, 3), 0.1)
+    assert res.points.shape == (2, 0, 3) and res.lengths.tolist() == [0, 0]
