@@ -31,6 +31,14 @@ def test_self_knn_exclude_self(kind, device):
     assert not bool((res.idx == rows).any())
 
 
+@pytest.mark.parametrize("kind", ["duplicated", "lattice", "uniform"])
+def test_many_queries_in_z_order(kind):
+    q = make_cloud(kind, 1, 5000, seed=20)
+    p = make_cloud(kind, 1, 1000, seed=21)
+    assert_same(pointconv.knn(q, p, 6), knn_reference(q, p, 6))
+    assert_same(pointconv.knn(q[:, :1000], p, 6, exclude_self=True), knn_reference(q[:, :1000], p, 6, exclude_self=True))
+
+
 def test_without_exclude_self_a_point_is_its_own_nearest():
     p = make_cloud("uniform", 1, 200, seed=4)
     res = pointconv.knn(p, p, 1)
@@ -90,7 +98,7 @@ def test_empty_clouds(device):
 
 @pytest.mark.parametrize("kind", ["uniform", "clustered", "surface"])
 def test_distances_match_scipy_ckdtree(kind):
-    q = make_cloud(kind, 1, 2000, seed=14, dtype=torch.float64)
+    q = make_cloud(kind, 1, 5000, seed=14, dtype=torch.float64)  # >= 4096: queries sent in Z-order
     p = make_cloud(kind, 1, 3000, seed=15, dtype=torch.float64)
     res = pointconv.knn(q, p, 16)
     d, i = cKDTree(p[0].numpy()).query(q[0].numpy(), k=16)
@@ -148,3 +156,35 @@ def test_knn_property(B, Q, P, D, k, grid, seed, data):
     n_found = (res.idx >= 0).sum(-1)
     expect = torch.minimum(pl, torch.tensor(k))[:, None].expand(B, Q) * (torch.arange(Q)[None] < ql[:, None])
     assert torch.equal(n_found, expect)
+
+
+def _clustered_with_outliers(n, seed):
+    x = make_cloud("clustered", 1, n, seed=seed)
+    x[:, ::97] = x[:, ::97] * 4 - 20  # a few far points: the sampled distance bound misses them
+    return x
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_large_self_search_matches_brute_force(exclude_self):
+    from pointconv.neighbors._cpu import brute_force_search
+
+    p = _clustered_with_outliers(6000, seed=22)  # self-search: queries in the tree's leaf order
+    res = pointconv.knn(p, p, 9, exclude_self=exclude_self)
+    d, i = brute_force_search(p[0], p[0], 9, None, exclude_self)
+    assert torch.equal(res.idx[0], i) and torch.equal(res.dists[0], d)
+
+
+@pytest.mark.parametrize("radius", [None, 0.3])
+def test_many_queries_with_a_sampled_bound_match_brute_force(radius):
+    from pointconv.neighbors._cpu import brute_force_search
+    from pointconv.neighbors._distance import radius_squared
+
+    q = _clustered_with_outliers(25000, seed=23)  # >= 20000 queries: bounded first pass
+    p = _clustered_with_outliers(3000, seed=24)
+    if radius is None:
+        res = pointconv.knn(q, p, 12)
+    else:
+        res = pointconv.ball_query(q, p, radius, 12)
+    r2 = None if radius is None else radius_squared(radius, torch.float32)
+    d, i = brute_force_search(q[0], p[0], 12, r2, False)
+    assert torch.equal(res.idx[0], i) and torch.equal(res.dists[0], d)

@@ -11,12 +11,14 @@ are answered exactly from every point inside a slightly larger ball.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from ._distance import sq_dist
+from ._distance import sq_dist, sq_dist_gathered
 
 KDTREE_MAX_DIM = 8  # above this a kd-tree degrades towards brute force
 _CHUNK_BYTES = 64 << 20  # memory cap of one brute-force chunk
@@ -24,8 +26,12 @@ _FALLBACK_CANDIDATES = 1 << 22  # candidates per batch of uncertified queries
 
 
 def build_tree(points: torch.Tensor) -> cKDTree:
-    """A kd-tree over ``(n, D)`` points (sliding-midpoint splits: built about 2x faster, queried as fast)."""
-    return cKDTree(points.detach().double().numpy(), balanced_tree=False, compact_nodes=False)
+    """A kd-tree over ``(n, D)`` points.
+
+    Sliding-midpoint splits with 32-point leaves: built about 2x faster than scipy's default and
+    queried about 10% faster (benchmarks/bench_neighbors.py measures the whole path).
+    """
+    return cKDTree(points.detach().double().numpy(), leafsize=32, balanced_tree=False, compact_nodes=False)
 
 
 def _rel_error(dim: int, dtype: torch.dtype) -> float:
@@ -34,12 +40,39 @@ def _rel_error(dim: int, dtype: torch.dtype) -> float:
     return 2.0 * (dim + 4) * (torch.finfo(dtype).eps + torch.finfo(torch.float64).eps)
 
 
+def morton_order(x: torch.Tensor) -> torch.Tensor:
+    """A permutation that puts nearby points next to each other (Z-order of the first 3 coordinates).
+
+    Queries sent to the tree in this order reuse the same tree nodes from one query to the next.
+    """
+    x = x[:, :3]
+    lo = x.amin(0)
+    ext = (x.amax(0) - lo).clamp(min=1e-30)
+    v = ((x - lo) / ext * 1023).long().clamp(0, 1023)
+    code = torch.zeros(len(x), dtype=torch.int64)
+    for bit in range(10):
+        for c in range(x.shape[1]):
+            code |= ((v[:, c] >> bit) & 1) << (3 * bit + c)
+    return torch.argsort(code)
+
+
+def _in_order(d: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows already ascending by (distance, index); inf entries may come in any index order."""
+    a, b = d[:, :-1], d[:, 1:]
+    ok = (a < b) | ((a == b) & ((idx[:, :-1] < idx[:, 1:]) | torch.isinf(a)))
+    return ok.all(1)
+
+
 def _select_sorted(d: torch.Tensor, idx: torch.Tensor, k: int):
     """Per row, the k smallest (d, idx) pairs ascending; rows with fewer are padded with inf / -1."""
     order = torch.argsort(idx, dim=1, stable=True)
     d, idx = d.gather(1, order), idx.gather(1, order)
     order = torch.argsort(d, dim=1, stable=True)
     d, idx = d.gather(1, order), idx.gather(1, order)
+    return _first_k(d, idx, k)
+
+
+def _first_k(d: torch.Tensor, idx: torch.Tensor, k: int):
     n, m = d.shape
     out_d = torch.full((n, k), float("inf"), dtype=d.dtype)
     out_i = torch.full((n, k), -1, dtype=torch.int64)
@@ -58,62 +91,160 @@ def _mask(d, cand, rows, radius2, exclude_self):
     return d.masked_fill(bad, float("inf"))
 
 
+def _drop_self(cand: torch.Tensor, d64: torch.Tensor, rows: torch.Tensor):
+    """Remove each row's own index from its candidates (or the last candidate if it is absent)."""
+    n, m = cand.shape
+    is_self = cand == rows
+    pos = torch.where(is_self.any(1), is_self.int().argmax(1), m - 1)
+    cols = torch.arange(m - 1)[None, :]
+    cols = cols + (cols >= pos[:, None]).long()
+    return cand.gather(1, cols), d64.gather(1, cols)
+
+
+def _guess_bound(tree, q64, m, bound):
+    """A likely upper bound on the m-th neighbor distance, or ``bound`` for small batches.
+
+    A kd-tree query prunes sooner when it starts from a good bound: query a 0.5% sample and take
+    the 95th percentile of its m-th distances. The ~5% of rows that come back short of m
+    neighbors are queried again with ``bound`` (``_query_chunk``): the answer does not depend on
+    the guess, and the whole costs about 15% less than an unbounded query.
+    """
+    nq = q64.shape[0]
+    if nq < 20000 or m < 2:
+        return bound
+    sample = tree.query(q64[:: nq // 200], k=m, distance_upper_bound=bound, workers=1)[0][:, -1]
+    finite = sample[np.isfinite(sample)]
+    return min(bound, float(np.quantile(finite, 0.95))) if finite.size else bound
+
+
+def _query_chunk(tree, q64, m, guess, bound):
+    dd, ii = tree.query(q64, k=m, distance_upper_bound=guess, workers=1)
+    dd, ii = np.asarray(dd).reshape(len(q64), m), np.asarray(ii).reshape(len(q64), m)
+    if guess < bound:
+        short = np.nonzero(np.isinf(dd[:, -1]))[0]
+        if short.size:
+            d2, i2 = tree.query(q64[short], k=m, distance_upper_bound=bound, workers=1)
+            dd[short], ii[short] = np.asarray(d2).reshape(-1, m), np.asarray(i2).reshape(-1, m)
+    return dd, ii
+
+
+_CHUNK_ROWS = 8192
+_THREADS = os.cpu_count() or 1
+
+
 def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None):
     """Exact k nearest of each row of ``q (nq, D)`` among ``p (n, D)`` (``tree`` built over ``p``).
 
     ``row_ids`` are the queries' own indices into ``p`` (for ``exclude_self``). Returns squared
     distances ``(nq, k)`` in the input dtype and int64 indices, padded with inf / -1.
+
+    Queries go to the tree in Z-order chunks on a thread pool (the tree releases the GIL); each
+    chunk is finished (``_finish_chunk``) while the next ones are being queried.
     """
     nq, dim = q.shape
     n = p.shape[0]
-    rows = torch.arange(nq)[:, None] if row_ids is None else row_ids[:, None]
-    need = k + int(exclude_self)
-    m = min(need + 1, n)  # one more than needed: it certifies the boundary
+    rows = torch.arange(nq) if row_ids is None else row_ids
+    m = min(k + int(exclude_self) + 1, n)  # one more than needed: it certifies the boundary
     rel = _rel_error(dim, q.dtype)
     bound = math.inf if radius2 is None else math.sqrt(radius2 * (1 + 4 * rel))
+    if nq < 4096:
+        order = None
+    elif q.data_ptr() == p.data_ptr() and q.shape == p.shape:
+        order = torch.from_numpy(tree.indices)  # self-search: the tree's leaf order is free
+    else:
+        order = morton_order(q)
+    if order is not None:
+        q, rows = q[order], rows[order]
     q64 = q.detach().double().numpy()
-    dd, ii = tree.query(q64, k=m, distance_upper_bound=bound, workers=-1)
-    dd, ii = np.asarray(dd).reshape(nq, m), np.asarray(ii).reshape(nq, m)
-    cand = torch.from_numpy(ii.astype(np.int64))
-    cand[cand >= n] = -1
-    d = sq_dist(q[:, None, :], p[cand.clamp(min=0)])
-    d = _mask(d, cand, rows, radius2, exclude_self)
-    out_d, out_i = _select_sorted(d, cand, k)
+    guess = _guess_bound(tree, q64, m, bound)
+    p_columns = p.detach().t().contiguous()
+    out_d = torch.empty((nq, k), dtype=q.dtype)
+    out_i = torch.empty((nq, k), dtype=torch.int64)
+    uncertified = []
+    spans = [(s, min(s + _CHUNK_ROWS, nq)) for s in range(0, nq, _CHUNK_ROWS)]
+    # torch's own worker threads would spin against the tree's: finish chunks on one thread.
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+            futures = [pool.submit(_query_chunk, tree, q64[s:e], m, guess, bound) for s, e in spans]
+            for (s, e), fut in zip(spans, futures):
+                dd, ii = fut.result()
+                out_d[s:e], out_i[s:e], bad = _finish_chunk(q[s:e], p_columns, dd, ii, k, radius2,
+                                                            exclude_self, rows[s:e], rel)
+                uncertified.append(bad + s)
+    finally:
+        torch.set_num_threads(torch_threads)
+    bad = torch.cat(uncertified)
+    if bad.numel():
+        last = out_d[bad, k - 1].double()
+        if radius2 is not None:
+            last = last.clamp(max=radius2)
+        limit = last * (1 + rel) / (1 - rel) * (1 + 1e-9)
+        out_d[bad], out_i[bad] = _ball_fallback(q[bad], p, tree, k, radius2, exclude_self, rows[bad], limit)
+    if order is not None:
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(nq)
+        out_d, out_i = out_d.index_select(0, inverse), out_i.index_select(0, inverse)
+    return out_d, out_i
 
+
+def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel):
+    """Top-k of one chunk from the tree's m float64-nearest candidates (see the module docstring).
+
+    Returns ``(dists, idx, uncertified_rows)``: the rows whose answer the candidates cannot prove.
+    """
+    nq, m = ii.shape
+    n = p_columns.shape[1]
+    cand = torch.from_numpy(ii).to(torch.int64)
+    cand[cand >= n] = -1
+    d64 = torch.from_numpy(dd).square()
+    if exclude_self and m > 1:
+        cand, d64 = _drop_self(cand, d64, rows[:, None])
+    mm = cand.shape[1]
+    # Rows whose first k+1 candidates are farther apart (float64) than any rounding error keep
+    # the tree's order in the input dtype too; only the others need a sort by (distance, index).
+    c = min(k + 1, mm)
+    lo, hi = d64[:, : c - 1], d64[:, 1:c]
+    clean = ((hi * (1 - rel) > lo * (1 + rel)) | torch.isinf(lo)).all(1)
+    kk = min(k, mm)
+    d = sq_dist_gathered(q, p_columns, cand[:, :kk].clamp(min=0))
+    d = _mask(d, cand[:, :kk], rows[:, None], radius2, exclude_self)
+    out_d, out_i = _first_k(d, cand[:, :kk], k)
+    messy = torch.nonzero(~clean).flatten()
+    if messy.numel():
+        cm = cand[messy]
+        dm = _mask(sq_dist_gathered(q[messy], p_columns, cm.clamp(min=0)), cm, rows[messy, None], radius2,
+                   exclude_self)
+        out_d[messy], out_i[messy] = _select_sorted(dm, cm, k)
     if m == n:  # every point was a candidate
-        return out_d, out_i
+        return out_d, out_i, torch.empty(0, dtype=torch.int64)
     # The first unseen point is at least this far (squared, float64).
-    unseen = torch.from_numpy(dd[:, m - 1] ** 2)
+    unseen = torch.from_numpy(dd[:, m - 1]).square()
     if radius2 is not None:
         unseen = torch.where(torch.isinf(unseen), radius2 * (1 + 4 * rel), unseen)
     last = out_d[:, k - 1].double()
     if radius2 is not None:
         last = last.clamp(max=radius2)
     certified = unseen * (1 - rel) > last * (1 + rel)
-    bad_rows = torch.nonzero(~certified).flatten()
-    if bad_rows.numel():
-        limit = last[bad_rows] * (1 + rel) / (1 - rel) * (1 + 1e-9)
-        fd, fi = _ball_fallback(q, p, tree, k, radius2, exclude_self, rows[bad_rows, 0], bad_rows, limit)
-        out_d[bad_rows], out_i[bad_rows] = fd, fi
-    return out_d, out_i
+    return out_d, out_i, torch.nonzero(~certified).flatten()
 
 
-def _ball_fallback(q, p, tree, k, radius2, exclude_self, self_ids, bad_rows, limit2):
-    """Exact answer for ``bad_rows`` from every point within ``sqrt(limit2)`` (float64) of them."""
-    qb = q[bad_rows]
+def _ball_fallback(qb, p, tree, k, radius2, exclude_self, self_ids, limit2):
+    """Exact answer for queries ``qb`` from every point within ``sqrt(limit2)`` (float64) of them."""
     if torch.isinf(limit2).any():  # no finite bound: fall back to brute force
         return brute_force_search(qb, p, k, radius2, exclude_self, self_ids)
     q64 = qb.detach().double().numpy()
     r = np.sqrt(limit2.numpy())
-    counts = tree.query_ball_point(q64, r, return_length=True, workers=-1)
-    out_d = torch.full((len(qb), k), float("inf"), dtype=q.dtype)
+    counts = tree.query_ball_point(q64, r, return_length=True)
+    out_d = torch.full((len(qb), k), float("inf"), dtype=qb.dtype)
     out_i = torch.full((len(qb), k), -1, dtype=torch.int64)
     start = 0
     csum = np.cumsum(counts)
     while start < len(qb):
         base = csum[start - 1] if start else 0
         stop = max(start + 1, int(np.searchsorted(csum, base + _FALLBACK_CANDIDATES, side="right")))
-        lists = tree.query_ball_point(q64[start:stop], r[start:stop], workers=-1)
+        lists = tree.query_ball_point(q64[start:stop], r[start:stop])
         lens = torch.tensor([len(x) for x in lists], dtype=torch.int64)
         cand = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64) for x in lists]))
         rows = torch.repeat_interleave(torch.arange(stop - start), lens)

@@ -18,6 +18,21 @@ def sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def sq_dist_gathered(q: torch.Tensor, p_columns: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``sq_dist(q[:, None, :], p[idx])`` for ``q (n, D)``, ``p_columns = p.T.contiguous()`` and ``idx (n, k)``.
+
+    The same operations in the same order (bitwise equal), one coordinate at a time: no
+    ``(n, k, D)`` temporaries, about 3x faster on CPU.
+    """
+    flat = idx.reshape(-1)
+    out = None
+    for c in range(p_columns.shape[0]):
+        diff = q[:, c, None] - p_columns[c].index_select(0, flat).view(idx.shape)
+        diff.mul_(diff)
+        out = diff if out is None else out.add_(diff)
+    return out
+
+
 def radius_squared(radius: float, dtype: torch.dtype) -> float:
     """``radius**2`` rounded to ``dtype``: the threshold every backend compares with (closed ball)."""
     return torch.tensor(radius * radius, dtype=torch.float64).to(dtype).item()

@@ -1,0 +1,125 @@
+"""Neighbor-search benchmark: pointconv kNN against its baselines, in one run on one device.
+
+Self-kNN (queries = points) and query kNN (a second cloud of the same size), k = 16, uniform
+points in the unit cube, one cloud (B = 1), float32. Baselines measured in the same run:
+  * torch ``cdist`` + ``topk`` on the same device, chunked over queries so a chunk's distance
+    matrix stays under --chunk-bytes (skipped above --max-pairs Q x P pairs: it would take minutes);
+  * scipy ``cKDTree`` (build + query, ``workers=-1``), on CPU.
+pointconv is timed as ``pointconv.knn`` (index build included) and as a query on a prebuilt
+``NeighborIndex``. Every pointconv result is checked against cKDTree's distances.
+
+    python benchmarks/bench_neighbors.py --device cpu
+    python benchmarks/bench_neighbors.py --device cuda --sizes 1000 10000 100000 1000000
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import time
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+import pointconv
+
+
+def timed(fn, device, repeat, warmup=1):
+    """Median wall time in ms of ``fn()`` (after ``warmup`` calls) and its last result."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), out
+
+
+def cdist_topk(q, p, k, chunk_bytes):
+    chunk = max(1, chunk_bytes // (4 * p.shape[0]))
+    d_out, i_out = [], []
+    for s in range(0, q.shape[0], chunk):
+        d = torch.cdist(q[s:s + chunk], p).square_()
+        d, i = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        d_out.append(d)
+        i_out.append(i)
+    return torch.cat(d_out), torch.cat(i_out)
+
+
+def ckdtree_knn(q, p, k):
+    tree = cKDTree(p)
+    return tree.query(q, k=k, workers=-1)
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--max-pairs", type=float, default=None,
+                    help="largest Q*P for cdist+topk (default 1e10 on CPU, 1e12 on CUDA)")
+    ap.add_argument("--chunk-bytes", type=int, default=1 << 30)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    max_pairs = args.max_pairs or (1e12 if device.type == "cuda" else 1e10)
+    k = args.k
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# bench_neighbors: device {device} ({gpu}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, commit {commit()}, {time.strftime('%Y-%m-%d')}")
+    print(f"# k = {k}, float32 uniform points in the unit cube, B = 1, median of {args.repeat} runs")
+    print()
+    print("| N | task | method | ms | ms / pointconv.knn ms | matches cKDTree |")
+    print("|---:|---|---|---:|---:|---|")
+    gen = torch.Generator().manual_seed(0)
+    for n in args.sizes:
+        p = torch.rand(1, n, 3, generator=gen)
+        qs = {"self": p, "query": torch.rand(1, n, 3, generator=gen)}
+        p_dev = p.to(device)
+        for task, q in qs.items():
+            q_dev = q.to(device)
+            q64, p64 = q[0].double().numpy(), p[0].double().numpy()
+            repeat = args.repeat if n <= 100_000 else 1
+            rows = []
+            t_pc, res = timed(lambda: pointconv.knn(q_dev, p_dev, k), device, repeat)
+            ref_d, _ = ckdtree_knn(q64, p64, k)
+            ok = np.allclose(res.dists[0].cpu().double().numpy(), ref_d ** 2, rtol=1e-5, atol=1e-10)
+            rows.append(("pointconv.knn (build + query)", t_pc, ok))
+            index = pointconv.NeighborIndex(p_dev)
+            t_idx, res = timed(lambda: index.knn(q_dev, k), device, repeat)
+            ok = np.allclose(res.dists[0].cpu().double().numpy(), ref_d ** 2, rtol=1e-5, atol=1e-10)
+            rows.append(("pointconv NeighborIndex.knn (query only)", t_idx, ok))
+            if device.type == "cpu":
+                t, _ = timed(lambda: ckdtree_knn(q64, p64, k), device, repeat)
+                rows.append(("scipy cKDTree (build + query, workers=-1)", t, None))
+            if float(n) * n <= max_pairs:
+                t, _ = timed(lambda: cdist_topk(q_dev[0], p_dev[0], k, args.chunk_bytes), device,
+                             repeat if n <= 10_000 else 1, warmup=1 if n <= 10_000 else 0)
+                rows.append(("torch cdist + topk (chunked)", t, None))
+            else:
+                rows.append(("torch cdist + topk (chunked)", None, None))
+            for method, t, ok in rows:
+                ms = "skipped (too slow)" if t is None else f"{t:.2f}"
+                ratio = "" if t is None else f"{t / t_pc:.2f}x"
+                check = "" if ok is None else ("yes" if ok else "NO")
+                print(f"| {n:,} | {task} | {method} | {ms} | {ratio} | {check} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
