@@ -71,3 +71,12 @@ def test_grid_subsample_gradient_and_empty():
     torch.autograd.gradcheck(lambda x: pointconv.grid_subsample(x, 0.5).points, (x,))
     res = pointconv.grid_subsample(torch.zeros(2, 0, 3), 0.1)
     assert res.points.shape == (2, 0, 3) and res.lengths.tolist() == [0, 0]
+
+
+def test_grid_subsample_huge_key_range_uses_the_general_unique():
+    # Voxel coordinates spanning ~1e15 per axis: no single int64 key fits (the other code path).
+    x = torch.tensor([[[1e6, -1e6, 3.0], [-1e6, 1e6, 3.0], [1e6, -1e6, 3.0], [0.5, 0.5, 0.5]]], dtype=torch.float64)
+    res = pointconv.grid_subsample(x, 1e-9)
+    ref = grid_subsample_reference(x, 1e-9)
+    assert res.lengths.tolist() == ref.lengths.tolist() == [3]
+    torch.testing.assert_close(res.points, ref.points)

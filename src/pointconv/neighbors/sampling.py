@@ -19,25 +19,34 @@ def _fps_torch(points, n, lengths, start):
 
     Chosen points get a min-distance of -1 so they are never picked again (duplicated points do
     not produce repeated indices); padded points get -2. Ties go to the lowest index (argmax
-    returns the first maximum).
+    returns the first maximum). Distances follow ``sq_dist``'s formula and order, computed in
+    place on per-coordinate rows ``(B, N)`` to avoid temporaries.
     """
-    B, N, _ = points.shape
+    B, N, D = points.shape
     dev = points.device
     out = torch.full((B, n), -1, dtype=torch.int64, device=dev)
     if B == 0 or N == 0:
         return out
+    cols = points.permute(2, 0, 1).contiguous()  # (D, B, N)
     ar = torch.arange(N, device=dev)
     valid = ar[None, :] < lengths[:, None]
     mind = torch.where(valid, torch.tensor(float("inf"), dtype=points.dtype, device=dev),
                        torch.tensor(-2.0, dtype=points.dtype, device=dev))
+    chosen = torch.tensor(-1.0, dtype=points.dtype, device=dev)
     rows = torch.arange(B, device=dev)
+    d = torch.empty((B, N), dtype=points.dtype, device=dev)
+    tmp = torch.empty_like(d)
     cur = start
     for s in range(min(n, N)):
-        has = s < lengths
-        out[:, s] = torch.where(has, cur, -1)
-        d = sq_dist(points, points[rows, cur][:, None, :])
-        mind = torch.minimum(mind, d)
-        mind[rows, cur] = torch.where(valid[rows, cur], -1.0, -2.0).to(points.dtype)
+        out[:, s] = torch.where(s < lengths, cur, -1)
+        for c in range(D):
+            target = d if c == 0 else tmp
+            torch.sub(cols[c], cols[c][rows, cur][:, None], out=target)
+            target.mul_(target)
+            if c:
+                d.add_(tmp)
+        torch.minimum(mind, d, out=mind)
+        mind[rows, cur] = torch.where(valid[rows, cur], chosen, mind[rows, cur])
         cur = torch.argmax(mind, dim=1)
     return out
 
@@ -100,6 +109,26 @@ def grid_subsample_reference(points, voxel_size, lengths=None) -> GridSubsample:
     return GridSubsample(out, torch.tensor([len(c) for c in clouds], dtype=torch.int64))
 
 
+def _unique_rows(keys: torch.Tensor):
+    """``torch.unique(keys, dim=0, ...)`` (rows sorted lexicographically), through one int64 key
+    per row when the rows' ranges allow it: a 1-D unique is about 10x faster."""
+    if keys.shape[0] == 0:
+        return torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    lo = keys.amin(0)
+    span = keys.amax(0) - lo + 1
+    if float(torch.prod(span.double())) >= 2.0**62:
+        return torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    shifted = keys - lo
+    lin = shifted[:, 0]
+    for c in range(1, keys.shape[1]):
+        lin = lin * span[c] + shifted[:, c]
+    uniq_lin, inverse, counts = torch.unique(lin, return_inverse=True, return_counts=True)
+    first = torch.zeros(uniq_lin.shape[0], dtype=torch.int64, device=keys.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(keys.shape[0], device=keys.device), "amin",
+                                 include_self=False)
+    return keys[first], inverse, counts
+
+
 def grid_subsample(points: torch.Tensor, voxel_size: float, *, lengths=None) -> GridSubsample:
     """Replace the points of each occupied voxel by their mean.
 
@@ -119,8 +148,7 @@ def grid_subsample(points: torch.Tensor, voxel_size: float, *, lengths=None) -> 
     bid, pid = torch.nonzero(valid, as_tuple=True)
     x = points[bid, pid]
     vox = torch.floor(x.detach() / voxel_size).long()
-    keys = torch.cat([bid[:, None], vox], dim=1)
-    uniq, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    uniq, inverse, counts = _unique_rows(torch.cat([bid[:, None], vox], dim=1))
     # index_put with accumulation: deterministic on CUDA under torch.use_deterministic_algorithms.
     sums = x.new_zeros((uniq.shape[0], D)).index_put((inverse,), x, accumulate=True)
     means = sums / counts[:, None].to(x.dtype)

@@ -1,0 +1,88 @@
+"""``python -m pointconv demo | bench | info``."""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import runpy
+import sys
+
+import torch
+
+import pointconv
+from pointconv._backend import backend_for, forced_backend, triton_available
+
+
+def info() -> None:
+    import numpy
+    import scipy
+
+    triton_version = "not installed"
+    if triton_available():
+        import triton
+
+        triton_version = triton.__version__
+    print(f"pointconv {pointconv.__version__}")
+    print(f"torch {torch.__version__}, triton {triton_version}, numpy {numpy.__version__}, scipy {scipy.__version__}")
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+        print(f"CUDA: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})")
+    else:
+        print("CUDA: not available")
+    print(f"forced backend: {forced_backend() or 'none'} (POINTCONV_BACKEND or pointconv.use_backend)")
+    print()
+    print("| op | " + " | ".join(str(d) for d in devices) + " |")
+    print("|---|" + "---|" * len(devices))
+    for op, impl in _OPS:
+        cells = []
+        for d in devices:
+            try:
+                cells.append(impl(backend_for(d), d))
+            except RuntimeError as e:
+                cells.append(f"unavailable ({e})")
+        print(f"| {op} | " + " | ".join(cells) + " |")
+
+
+def _search_impl(backend, device, *, d3_float32=True):
+    if backend == "reference":
+        return "reference (dense)"
+    if backend == "triton" and d3_float32:
+        return "triton (brute force <= 2048 points, else uniform grid)"
+    if device.type == "cpu":
+        return "torch (scipy cKDTree for D <= 8, else chunked brute force)"
+    return "torch (chunked brute force)"
+
+
+_OPS = [
+    ("knn / ball_query / NeighborIndex, float32", lambda b, d: _search_impl(b, d)),
+    ("knn / ball_query / NeighborIndex, float64", lambda b, d: _search_impl(b, d, d3_float32=False)),
+    ("farthest_point_sample, float32", lambda b, d: "triton" if b == "triton" else "torch (reference loop)"),
+    ("grid_subsample", lambda b, d: "torch (unique + index_put)"),
+    ("gather", lambda b, d: "torch (indexing)"),
+]
+
+
+def bench(argv) -> None:
+    script = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_neighbors.py"
+    if not script.exists():
+        sys.exit("the benchmarks ship with the source tree: run from a git checkout of pointconv")
+    sys.argv = [str(script), *argv]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m pointconv")
+    ap.add_argument("command", choices=["demo", "bench", "info"])
+    args, rest = ap.parse_known_args(argv)
+    if args.command == "info":
+        info()
+    elif args.command == "demo":
+        from pointconv.demos.neighbors import main as demo
+
+        demo(rest)
+    else:
+        bench(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The main jobs behind ``python -m pointconv demo``."""
