@@ -117,18 +117,19 @@ def _guess_bound(tree, q64, m, bound):
     return min(bound, float(np.quantile(finite, 0.95))) if finite.size else bound
 
 
-def _query_chunk(tree, q64, m, guess, bound):
-    dd, ii = tree.query(q64, k=m, distance_upper_bound=guess, workers=1)
+def _query_chunk(tree, q64, m, guess, bound, workers=1):
+    dd, ii = tree.query(q64, k=m, distance_upper_bound=guess, workers=workers)
     dd, ii = np.asarray(dd).reshape(len(q64), m), np.asarray(ii).reshape(len(q64), m)
     if guess < bound:
         short = np.nonzero(np.isinf(dd[:, -1]))[0]
         if short.size:
-            d2, i2 = tree.query(q64[short], k=m, distance_upper_bound=bound, workers=1)
+            d2, i2 = tree.query(q64[short], k=m, distance_upper_bound=bound, workers=workers)
             dd[short], ii[short] = np.asarray(d2).reshape(-1, m), np.asarray(i2).reshape(-1, m)
     return dd, ii
 
 
 _CHUNK_ROWS = 8192
+_PIPELINE_ROWS = 20000
 _THREADS = os.cpu_count() or 1
 
 
@@ -161,20 +162,27 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None):
     out_d = torch.empty((nq, k), dtype=q.dtype)
     out_i = torch.empty((nq, k), dtype=torch.int64)
     uncertified = []
-    spans = [(s, min(s + _CHUNK_ROWS, nq)) for s in range(0, nq, _CHUNK_ROWS)]
-    # torch's own worker threads would spin against the tree's: finish chunks on one thread.
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=_THREADS) as pool:
-            futures = [pool.submit(_query_chunk, tree, q64[s:e], m, guess, bound) for s, e in spans]
-            for (s, e), fut in zip(spans, futures):
-                dd, ii = fut.result()
-                out_d[s:e], out_i[s:e], bad = _finish_chunk(q[s:e], p_columns, dd, ii, k, radius2,
-                                                            exclude_self, rows[s:e], rel)
-                uncertified.append(bad + s)
-    finally:
-        torch.set_num_threads(torch_threads)
+    if nq < _PIPELINE_ROWS:  # small batches: a thread pool costs more than it saves
+        dd, ii = _query_chunk(tree, q64, m, guess, bound, workers=-1)
+        out_d, out_i, bad = _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel)
+        uncertified.append(bad)
+    else:
+        # Enough chunks to keep every thread busy, each big enough to amortize its overhead.
+        chunk = min(_CHUNK_ROWS, max(512, -(-nq // (4 * _THREADS))))
+        spans = [(s, min(s + chunk, nq)) for s in range(0, nq, chunk)]
+        # torch's own worker threads would spin against the tree's: finish chunks on one thread.
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+                futures = [pool.submit(_query_chunk, tree, q64[s:e], m, guess, bound) for s, e in spans]
+                for (s, e), fut in zip(spans, futures):
+                    dd, ii = fut.result()
+                    out_d[s:e], out_i[s:e], bad = _finish_chunk(q[s:e], p_columns, dd, ii, k, radius2,
+                                                                exclude_self, rows[s:e], rel)
+                    uncertified.append(bad + s)
+        finally:
+            torch.set_num_threads(torch_threads)
     bad = torch.cat(uncertified)
     if bad.numel():
         last = out_d[bad, k - 1].double()

@@ -1,0 +1,25 @@
+"""The README's code runs, and .ci/run runs the README's test command."""
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_python_blocks_run():
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    assert blocks
+    for code in blocks:
+        scope = {}
+        exec(compile(code, "README.md", "exec"), scope)
+        assert scope["nbr"].shape == (2, 500, 32, 32)
+        assert scope["centers"].shape == (2, 1024)
+
+
+def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
+    quick = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)\n```", quick, flags=re.S)
+    assert len(commands) == 2
+    assert "pointconv demo" in commands[0] and "pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "README.md" in ci  # .ci/run reads the command from the README, not a copy of it
