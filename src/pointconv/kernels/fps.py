@@ -23,8 +23,8 @@ def _fps_kernel(p_ptr, len_ptr, start_ptr, mind_ptr, out_ptr, N, n_samples,
     ar = tl.arange(0, BLOCK)
     for s in range(0, tl.minimum(n_samples, npts)):
         tl.store(out_ptr + b * n_samples + s, cur)
-        best_val = -3.0
-        best_idx = cur
+        best_val = tl.zeros((), tl.float32) - 3.0
+        best_idx = cur.to(tl.int64)
         for start in range(0, npts, BLOCK):
             offs = start + ar
             m = offs < npts
@@ -44,7 +44,7 @@ def _fps_kernel(p_ptr, len_ptr, start_ptr, mind_ptr, out_ptr, N, n_samples,
             tile_max = tl.max(new, axis=0)
             tile_arg = tl.argmax(new, axis=0, tie_break_left=True)
             better = tile_max > best_val  # strict: an earlier tile keeps ties
-            best_idx = tl.where(better, start + tile_arg, best_idx)
+            best_idx = tl.where(better, (start + tile_arg).to(tl.int64), best_idx)
             best_val = tl.where(better, tile_max, best_val)
         cur = best_idx.to(tl.int64)
 
