@@ -2,11 +2,13 @@
 
 cKDTree ranks candidates by float64 distances; the reference ranks float32 (or float64) distances
 computed by ``sq_dist`` with ties broken by index. To return exactly the reference's answer, each
-query asks the tree for one candidate more than it needs, recomputes the candidates' distances with
-``sq_dist`` in the input dtype, and sorts them by (distance, index). The answer is certified when
-the first unseen point is farther, by more than the rounding error of both distances, than the last
-selected one. The few queries that fail (ties or near-ties at the k-th neighbor, duplicated points)
-are answered exactly from every point inside a slightly larger ball.
+query asks the tree for one candidate more than it needs and recomputes the candidates' distances
+with ``sq_dist`` in the input dtype. Where consecutive candidates are farther apart (in float64)
+than any rounding error, the tree's order is the reference's order; the other rows are sorted by
+(distance, index). The answer is certified when the first unseen point is farther, by more than
+the rounding error of both distances, than the last selected one. The few queries that fail (ties
+or near-ties at the k-th neighbor, duplicated points) are answered exactly from every point inside
+a slightly larger ball.
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ from ._distance import sq_dist, sq_dist_gathered
 KDTREE_MAX_DIM = 8  # above this a kd-tree degrades towards brute force
 _CHUNK_BYTES = 64 << 20  # memory cap of one brute-force chunk
 _FALLBACK_CANDIDATES = 1 << 22  # candidates per batch of uncertified queries
+_GUESS_ROWS = 20000  # from this many queries on, a sampled distance bound pays off
+_PIPELINE_ROWS = 20000  # from this many queries on, a thread pool overlaps queries and post-processing
+_CHUNK_ROWS = 8192  # largest chunk of queries sent to one pool thread
+_THREADS = os.cpu_count() or 1
 
 
 def build_tree(points: torch.Tensor) -> cKDTree:
@@ -54,13 +60,6 @@ def morton_order(x: torch.Tensor) -> torch.Tensor:
         for c in range(x.shape[1]):
             code |= ((v[:, c] >> bit) & 1) << (3 * bit + c)
     return torch.argsort(code)
-
-
-def _in_order(d: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows already ascending by (distance, index); inf entries may come in any index order."""
-    a, b = d[:, :-1], d[:, 1:]
-    ok = (a < b) | ((a == b) & ((idx[:, :-1] < idx[:, 1:]) | torch.isinf(a)))
-    return ok.all(1)
 
 
 def _select_sorted(d: torch.Tensor, idx: torch.Tensor, k: int):
@@ -110,7 +109,7 @@ def _guess_bound(tree, q64, m, bound):
     the guess, and the whole costs about 15% less than an unbounded query.
     """
     nq = q64.shape[0]
-    if nq < 20000 or m < 2:
+    if nq < _GUESS_ROWS or m < 2:
         return bound
     sample = tree.query(q64[:: nq // 200], k=m, distance_upper_bound=bound, workers=1)[0][:, -1]
     finite = sample[np.isfinite(sample)]
@@ -126,11 +125,6 @@ def _query_chunk(tree, q64, m, guess, bound, workers=1):
             d2, i2 = tree.query(q64[short], k=m, distance_upper_bound=bound, workers=workers)
             dd[short], ii[short] = np.asarray(d2).reshape(-1, m), np.asarray(i2).reshape(-1, m)
     return dd, ii
-
-
-_CHUNK_ROWS = 8192
-_PIPELINE_ROWS = 20000
-_THREADS = os.cpu_count() or 1
 
 
 def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None):

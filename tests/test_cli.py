@@ -1,0 +1,20 @@
+import subprocess
+import sys
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "pointconv", *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_info_lists_versions_and_backends():
+    out = _run("info")
+    assert "pointconv 0.1.0" in out and "torch " in out
+    assert "| knn / ball_query / NeighborIndex, float32 | torch (scipy cKDTree" in out
+
+
+def test_demo_prints_its_table():
+    out = _run("demo", "--points", "3000", "--k", "8")
+    for op in ("knn (self, exclude_self)", "ball_query", "NeighborIndex.knn", "farthest_point_sample",
+               "grid_subsample", "gather"):
+        assert f"| {op}" in out
+    assert "FPS picked 2048 distinct points" in out  # 1024 per cloud, 2 clouds
