@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 INF_BITS = 0x7F800000  # float32 +inf
-INF_KEY = (INF_BITS << 32) | 0x7FFFFFFF
+INF_KEY = tl.constexpr((INF_BITS << 32) | 0x7FFFFFFF)  # an empty slot: +inf, largest index
 _BRUTE_MAX_POINTS = 2048  # above this, D = 3 clouds use the grid kernel
 
 
