@@ -81,9 +81,9 @@ def main(argv=None):
     k = args.k
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"# bench_neighbors: device {device} ({gpu}), torch {torch.__version__}, "
+    print(f"> bench_neighbors: device {device} ({gpu}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, commit {commit()}, {time.strftime('%Y-%m-%d')}")
-    print(f"# k = {k}, float32 uniform points in the unit cube, B = 1, median of {args.repeat} runs")
+    print(f"> k = {k}, float32 uniform points in the unit cube, B = 1, median of {args.repeat} runs")
     print()
     print("| N | task | method | ms | ms / pointconv.knn ms | matches cKDTree |")
     print("|---:|---|---|---:|---:|---|")
