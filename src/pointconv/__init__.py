@@ -4,6 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._backend import use_backend
+from .gaussian import knn_aggregate_aniso, knn_aggregate_iso
 from .neighbors import (
     KNN,
     NeighborIndex,
@@ -28,4 +29,6 @@ __all__ = [
     "grid_subsample",
     "knn",
     "knn_packed",
+    "knn_aggregate_aniso",
+    "knn_aggregate_iso",
 ]

@@ -1,0 +1,123 @@
+"""kNN feature aggregation with anisotropic Gaussian weights (compatible with ``cuda_knn_aggregate``).
+
+Semantics (DESIGN.md 5.1): for query i and point j, ``d = q_i - p_j``, ``u = R_j d``,
+``m_ij = sum_a sigma_j[a] * u_a**2`` (sigma is a per-axis PRECISION), ``w_ij = exp(-m_ij)``.
+Neighbors: the K smallest m (``select="aniso"``, the original's rule) or the K nearest points
+(``select="euclidean"``). Outputs ``f_out = sum_k w_k f_k`` (not normalized), per-neighbor weights,
+ascending ``dists`` and int64 indices; missing neighbors (K > P, or beyond ``p_lengths``) have
+``idx = -1``, weight 0 and ``dists = inf``.
+
+Neighbor selection is piecewise constant and not differentiated; everything after it is built
+from differentiable ops (gathers, the exponent formula, and the weighted sum of
+``pointconv._weighted_sum``), so gradients of every output w.r.t. q, p, f, sigma and R are exact
+to any order. The weighted sum never materializes ``(B, Q, K, F)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from .._backend import backend_for
+from .._weighted_sum import gather_sum
+from ..neighbors import gather, knn
+from ..neighbors._distance import sq_dist
+from ._exponent import gaussian_exponent
+from ._reference import knn_aggregate_aniso_reference
+from .select import select_aniso
+
+__all__ = ["knn_aggregate_aniso", "knn_aggregate_iso"]
+
+_SELECT = ("aniso", "euclidean")
+
+
+def _check(q, p, f, sigma, R, K, p_lengths, select, sigma_last):
+    _checks.coords("p", p, ndim=3, dim=3)
+    _checks.tensor("q", q)
+    _checks.same_device(p=p, q=q, f=f if isinstance(f, torch.Tensor) else None)
+    _checks.coords("q", q, ndim=3, dim=3)
+    _checks.same_dtype(p=p, q=q)
+    B, P, _ = p.shape
+    if q.shape[0] != B:
+        raise ValueError(f"q has batch size {q.shape[0]} but p has {B}")
+    _checks.tensor("f", f)
+    if not f.is_floating_point():
+        raise TypeError(f"f must be a floating-point tensor, got dtype {f.dtype}")
+    if f.dim() != 3 or f.shape[:2] != (B, P):
+        raise ValueError(f"f must have shape ({B}, {P}, F), got shape {tuple(f.shape)}")
+    _checks.tensor("sigma", sigma)
+    if sigma.dtype != p.dtype:
+        raise TypeError(f"sigma must have the dtype of p ({p.dtype}), got {sigma.dtype}")
+    if sigma.shape != (B, P, sigma_last):
+        raise ValueError(f"sigma must have shape ({B}, {P}, {sigma_last}), got shape {tuple(sigma.shape)}")
+    _checks.same_device(p=p, sigma=sigma)
+    if sigma.numel() and not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
+        raise ValueError("sigma must be finite and > 0 (a per-axis precision)")
+    if R is not None:
+        _checks.tensor("R", R)
+        if R.dtype != p.dtype:
+            raise TypeError(f"R must have the dtype of p ({p.dtype}), got {R.dtype}")
+        if R.shape != (B, P, 3, 3):
+            raise ValueError(f"R must have shape ({B}, {P}, 3, 3), got shape {tuple(R.shape)}")
+        _checks.same_device(p=p, R=R)
+        if R.numel() and not bool(torch.isfinite(R).all()):
+            raise ValueError("R contains NaN or Inf")
+    K = _checks.positive_int("K", K)
+    if select not in _SELECT:
+        raise ValueError(f"select must be one of {_SELECT}, got {select!r}")
+    p_lengths = _checks.lengths("p_lengths", p_lengths, B, P, p.device)
+    return K, p_lengths
+
+
+def _aggregate(q, p, f, sigma, R, K, p_lengths, select):
+    B, Q, _ = q.shape
+    P, F = p.shape[1], f.shape[2]
+    if select == "aniso":
+        idx = select_aniso(q.detach(), p.detach(), sigma.detach(), R.detach(), K, p_lengths)
+    else:
+        idx = knn(q.detach(), p.detach(), K, points_lengths=p_lengths).idx
+    valid = idx >= 0
+    pg = gather(p, idx)
+    d = q[:, :, None, :] - pg
+    m = gaussian_exponent(d, gather(sigma, idx), gather(R.reshape(B, P, 9), idx).unflatten(-1, (3, 3)))
+    w = torch.where(valid, torch.exp(-m), torch.zeros_like(m))
+    key = m if select == "aniso" else sq_dist(q[:, :, None, :], pg)
+    dists = torch.where(valid, key, torch.full_like(key, float("inf")))
+    offsets = (torch.arange(B, device=q.device) * P)[:, None, None]
+    flat_idx = torch.where(valid, idx + offsets, -1).reshape(B * Q, K)
+    fc = f.to(q.dtype)  # fp16/bf16 features accumulate in the coordinates' precision
+    f_out = gather_sum(w.reshape(B * Q, K), fc.reshape(B * P, F), flat_idx).reshape(B, Q, F)
+    return f_out.to(f.dtype), w, dists, idx
+
+
+def knn_aggregate_aniso(q, p, f, sigma, R, K, *, p_lengths=None, select="aniso"):
+    """Aggregate the features of each query's K neighbors with anisotropic Gaussian weights.
+
+    Args:
+        q: ``(B, Q, 3)`` query points; p: ``(B, P, 3)`` feature points (float32/float64).
+        f: ``(B, P, F)`` features (any float dtype; fp16/bf16 accumulate in the coordinates' dtype).
+        sigma: ``(B, P, 3)`` per-axis precisions (> 0); R: ``(B, P, 3, 3)``, applied as ``u = R (q - p)``.
+        K: neighbors per query. p_lengths: optional ``(B,)`` valid lengths of ``p``.
+        select: ``"aniso"`` (K smallest m) or ``"euclidean"`` (K nearest points).
+
+    Returns:
+        ``(f_out (B, Q, F), w_out (B, Q, K), dists (B, Q, K), idxs (B, Q, K) int64)``: the weighted
+        sum ``sum_k w_k f_k`` (not normalized), the weights ``exp(-m)``, and per neighbor its ``m``
+        (``select="aniso"``) or SQUARED Euclidean distance (``"euclidean"``), ascending (ties to the
+        lower index). Missing neighbors: ``idx = -1``, weight 0, ``dists = inf``. All of
+        ``f_out``, ``w_out`` and ``dists`` are differentiable w.r.t. q, p, f, sigma and R to any order.
+    """
+    K, p_lengths = _check(q, p, f, sigma, R, K, p_lengths, select, 3)
+    if backend_for(q.device) == "reference":
+        return knn_aggregate_aniso_reference(q, p, f, sigma, R, K, p_lengths=p_lengths, select=select)
+    return _aggregate(q, p, f, sigma, R, K, p_lengths, select)
+
+
+def knn_aggregate_iso(q, p, f, sigma, K, *, p_lengths=None, select="aniso"):
+    """Isotropic version: ``sigma (B, P, 1)``, ``m = sum_a sigma * (q - p)_a**2``. See knn_aggregate_aniso."""
+    K, p_lengths = _check(q, p, f, sigma, None, K, p_lengths, select, 1)
+    B, P, _ = p.shape
+    eye = torch.eye(3, dtype=p.dtype, device=p.device).expand(B, P, 3, 3)
+    sigma3 = sigma.expand(B, P, 3)
+    if backend_for(q.device) == "reference":
+        return knn_aggregate_aniso_reference(q, p, f, sigma3, eye, K, p_lengths=p_lengths, select=select)
+    return _aggregate(q, p, f, sigma3, eye, K, p_lengths, select)

@@ -1,0 +1,172 @@
+import pytest
+import torch
+
+import pointconv
+from pointconv.gaussian import knn_aggregate_aniso_reference, knn_aggregate_iso_reference
+from pointconv.gaussian import select as select_module
+
+
+def rotations(B, P, g, dtype):
+    Q, _ = torch.linalg.qr(torch.randn(B, P, 3, 3, generator=g, dtype=torch.float64))
+    return Q.to(dtype)
+
+
+def make(B=2, Q=60, P=40, F=5, dtype=torch.float32, seed=0, aniso=10.0, rot=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, Q, 3, generator=g, dtype=torch.float64).to(dtype)
+    p = torch.rand(B, P, 3, generator=g, dtype=torch.float64).to(dtype)
+    f = torch.randn(B, P, F, generator=g, dtype=torch.float64).to(dtype)
+    sigma = (1 + aniso * torch.rand(B, P, 3, generator=g, dtype=torch.float64)).to(dtype) * 20
+    R = rotations(B, P, g, dtype) if rot else torch.rand(B, P, 3, 3, generator=g, dtype=torch.float64).to(dtype)
+    return q, p, f, sigma, R
+
+
+def assert_same(out, ref, exact_f=False):
+    f_out, w, d, i = out
+    rf, rw, rd, ri = ref
+    assert torch.equal(i, ri)
+    assert torch.equal(d, rd)
+    assert torch.equal(w, rw)
+    torch.testing.assert_close(f_out, rf, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("select", ["aniso", "euclidean"])
+@pytest.mark.parametrize("aniso,rot", [(0.0, True), (10.0, True), (100.0, True), (5.0, False)])
+def test_matches_reference(select, aniso, rot, device):
+    q, p, f, sigma, R = (t.to(device) for t in make(aniso=aniso, rot=rot))
+    out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 8, select=select)
+    assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 8, select=select))
+
+
+def test_strong_anisotropy_takes_more_candidate_rounds(monkeypatch):
+    q, p, f, sigma, R = make(Q=200, P=300, aniso=2000.0)
+    rounds = []
+    orig = select_module._rank
+    monkeypatch.setattr(select_module, "_rank", lambda *a: rounds.append(1) or orig(*a))
+    out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 12)
+    assert len(rounds) >= 4  # two clouds, each needing more than the first 2K candidates
+    assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 12))
+
+
+def test_singular_R_uses_the_dense_path(monkeypatch):
+    q, p, f, sigma, R = make(Q=50, P=80)
+    R[:, 3] = 0  # no lower bound on m from this point
+    dense = []
+    orig = select_module._select_dense
+    monkeypatch.setattr(select_module, "_select_dense", lambda *a: dense.append(1) or orig(*a))
+    out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 12)
+    assert len(dense) == 2
+    assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 12))
+
+
+def test_tree_path_is_used_and_certifies(monkeypatch):
+    q, p, f, sigma, R = make(Q=100, P=500)
+    used = []
+    orig = select_module._select_tree
+    monkeypatch.setattr(select_module, "_select_tree", lambda *a: used.append(1) or orig(*a))
+    out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 16)
+    assert used  # the CPU path did not fall back to dense
+    assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 16))
+
+
+def test_missing_neighbors_are_padded_not_garbage(device):
+    q, p, f, sigma, R = (t.to(device) for t in make(P=6))
+    lengths = torch.tensor([6, 0], device=device)
+    f_out, w, d, i = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 10, p_lengths=lengths)
+    assert bool((i[0, :, 6:] == -1).all()) and bool((i[0, :, :6] >= 0).all())
+    assert bool((w[0, :, 6:] == 0).all()) and bool(torch.isinf(d[0, :, 6:]).all())
+    assert bool((i[1] == -1).all()) and bool((f_out[1] == 0).all()) and bool((w[1] == 0).all())
+    assert_same((f_out, w, d, i), knn_aggregate_aniso_reference(q, p, f, sigma, R, 10, p_lengths=lengths))
+
+
+def test_iso_matches_reference_and_scalar_formula():
+    q, p, f, sigma, _ = make()
+    s1 = sigma[..., :1].contiguous()
+    out = pointconv.knn_aggregate_iso(q, p, f, s1, 7)
+    assert_same(out, knn_aggregate_iso_reference(q, p, f, s1, 7))
+    d2 = ((q[:, :, None] - p[:, None]) ** 2).sum(-1)
+    m = torch.gather(s1[..., 0][:, None].expand_as(d2) * d2, 2, out[3])
+    torch.testing.assert_close(out[2], m)
+    torch.testing.assert_close(out[1], torch.exp(-m))
+
+
+@pytest.mark.parametrize("select", ["aniso", "euclidean"])
+def test_gradcheck_every_input_and_output(select):
+    q, p, f, sigma, R = make(B=1, Q=4, P=6, F=2, dtype=torch.float64, seed=3, rot=False)
+    inputs = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
+    # K = 7 > P = 6: a padded slot too. Padded dists are inf: compare the finite ones.
+    def fn(q, p, f, sigma, R):
+        f_out, w, d, _ = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 7, select=select)
+        return f_out, w, d[..., :6]
+    torch.autograd.gradcheck(fn, inputs)
+    torch.autograd.gradgradcheck(fn, inputs)
+
+
+def _sdf_losses(agg, mlp, q, p, f, sigma, R):
+    f_out, w, d, _ = agg(q, p, f, sigma, R, 5)
+    feat = f_out / (w.sum(-1, keepdim=True) + 1e-6)
+    sdf = mlp(feat).squeeze(-1)
+    (g,) = torch.autograd.grad(sdf.sum(), q, create_graph=True)
+    return ((g.norm(dim=-1) - 1) ** 2).mean() + sdf.abs().mean() + 1e-3 * d[torch.isfinite(d)].mean()
+
+
+def test_eikonal_training_step_matches_reference():
+    q, p, f, sigma, R = make(B=1, Q=30, P=25, F=6, dtype=torch.float64, seed=4)
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Softplus(), torch.nn.Linear(16, 1)).double()
+    grads = []
+    for agg in (pointconv.knn_aggregate_aniso, knn_aggregate_aniso_reference):
+        leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
+        mlp.zero_grad()
+        loss = _sdf_losses(agg, mlp, *leaves)
+        loss.backward()
+        grads.append([t.grad for t in leaves[1:]] + [prm.grad.clone() for prm in mlp.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert bool((a != 0).any())
+
+
+def test_deterministic_mode_is_bitwise_reproducible():
+    q, p, f, sigma, R = make(Q=300, P=200, F=16)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
+            f_out, w, d, i = pointconv.knn_aggregate_aniso(*leaves, 8)
+            (f_out.square().sum() + w.sum()).backward()
+            runs.append([f_out, w, d, i] + [t.grad for t in leaves])
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_reference_backend_forced():
+    q, p, f, sigma, R = make()
+    with pointconv.use_backend("reference"):
+        a = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 6)
+    assert_same(pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 6), a)
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda a: a.update(q=a["q"][..., :2]), ValueError, "q must have D = 3"),
+    (lambda a: a.update(p=a["p"][:1]), ValueError, "batch size"),
+    (lambda a: a.update(f=a["f"][:, :3]), ValueError, r"f must have shape \(2, 40, F\)"),
+    (lambda a: a.update(f=a["f"].long()), TypeError, "f must be a floating-point"),
+    (lambda a: a.update(sigma=-a["sigma"]), ValueError, "sigma must be finite and > 0"),
+    (lambda a: a.update(sigma=a["sigma"][..., :1]), ValueError, r"sigma must have shape \(2, 40, 3\)"),
+    (lambda a: a.update(sigma=a["sigma"].double()), TypeError, "sigma must have the dtype of p"),
+    (lambda a: a.update(R=a["R"][..., :2]), ValueError, r"R must have shape"),
+    (lambda a: a.update(R=a["R"] * float("nan")), ValueError, "R contains NaN"),
+    (lambda a: a.update(K=0), ValueError, "K must be >= 1"),
+    (lambda a: a.update(select="mahalanobis"), ValueError, "select must be one of"),
+    (lambda a: a.update(p_lengths=torch.tensor([50, 1])), ValueError, r"p_lengths must lie in \[0, 40\]"),
+])
+def test_bad_input(mutate, exc, match):
+    q, p, f, sigma, R = make()
+    args = dict(q=q, p=p, f=f, sigma=sigma, R=R, K=4, p_lengths=None, select="aniso")
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        pointconv.knn_aggregate_aniso(args["q"], args["p"], args["f"], args["sigma"], args["R"], args["K"],
+                                      p_lengths=args["p_lengths"], select=args["select"])
