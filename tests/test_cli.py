@@ -12,8 +12,8 @@ def test_info_lists_versions_and_backends():
     assert "| knn / ball_query / NeighborIndex, float32 | torch (scipy cKDTree" in out
 
 
-def test_demo_prints_its_table():
-    out = _run("demo", "--points", "3000", "--k", "8")
+def test_neighbor_demo_prints_its_table():
+    out = _run("demo", "neighbors", "--points", "3000", "--k", "8")
     for op in ("knn (self, exclude_self)", "ball_query", "NeighborIndex.knn", "farthest_point_sample",
                "grid_subsample", "gather"):
         assert f"| {op}" in out

@@ -8,12 +8,15 @@ README = (ROOT / "README.md").read_text()
 
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    assert blocks
-    for code in blocks:
-        scope = {}
-        exec(compile(code, "README.md", "exec"), scope)
-        assert scope["nbr"].shape == (2, 500, 32, 32)
-        assert scope["centers"].shape == (2, 1024)
+    assert len(blocks) == 2
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert scope["nbr"].shape == (2, 500, 32, 32)
+    assert scope["centers"].shape == (2, 1024)
+    scope = {}
+    exec(compile(blocks[1], "README.md", "exec"), scope)
+    assert scope["f_out"].shape == (2, 1000, 32) and scope["idxs"].dtype.is_floating_point is False
+    assert scope["p"].grad is None and scope["q"].grad is not None
 
 
 def test_quickstart_has_two_commands_and_ci_runs_the_test_one():

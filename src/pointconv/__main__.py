@@ -1,4 +1,8 @@
-"""``python -m pointconv demo | bench | info``."""
+"""``python -m pointconv demo [neighbors] | bench | info``.
+
+``demo``: the main job, a neural SDF fitted with anisotropic Gaussian kNN aggregation
+(``pointconv.demos.sdf``); ``demo neighbors``: the neighbor-search tour (``pointconv.demos.neighbors``).
+"""
 from __future__ import annotations
 
 import argparse
@@ -77,9 +81,14 @@ def main(argv=None) -> None:
     if args.command == "info":
         info()
     elif args.command == "demo":
-        from pointconv.demos.neighbors import main as demo
+        if rest[:1] == ["neighbors"]:
+            from pointconv.demos.neighbors import main as demo
 
-        demo(rest)
+            demo(rest[1:])
+        else:
+            from pointconv.demos.sdf import main as demo
+
+            demo(rest)
     else:
         bench(rest)
 

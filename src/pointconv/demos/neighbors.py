@@ -33,7 +33,7 @@ def _timed(fn, device):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pointconv demo", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m pointconv demo neighbors", description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--points", type=int, default=100_000, help="points in the generated cloud")
     ap.add_argument("--k", type=int, default=16)
