@@ -38,35 +38,62 @@ def test_matches_reference(select, aniso, rot, device):
     assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 8, select=select))
 
 
-def test_strong_anisotropy_takes_more_candidate_rounds(monkeypatch):
+def _count(monkeypatch, name):
+    calls = []
+    orig = getattr(select_module, name)
+    monkeypatch.setattr(select_module, name, lambda *a: calls.append(1) or orig(*a))
+    return calls
+
+
+def test_tree_path_for_large_clouds_is_exact(monkeypatch):
+    monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)  # as if the clouds were large
+    used = _count(monkeypatch, "_select_tree")
+    q, p, f, sigma, R = make(Q=100, P=500)
+    out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 16)
+    assert len(used) == 2
+    assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 16))
+
+
+def test_tree_path_takes_more_candidate_rounds(monkeypatch):
+    monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)
     q, p, f, sigma, R = make(Q=200, P=300, aniso=2000.0)
-    rounds = []
-    orig = select_module._rank
-    monkeypatch.setattr(select_module, "_rank", lambda *a: rounds.append(1) or orig(*a))
+    rounds = _count(monkeypatch, "_rank")
+    orig_tree = select_module._select_tree
+    # spread = 0: start from K candidates whatever the anisotropy, so later rounds must run
+    monkeypatch.setattr(select_module, "_select_tree", lambda *a: orig_tree(*a[:-1], 0.0))
     out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 12)
-    assert len(rounds) >= 4  # two clouds, each needing more than the first 2K candidates
+    assert len(rounds) >= 4  # two clouds, each needing more than one round
     assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 12))
 
 
-def test_singular_R_uses_the_dense_path(monkeypatch):
+def test_singular_R_has_no_tree_bound_and_uses_the_gemm(monkeypatch):
+    monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)
+    gemm = _count(monkeypatch, "_select_gemm")
     q, p, f, sigma, R = make(Q=50, P=80)
     R[:, 3] = 0  # no lower bound on m from this point
-    dense = []
-    orig = select_module._select_dense
-    monkeypatch.setattr(select_module, "_select_dense", lambda *a: dense.append(1) or orig(*a))
     out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 12)
-    assert len(dense) == 2
+    assert len(gemm) == 2
     assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 12))
 
 
-def test_tree_path_is_used_and_certifies(monkeypatch):
-    q, p, f, sigma, R = make(Q=100, P=500)
-    used = []
-    orig = select_module._select_tree
-    monkeypatch.setattr(select_module, "_select_tree", lambda *a: used.append(1) or orig(*a))
-    out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 16)
-    assert used  # the CPU path did not fall back to dense
-    assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 16))
+def test_gemm_near_ties_fall_back_to_dense_rows(monkeypatch):
+    dense = _count(monkeypatch, "_select_dense")
+    _, _, f, _, _ = make(Q=80, P=64)
+    g = torch.arange(4.0)
+    p = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(1, 64, 3).repeat(2, 1, 1)
+    q = p[:, ::3] + 0.5  # cell centers: many lattice points at exactly the same exponent
+    sigma = torch.full((2, 64, 3), 2.0)
+    R = torch.eye(3).expand(2, 64, 3, 3).contiguous()
+    out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 9)
+    assert dense
+    assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 9))
+
+
+def test_clouds_far_from_the_origin():
+    q, p, f, sigma, R = make(Q=80, P=70)
+    shift = torch.tensor([1000.0, -2000.0, 500.0])
+    out = pointconv.knn_aggregate_aniso(q + shift, p + shift, f, sigma, R, 9)
+    assert_same(out, knn_aggregate_aniso_reference(q + shift, p + shift, f, sigma, R, 9))
 
 
 def test_missing_neighbors_are_padded_not_garbage(device):

@@ -27,7 +27,8 @@ def _chunk_rows(k: int, c: int) -> int:
 def _gather_rows(f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``f[idx]`` with zeros for ``idx = -1``: (n, k) -> (n, k, C)."""
     out = f.index_select(0, idx.clamp(min=0).reshape(-1)).view(*idx.shape, f.shape[1])
-    return out * (idx >= 0).unsqueeze(-1).to(f.dtype)
+    missing = idx < 0
+    return out.masked_fill(missing.unsqueeze(-1), 0) if bool(missing.any()) else out
 
 
 def _gather_sum(w, f, idx):

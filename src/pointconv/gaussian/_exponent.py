@@ -19,18 +19,21 @@ def gaussian_exponent(d: torch.Tensor, sigma: torch.Tensor, R: torch.Tensor) -> 
     return m
 
 
-def exponent_lower_bound(sigma: torch.Tensor, R: torch.Tensor) -> float:
-    """A constant ``c`` with ``computed m >= c * |d|^2`` for every point of the cloud (float64).
+def exponent_bounds(sigma: torch.Tensor, R: torch.Tensor) -> tuple[float, float]:
+    """``(c, spread)``: ``computed m >= c * |d|^2`` for every point of the cloud, and the largest
+    eigenvalue of any ``R^T diag(sigma) R`` over ``c`` (how far, relative to the K nearest points,
+    the K smallest m can lie).
 
     ``lam``, the smallest eigenvalue of ``R^T diag(sigma) R``, bounds the exact ``m``; rounding in
     ``gaussian_exponent`` can lower the computed value by at most about ``8 eps * s |d|^2`` with
     ``s = sum_a sigma_a (sum_b |R_ab|)^2``. ``c <= 0`` means no useful bound.
     """
     if sigma.numel() == 0:
-        return 0.0
+        return 0.0, 1.0
     s = sigma.double()
     Rd = R.double()
     M = Rd.transpose(-1, -2) @ (s.unsqueeze(-1) * Rd)
-    lam = torch.linalg.eigvalsh(M)[..., 0].min()
+    eig = torch.linalg.eigvalsh(M)
     scale = (s * Rd.abs().sum(-1).square()).sum(-1).max()
-    return float(lam * (1 - 1e-9) - 8 * torch.finfo(sigma.dtype).eps * scale)
+    c = float(eig[..., 0].min() * (1 - 1e-9) - 8 * torch.finfo(sigma.dtype).eps * scale)
+    return c, float(eig[..., -1].max()) / c if c > 0 else float("inf")

@@ -1,11 +1,12 @@
 """Exact selection of the K points with the smallest Gaussian exponent ``m`` (``select="aniso"``).
 
 No dense Q x P matrix on CPU: ``m_ij >= c * |q_i - p_j|^2``, with ``c`` the smallest eigenvalue
-of ``R_j^T diag(sigma_j) R_j`` over the cloud, less a rounding margin (``exponent_lower_bound``). Each query takes its ``c`` Euclidean
-nearest points from a kd-tree (c = 2K first), ranks them by (m, index) and keeps K; the answer is
+of ``R_j^T diag(sigma_j) R_j`` over the cloud, less a rounding margin (``exponent_bounds``). Each query takes its ``c`` Euclidean
+nearest points from a kd-tree, ranks them by (m, index) and keeps K; the answer is
 certified when ``c`` times the squared distance of the c-th candidate (a bound on every
 unseen point's m) exceeds the K-th m, with a margin for rounding. Uncertified queries try again
-with 4x more candidates, ending at the whole cloud. Elsewhere (CUDA, or a degenerate cloud with
+with 4x more candidates, ending at the whole cloud. The first round's size grows with the
+clouds' anisotropy (largest eigenvalue over ``c``). Elsewhere (CUDA, or a degenerate cloud with
 ``c <= 0``) the exponents are evaluated densely in chunks of queries, memory capped.
 """
 from __future__ import annotations
@@ -17,23 +18,40 @@ import torch
 
 from .._backend import backend_for
 from ..neighbors._cpu import build_tree
-from ._exponent import exponent_lower_bound, gaussian_exponent
+from ._exponent import exponent_bounds, gaussian_exponent
 
 _CHUNK_ELEMENTS = 1 << 22  # query x point pairs per dense chunk
+_GEMM_MAX_POINTS = 1 << 16  # larger clouds use the kd-tree on CPU (O(Q log P) instead of O(Q P))
 
 
 def _rank(m: torch.Tensor, cand: torch.Tensor, K: int):
-    """Per row, the K smallest (m, index) pairs: indices (n, K) padded with -1, and the K-th m."""
-    order = torch.argsort(cand, dim=1, stable=True)
-    m, cand = m.gather(1, order), cand.gather(1, order)
-    order = torch.argsort(m, dim=1, stable=True)
-    m, cand = m.gather(1, order), cand.gather(1, order)
+    """Per row, the K smallest (m, index) pairs: indices (n, K) padded with -1, and the K-th m.
+
+    float32: one top-k over int64 keys ``(bits of m) << 32 | index`` (m >= 0 orders like its bits,
+    and equal m order by index). float64: two stable sorts.
+    """
     n, c = m.shape
-    idx = torch.full((n, K), -1, dtype=torch.int64, device=m.device)
     kk = min(K, c)
-    idx[:, :kk] = torch.where(torch.isinf(m[:, :kk]), -1, cand[:, :kk])
-    kth = m[:, K - 1] if c >= K else torch.full((n,), float("inf"), dtype=m.dtype, device=m.device)
+    if m.dtype == torch.float32 and c:
+        key = (m.view(torch.int32).to(torch.int64) << 32) | cand
+        key = torch.topk(key, kk, dim=1, largest=False, sorted=True).values
+        m_sel = (key >> 32).to(torch.int32).view(torch.float32)
+        cand_sel = key & 0xFFFFFFFF
+    else:
+        order = torch.argsort(cand, dim=1, stable=True)
+        m, cand = m.gather(1, order), cand.gather(1, order)
+        order = torch.argsort(m, dim=1, stable=True)
+        m_sel, cand_sel = m.gather(1, order)[:, :kk], cand.gather(1, order)[:, :kk]
+    idx = torch.full((n, K), -1, dtype=torch.int64, device=m.device)
+    idx[:, :kk] = torch.where(torch.isinf(m_sel), -1, cand_sel)
+    kth = m_sel[:, K - 1] if c >= K else torch.full((n,), float("inf"), dtype=m.dtype, device=m.device)
     return idx, kth
+
+
+def _exponents(q, table, cand):
+    """m of each query against its candidates; ``table (n, 15)`` packs p, sigma and R per point."""
+    rows = table.index_select(0, cand.reshape(-1)).view(*cand.shape, 15)
+    return gaussian_exponent(q[:, None, :] - rows[..., :3], rows[..., 3:6], rows[..., 6:].unflatten(-1, (3, 3)))
 
 
 def _select_dense(q, p, sigma, R, K):
@@ -50,13 +68,71 @@ def _select_dense(q, p, sigma, R, K):
     return out
 
 
-def _select_tree(q, p, sigma, R, K, bound):
-    """Exact on CPU with a kd-tree over ``p``; ``bound * |d|^2`` bounds every computed m below."""
+def _quadratic_features(q, p, sigma, R):
+    """``Phi (Q, 10)`` and ``Psi (n, 10)`` (float64) with ``Phi[i] . Psi[j] = m_ij`` in exact arithmetic.
+
+    ``m = d^T M d`` with ``M = R^T diag(sigma) R`` expands into products of a query's quadratic
+    monomials and a point's coefficients, so all exponents of a block come from one GEMM. The
+    cloud is centered first (m depends on q - p only): smaller terms, smaller rounding.
+    """
+    center = p.double().mean(0)
+    q = q.double() - center
+    p = p.double() - center
+    M = R.double().transpose(-1, -2) @ (sigma.double().unsqueeze(-1) * R.double())
+    Mp = (M @ p.unsqueeze(-1)).squeeze(-1)
+    psi = torch.stack([M[:, 0, 0], M[:, 1, 1], M[:, 2, 2], 2 * M[:, 0, 1], 2 * M[:, 0, 2], 2 * M[:, 1, 2],
+                       -2 * Mp[:, 0], -2 * Mp[:, 1], -2 * Mp[:, 2], (p * Mp).sum(-1)], 1)
+    x, y, z = q.unbind(1)
+    phi = torch.stack([x * x, y * y, z * z, x * y, x * z, y * z, x, y, z, torch.ones_like(x)], 1)
+    return phi, psi, M, q, p
+
+
+def _select_gemm(q, p, sigma, R, K):
+    """Exact: a float64 GEMM ranks every point approximately, the exact formula re-ranks the best.
+
+    Each query keeps the K + 4 smallest approximate exponents as candidates, evaluates them with
+    ``gaussian_exponent`` and ranks by (m, index). Every other point's approximate exponent is at
+    least the candidates' largest; with the GEMM's error and the exact formula's rounding bounded
+    (``margin``), that certifies the answer. Uncertified rows (near-ties) are evaluated densely.
+    """
+    n = p.shape[0]
+    phi, psi, M, qc, pc = _quadratic_features(q, p, sigma, R)
+    table = torch.cat([p, sigma, R.reshape(-1, 9)], 1).contiguous()
+    out = torch.full((q.shape[0], K), -1, dtype=torch.int64, device=q.device)
+    e = min(K + 4, n)
+    # The GEMM runs in float32: its terms are at most lam_max (|q| + |p|)^2 (centered), each
+    # rounded once and summed over 10 products; the exact formula's own rounding is at most
+    # 8 eps s (|q| + |p|)^2 with s = sum_a sigma_a (sum_b |R_ab|)^2.
+    lam_max = float(torch.linalg.eigvalsh(M)[:, -1].max())
+    s = float((sigma.double() * R.double().abs().sum(-1).square()).sum(-1).max())
+    reach = (qc.norm(dim=1) + float(pc.norm(dim=1).max())).square()
+    margin = (64 * torch.finfo(torch.float32).eps * lam_max + 8 * torch.finfo(q.dtype).eps * s) * reach
+    phi, psi = phi.float(), psi.float()
+    step = max(1, _CHUNK_ELEMENTS // n)
+    for st in range(0, q.shape[0], step):
+        approx = phi[st:st + step] @ psi.T
+        vals, cand = torch.topk(approx, e, dim=1, largest=False, sorted=True)
+        idx, kth = _rank(_exponents(q[st:st + step], table, cand), cand, K)
+        out[st:st + step] = idx
+        if e < n:
+            bad = torch.nonzero(vals[:, -1].double() - margin[st:st + step] <= kth.double()).flatten()
+            if bad.numel():
+                out[st + bad] = _select_dense(q[st + bad], p, sigma, R, K)
+    return out
+
+
+def _select_tree(q, p, sigma, R, K, bound, spread):
+    """Exact on CPU with a kd-tree over ``p``; ``bound * |d|^2`` bounds every computed m below.
+
+    ``spread`` (largest eigenvalue over ``bound``) sizes the first round: the K smallest m of a
+    query lie within about ``spread**1.5`` times the volume of its K nearest points.
+    """
     n = p.shape[0]
     tree = build_tree(p)
+    table = torch.cat([p, sigma, R.reshape(-1, 9)], 1).contiguous()
     out = torch.full((q.shape[0], K), -1, dtype=torch.int64)
     rows = torch.arange(q.shape[0])
-    c = min(2 * K, n)
+    c = min(n, int(K * (1 + min(spread, 64.0) ** 1.5)))
     q64 = q.double().numpy()
     while rows.numel():
         step = max(1, _CHUNK_ELEMENTS // (c * 16))
@@ -66,8 +142,7 @@ def _select_tree(q, p, sigma, R, K, bound):
             dd, ii = tree.query(q64[r.numpy()], k=c, workers=-1)
             dd, ii = np.asarray(dd).reshape(len(r), c), np.asarray(ii).reshape(len(r), c)
             cand = torch.from_numpy(ii).to(torch.int64)
-            m = gaussian_exponent(q[r, None, :] - p[cand], sigma[cand], R[cand])
-            idx, kth = _rank(m, cand, K)
+            idx, kth = _rank(_exponents(q[r], table, cand), cand, K)
             if c == n:
                 certified = torch.ones(len(r), dtype=torch.bool)
             else:
@@ -90,9 +165,9 @@ def select_aniso(q, p, sigma, R, K, p_lengths):
         if n == 0 or Q == 0:
             continue
         qb, pb, sb, Rb = q[b], p[b, :n], sigma[b, :n], R[b, :n]
-        bound = exponent_lower_bound(sb, Rb) if use_tree else 0.0
+        bound, spread = exponent_bounds(sb, Rb) if use_tree and n > _GEMM_MAX_POINTS else (0.0, math.inf)
         if bound > 0 and math.isfinite(bound):
-            idx[b] = _select_tree(qb, pb, sb, Rb, K, bound)
+            idx[b] = _select_tree(qb, pb, sb, Rb, K, bound, spread)
         else:
-            idx[b] = _select_dense(qb, pb, sb, Rb, K)
+            idx[b] = _select_gemm(qb, pb, sb, Rb, K)
     return idx

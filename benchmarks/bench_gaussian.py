@@ -1,0 +1,136 @@
+"""Anisotropic Gaussian kNN aggregation: pointconv against the plain-PyTorch reference, one run.
+
+The cuda_knn_aggregate package's table: B=2, Q=12288, P=4096, F=64, K=16, float32. Three tasks:
+  forward        f_out, w_out, dists, idxs = knn_aggregate_aniso(q, p, f, sigma, R, K)
+  backward       forward + backward of a loss on f_out and w_out to q, p, f, sigma, R
+  2nd order      forward + g = grad(sdf, q, create_graph=True) + backward of an Eikonal loss on g
+Each (method, task) runs in its own process so its peak memory is its own: the peak resident set
+on CPU (above the inputs), torch.cuda.max_memory_allocated on CUDA. The original reports on an
+RTX 3080: plain PyTorch 23.6 / 57.1 / 78.6 ms, its CUDA kernels 3.0 / 20.8 / 29.8 ms.
+
+    python benchmarks/bench_gaussian.py --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import pointconv
+from pointconv.gaussian import knn_aggregate_aniso_reference
+
+METHODS = {"reference": knn_aggregate_aniso_reference, "pointconv": pointconv.knn_aggregate_aniso}
+TASKS = ("forward", "backward", "2nd order")
+
+
+def make_inputs(B, Q, P, F, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, Q, 3, generator=g)
+    p = torch.rand(B, P, 3, generator=g)
+    f = torch.randn(B, P, F, generator=g)
+    sigma = 200 + 800 * torch.rand(B, P, 3, generator=g)  # a few times the point spacing of 4096 points
+    R = torch.linalg.qr(torch.randn(B, P, 3, 3, generator=g))[0]
+    return [t.to(device) for t in (q, p, f, sigma, R)]
+
+
+def run_task(fn, inputs, K, task):
+    leaves = [t.detach().requires_grad_(task != "forward") for t in inputs]
+    if task == "forward":
+        with torch.no_grad():
+            return fn(*leaves, K)
+    f_out, w, d, i = fn(*leaves, K)
+    if task == "backward":
+        (f_out.square().sum() + w.sum()).backward()
+        return leaves
+    sdf = (f_out / (w.sum(-1, keepdim=True) + 1e-6)).sum(-1)
+    (g,) = torch.autograd.grad(sdf.sum(), leaves[0], create_graph=True)
+    ((g.norm(dim=-1) - 1) ** 2).mean().backward()
+    return leaves
+
+
+def worker(args):
+    device = torch.device(args.device)
+    inputs = make_inputs(args.B, args.Q, args.P, args.F, device)
+    fn = METHODS[args.method]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run_task(fn, inputs, args.K, args.task)  # warm-up (and the peak-memory run on CPU)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(args.repeat):
+        sync()
+        t0 = time.perf_counter()
+        run_task(fn, inputs, args.K, args.task)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - args.base_rss
+    print(json.dumps({"ms": statistics.median(times), "peak_mb": peak / 2**20}))
+
+
+def baseline_rss(args):
+    """Resident set of a process that made the inputs and did nothing else (bytes)."""
+    code = (f"import resource, torch, pointconv, sys; sys.path.insert(0, {repr(sys.path[0])});"
+            f"from bench_gaussian import make_inputs; x = make_inputs({args.B}, {args.Q}, {args.P}, {args.F}, 'cpu');"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--B", type=int, default=2)
+    ap.add_argument("--Q", type=int, default=12288)
+    ap.add_argument("--P", type=int, default=4096)
+    ap.add_argument("--F", type=int, default=64)
+    ap.add_argument("--K", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of pointconv (after one warm-up)")
+    ap.add_argument("--ref-repeat", type=int, default=1, help="timed runs of the reference (seconds each on CPU)")
+    ap.add_argument("--worker", nargs=2, metavar=("METHOD", "TASK"), help=argparse.SUPPRESS)
+    ap.add_argument("--base-rss", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        args.method, args.task = args.worker
+        return worker(args)
+
+    base = baseline_rss(args) if args.device == "cpu" else 0
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        rev = "unknown"
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+    print(f"> bench_gaussian: device {args.device} ({name}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, commit {rev}, {time.strftime('%Y-%m-%d')}")
+    print(f"> B={args.B} Q={args.Q} P={args.P} F={args.F} K={args.K}, float32, median of {args.repeat} runs "
+          f"(reference: {args.ref_repeat}); peak memory above the inputs")
+    print()
+    print("| task | reference ms | pointconv ms | speed-up | reference peak MiB | pointconv peak MiB | memory ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for task in TASKS:
+        res = {}
+        for method in METHODS:
+            cmd = [sys.executable, __file__, "--device", args.device, "--B", str(args.B), "--Q", str(args.Q),
+                   "--P", str(args.P), "--F", str(args.F), "--K", str(args.K),
+                   "--repeat", str(args.ref_repeat if method == "reference" else args.repeat),
+                   "--worker", method, task, "--base-rss", str(base)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{method} {task} failed:\n{out.stderr[-3000:]}")
+            res[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        r, c = res["reference"], res["pointconv"]
+        print(f"| {task} | {r['ms']:.1f} | {c['ms']:.1f} | {r['ms'] / c['ms']:.1f}x | {r['peak_mb']:.0f} | "
+              f"{c['peak_mb']:.0f} | {r['peak_mb'] / max(c['peak_mb'], 1e-9):.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
