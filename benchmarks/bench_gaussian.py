@@ -34,7 +34,7 @@ def make_inputs(B, Q, P, F, device, seed=0):
     q = torch.rand(B, Q, 3, generator=g)
     p = torch.rand(B, P, 3, generator=g)
     f = torch.randn(B, P, F, generator=g)
-    sigma = 200 + 800 * torch.rand(B, P, 3, generator=g)  # a few times the point spacing of 4096 points
+    sigma = 200 + 800 * torch.rand(B, P, 3, generator=g)  # Gaussian widths 0.02-0.05: about the point spacing
     R = torch.linalg.qr(torch.randn(B, P, 3, 3, generator=g))[0]
     return [t.to(device) for t in (q, p, f, sigma, R)]
 

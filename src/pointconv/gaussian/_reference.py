@@ -31,8 +31,7 @@ def knn_aggregate_aniso_reference(q, p, f, sigma, R, K, *, p_lengths=None, selec
     key_sel = m if select == "aniso" else torch.gather(sq_dist(q[:, :, None, :], p[:, None, :, :]), 2, safe)
     w = torch.where(valid, torch.exp(-m), torch.zeros_like(m))
     dists = torch.where(valid, key_sel, torch.full_like(key_sel, float("inf")))
-    f_nbr = torch.gather(f[:, None].expand(B, Q, P, f.shape[-1]), 2,
-                         safe[..., None].expand(B, Q, K, f.shape[-1]))
+    f_nbr = f[torch.arange(B, device=q.device)[:, None, None], safe]  # (B, Q, K, F)
     f_out = (w[..., None] * f_nbr).sum(2)
     return f_out, w, dists, idx
 
