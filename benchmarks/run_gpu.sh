@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Everything a GPU session should run, in one device call (the device README: few, full calls):
+#   bash benchmarks/run_gpu.sh            # on the GPU machine, from the repository root
+# The GPU image already has torch, triton, pytest, hypothesis, tqdm and matplotlib; the project
+# runs from the source tree. Logs and tables go to $OUT (or ./gpu_out when OUT is unset).
+set -uo pipefail
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m pointconv info; } 2>&1 | tee "$out/info.txt"
+# GPU tests: every device-parametrized test runs on cuda too, and the Triton kernels run compiled.
+timeout 300 python3 -m pytest -q -x tests 2>&1 | tee "$out/tests.log" | tail -30
+timeout 150 python3 benchmarks/bench_neighbors.py --device cuda 2>&1 | tee "$out/bench_neighbors_cuda.md"
+timeout 120 python3 benchmarks/bench_gaussian.py --device cuda 2>&1 | tee "$out/bench_gaussian_cuda.md"
