@@ -12,7 +12,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pointconv.kernels import fps, knn  # noqa: E402
+from pointconv.kernels import fps, gaussian, knn, weighted_sum  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -29,6 +29,12 @@ BRUTE = {"q_ptr": "*fp32", "p_ptr": "*fp32", "qlen_ptr": "*i64", "plen_ptr": "*i
 GRID = {"q_ptr": "*fp32", "qbatch_ptr": "*i64", "qrow_ptr": "*i64", "nq_total": "i32", "xyz_ptr": "*fp32",
         "pid_ptr": "*i64", "start_ptr": "*i64", "lo_ptr": "*fp32", "h_ptr": "*fp32", "dims_ptr": "*i64",
         "base_ptr": "*i64", "out_d_ptr": "*fp32", "out_i_ptr": "*i64", "Q": "i32", "radius2": "fp32"}
+GAUSS = {"q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32", "plen_ptr": "*i64",
+         "out_m_ptr": "*fp32", "out_i_ptr": "*i64", "Q": "i32", "P": "i32"}
+WSUM = {"w_ptr": "*fp32", "f_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32", "Q": "i32", "C": "i32", "K": "i32"}
+PDOT = {"g_ptr": "*fp32", "f_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32", "Q": "i32", "C": "i32", "K": "i32"}
+SEG = {"order_ptr": "*i64", "start_ptr": "*i64", "w_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": "*fp32",
+       "C": "i32", "K": "i32"}
 FPS = {"p_ptr": "*fp32", "len_ptr": "*i64", "start_ptr": "*i64", "mind_ptr": "*fp32", "out_ptr": "*i64",
        "N": "i32", "n_samples": "i32"}
 
@@ -43,6 +49,16 @@ def variants():
         yield "knn_grid", knn._knn_grid_kernel, GRID, dict(K=k, KP=kp, BQ=bq, EXCLUDE_SELF=exclude, USE_RADIUS=radius)
     for d in (2, 3):
         yield "fps", fps._fps_kernel, FPS, dict(D=d, BLOCK=1024)
+    for k in (8, 16, 40):
+        kp = knn._kp(k)
+        yield "aniso_select", gaussian._aniso_select_kernel, GAUSS, dict(K=k, KP=kp, BQ=32 if kp <= 32 else 16)
+    for dtype in ("fp32", "bf16"):
+        half = {name: t.replace("fp32", dtype) if name in ("f_ptr", "g_ptr") else t for name, t in WSUM.items()}
+        yield "gather_sum", weighted_sum._gather_sum_kernel, half, dict(BLOCK_Q=32, BLOCK_C=64)
+        half = {name: t.replace("fp32", dtype) if name in ("f_ptr", "g_ptr") else t for name, t in PDOT.items()}
+        yield "pair_dot", weighted_sum._pair_dot_kernel, half, dict(BLOCK_Q=32, BLOCK_C=64)
+        half = {name: t.replace("fp32", dtype) if name == "g_ptr" else t for name, t in SEG.items()}
+        yield "segment_sum", weighted_sum._segment_sum_kernel, half, dict(BLOCK_T=32, BLOCK_C=64)
 
 
 if __name__ == "__main__":

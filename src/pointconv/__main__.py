@@ -62,8 +62,10 @@ _OPS = [
     ("knn / ball_query / NeighborIndex, float64", lambda b, d: _search_impl(b, d, d3_float32=False)),
     ("farthest_point_sample, float32", lambda b, d: "triton" if b == "triton" else "torch (reference loop)"),
     ("grid_subsample", lambda b, d: "torch (unique + index_put)"),
-    ("knn_aggregate_aniso / _iso", lambda b, d: "reference (dense)" if b == "reference" else
-     "torch (GEMM-ranked exact selection; kd-tree above 65536 points on CPU; chunked weighted sums)"),
+    ("knn_aggregate_aniso / _iso, float32", lambda b, d: {
+        "reference": "reference (dense)",
+        "triton": "triton (brute-force selection kernel, weighted-sum kernels)",
+    }.get(b, "torch (GEMM-ranked exact selection; kd-tree above 65536 points on CPU; chunked weighted sums)")),
     ("gather", lambda b, d: "torch (indexing)"),
 ]
 

@@ -11,11 +11,15 @@ differentiation (the gradient of each is made of the others), so each backward i
 them and autograd differentiates it again: exact gradients of every order. Each op works over
 chunks of rows, so memory stays at ``chunk x k x C`` whatever Q is. ``scatter_sum`` accumulates with
 ``index_add_`` on CPU (sequential, deterministic) and ``index_put_(accumulate=True)`` on CUDA
-(deterministic under ``torch.use_deterministic_algorithms``).
+(deterministic under ``torch.use_deterministic_algorithms``). On the triton backend (CUDA,
+float32/16) the three run as the kernels of ``pointconv.kernels.weighted_sum`` (deterministic by
+construction: no atomics).
 """
 from __future__ import annotations
 
 import torch
+
+from ._backend import backend_for
 
 _CHUNK_ELEMENTS = 1 << 22  # rows x k x C per chunk
 
@@ -65,11 +69,40 @@ def _pair_dot(g, f, idx):
     return out
 
 
+def _triton_ok(*tensors) -> bool:
+    # The kernels accumulate in float32: float64 stays on the torch path.
+    return backend_for(tensors[0].device) == "triton" and all(t.dtype != torch.float64 for t in tensors)
+
+
+def _dispatch_gather_sum(w, f, idx):
+    if _triton_ok(w, f):
+        from .kernels import weighted_sum as kernels
+
+        return kernels.gather_sum(w, f, idx)
+    return _gather_sum(w, f, idx)
+
+
+def _dispatch_scatter_sum(w, g, idx, num_rows):
+    if _triton_ok(w, g):
+        from .kernels import weighted_sum as kernels
+
+        return kernels.scatter_sum(w, g, idx, num_rows)
+    return _scatter_sum(w, g, idx, num_rows)
+
+
+def _dispatch_pair_dot(g, f, idx):
+    if _triton_ok(g, f):
+        from .kernels import weighted_sum as kernels
+
+        return kernels.pair_dot(g, f, idx)
+    return _pair_dot(g, f, idx)
+
+
 class GatherSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, f, idx):
         ctx.save_for_backward(w, f, idx)
-        return _gather_sum(w, f, idx)
+        return _dispatch_gather_sum(w, f, idx)
 
     @staticmethod
     def backward(ctx, grad):
@@ -83,7 +116,7 @@ class ScatterSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, g, idx, num_rows):
         ctx.save_for_backward(w, g, idx)
-        return _scatter_sum(w, g, idx, num_rows)
+        return _dispatch_scatter_sum(w, g, idx, num_rows)
 
     @staticmethod
     def backward(ctx, grad):
@@ -97,7 +130,7 @@ class PairDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, f, idx):
         ctx.save_for_backward(g, f, idx)
-        return _pair_dot(g, f, idx)
+        return _dispatch_pair_dot(g, f, idx)
 
     @staticmethod
     def backward(ctx, grad):

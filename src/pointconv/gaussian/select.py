@@ -7,7 +7,8 @@ certified when ``c`` times the squared distance of the c-th candidate (a bound o
 unseen point's m) exceeds the K-th m, with a margin for rounding. Uncertified queries try again
 with 4x more candidates, ending at the whole cloud. The first round's size grows with the
 clouds' anisotropy (largest eigenvalue over ``c``). Elsewhere (CUDA, or a degenerate cloud with
-``c <= 0``) the exponents are evaluated densely in chunks of queries, memory capped.
+``c <= 0``) the exponents are evaluated densely in chunks of queries, memory capped. On the
+triton backend (float32) a brute-force kernel selects (``kernels/gaussian.py``).
 """
 from __future__ import annotations
 
@@ -159,8 +160,13 @@ def _select_tree(q, p, sigma, R, K, bound, spread):
 def select_aniso(q, p, sigma, R, K, p_lengths):
     """Indices ``(B, Q, K)`` of the K smallest exponents (ties to the lower index), -1 padded."""
     B, Q, _ = q.shape
+    backend = backend_for(q.device)
+    if backend == "triton" and q.dtype == torch.float32:
+        from ..kernels.gaussian import select_aniso as select_triton
+
+        return select_triton(q, p, sigma, R, K, p_lengths)
     idx = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
-    use_tree = backend_for(q.device) == "torch" and q.device.type == "cpu"
+    use_tree = backend == "torch" and q.device.type == "cpu"
     for b, n in enumerate(p_lengths.tolist()):
         if n == 0 or Q == 0:
             continue
