@@ -1,14 +1,19 @@
 """Exact selection of the K points with the smallest Gaussian exponent ``m`` (``select="aniso"``).
 
-No dense Q x P matrix on CPU: ``m_ij >= c * |q_i - p_j|^2``, with ``c`` the smallest eigenvalue
-of ``R_j^T diag(sigma_j) R_j`` over the cloud, less a rounding margin (``exponent_bounds``). Each query takes its ``c`` Euclidean
-nearest points from a kd-tree, ranks them by (m, index) and keeps K; the answer is
-certified when ``c`` times the squared distance of the c-th candidate (a bound on every
-unseen point's m) exceeds the K-th m, with a margin for rounding. Uncertified queries try again
-with 4x more candidates, ending at the whole cloud. The first round's size grows with the
-clouds' anisotropy (largest eigenvalue over ``c``). Elsewhere (CUDA, or a degenerate cloud with
-``c <= 0``) the exponents are evaluated densely in chunks of queries, memory capped. On the
-triton backend (float32) a brute-force kernel selects (``kernels/gaussian.py``).
+Ties go to the lower index, as in the reference; no path evaluates the exponent formula on a
+dense Q x P matrix unless it must. Three strategies, each exact:
+
+* triton backend, float32: a brute-force kernel with a packed-key top-k (``kernels/gaussian.py``).
+* clouds up to 65536 points (and CUDA float64): ``_select_gemm``. ``m = d^T M d`` is a dot
+  product of quadratic features, so one float32 GEMM ranks every point; the K + 4 best are
+  re-ranked with the exact formula, and a bound on both roundings certifies that no other point
+  can enter. Near-tie rows are evaluated densely (``_select_dense``).
+* larger clouds on CPU: ``_select_tree``. ``m_ij >= c * |q_i - p_j|^2`` with ``c`` the smallest
+  eigenvalue of ``R_j^T diag(sigma_j) R_j`` over the cloud, less a rounding margin
+  (``exponent_bounds``). Each query ranks its Euclidean nearest points from a kd-tree; the answer
+  is certified when ``c`` times the squared distance of the farthest candidate exceeds the K-th
+  m. Uncertified queries try again with 4x more candidates, ending at the whole cloud. A cloud
+  with ``c <= 0`` (a singular R) falls back to the GEMM.
 """
 from __future__ import annotations
 
