@@ -225,7 +225,7 @@ def plot(model, out_path, true_sdf=None, cloud=None, box=0.95, res=160):
 
 
 # ----------------------------------------------------------------------------- training
-def train(steps=600, device="cpu", points=None, n_features=768, batch=1536, seed=0, progress=True, log=print):
+def train(steps=1000, device="cpu", points=None, n_features=768, batch=1536, seed=0, progress=True, log=print):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     if points is None:
@@ -274,7 +274,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pointconv demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--points", default=None, help="a .ply, .xyz or .npy cloud to fit instead of the torus")
     ap.add_argument("--out", default="pointconv_sdf.png", help="where to write the slices (PNG)")
     ap.add_argument("--seed", type=int, default=0)
