@@ -225,7 +225,7 @@ def plot(model, out_path, true_sdf=None, cloud=None, box=0.95, res=160):
 
 
 # ----------------------------------------------------------------------------- training
-def train(steps=1000, device="cpu", points=None, n_features=768, batch=1536, seed=0, progress=True, log=print):
+def train(steps=1000, device="cpu", points=None, n_features=768, batch=1536, seed=0, progress=True):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     if points is None:
