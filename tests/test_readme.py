@@ -8,7 +8,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     scope = {}
     exec(compile(blocks[0], "README.md", "exec"), scope)
     assert scope["nbr"].shape == (2, 500, 32, 32)
@@ -17,6 +17,9 @@ def test_readme_python_blocks_run():
     exec(compile(blocks[1], "README.md", "exec"), scope)
     assert scope["f_out"].shape == (2, 1000, 32) and scope["idxs"].dtype.is_floating_point is False
     assert scope["p"].grad is None and scope["q"].grad is not None
+    scope = {}
+    exec(compile(blocks[2], "README.md", "exec"), scope)
+    assert scope["y"].spatial_shape == [16, 16, 16] and scope["y"].features.shape[1] == 64
 
 
 def test_quickstart_has_two_commands_and_ci_runs_the_test_one():

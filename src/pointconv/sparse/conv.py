@@ -1,0 +1,165 @@
+"""Sparse convolutions with spconv 2.x's API and the dense convolution's math (DESIGN.md 5.3).
+
+Features move by gather -> GEMM -> scatter per kernel offset: ``out[out_rows] += x[in_rows] @ W[o]^T``.
+Plain differentiable torch ops (index_select, matmul, index_add / index_put with accumulation),
+so gradients w.r.t. features and weights are exact to any order. The scatter is sequential on CPU
+and ``index_put_(accumulate=True)`` on CUDA (deterministic under ``torch.use_deterministic_algorithms``).
+
+Weights are ``(out, k0, ..., k_{n-1}, in / groups)`` as in spconv 2.x, so its state_dicts load
+unchanged. A kernel of size 1 follows the dense math (spconv's own 1x1 path multiplies with
+``weight.view(in, out)``, which scrambles the channels: we do not reproduce that).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import _checks
+from .kernel_map import KernelMap, build_conv, build_subm
+from .modules import SparseModule
+from .tensor import SparseConvTensor
+
+
+def _tuple(name, v, ndim):
+    t = tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v),) * ndim
+    if len(t) != ndim:
+        raise ValueError(f"{name} must be an int or {ndim} ints, got {v}")
+    return t
+
+
+def _scatter_add_rows(out, rows, src):
+    if out.device.type == "cpu":
+        return torch.index_add(out, 0, rows, src)
+    return out.index_put((rows,), src, accumulate=True)
+
+
+def apply_kernel_map(features, weight, kmap: KernelMap, groups: int = 1) -> torch.Tensor:
+    """Output features ``(N_out, out)`` of a sparse convolution with kernel map ``kmap``."""
+    out_ch = weight.shape[0]
+    in_g = weight.shape[-1]
+    kvol = len(kmap.start) - 1
+    W = weight.reshape(out_ch, kvol, in_g)
+    out = features.new_zeros((kmap.out_indices.shape[0], out_ch))
+    for o in range(kvol):
+        a, b = kmap.start[o], kmap.start[o + 1]
+        if a == b:
+            continue
+        src = features.index_select(0, kmap.in_rows[a:b])
+        if groups == 1:
+            contrib = src @ W[:, o].t()
+        else:
+            out_g = out_ch // groups
+            contrib = torch.einsum("mgi,goi->mgo", src.view(-1, groups, in_g),
+                                   W[:, o].view(groups, out_g, in_g)).reshape(-1, out_ch)
+        out = _scatter_add_rows(out, kmap.out_rows[a:b], contrib)
+    return out
+
+
+class SparseConvolution(SparseModule):
+    """Common base of SubMConvNd and SparseConvNd (spconv's ``SparseConvolution``)."""
+
+    def __init__(self, ndim, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, subm=False, output_padding=0, transposed=False, inverse=False,
+                 indice_key=None, algo=None, fp32_accum=None, record_voxel_count=False, act_type=None,
+                 act_alpha=0, act_beta=0, large_kernel_fast_algo=False, name=None, device=None, dtype=None):
+        super().__init__(name=name)
+        in_channels = _checks.positive_int("in_channels", in_channels)
+        out_channels = _checks.positive_int("out_channels", out_channels)
+        groups = _checks.positive_int("groups", groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
+                             f"divisible by groups ({groups})")
+        if transposed or inverse:
+            raise NotImplementedError("transposed and inverse sparse convolutions are not implemented yet")
+        self.ndim = ndim
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _tuple("kernel_size", kernel_size, ndim)
+        self.stride = _tuple("stride", stride, ndim)
+        self.padding = _tuple("padding", padding, ndim)
+        self.dilation = _tuple("dilation", dilation, ndim)
+        for name_, vals, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                                 ("dilation", self.dilation, 1), ("padding", self.padding, 0)):
+            if any(v < low for v in vals):
+                raise ValueError(f"{name_} must be >= {low}, got {list(vals)}")
+        self.subm = subm
+        if subm and any(s != 1 for s in self.stride):
+            raise ValueError(f"a submanifold convolution has stride 1, got {list(self.stride)}")
+        self.output_padding = output_padding
+        self.transposed, self.inverse = transposed, inverse
+        self.indice_key = indice_key
+        self.algo = algo
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((out_channels, *self.kernel_size, in_channels // groups), **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # torch's Conv default, kaiming_uniform(a=sqrt(5)), is U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
+        # fan_in = in/groups * prod(kernel); the bias takes the same bound.
+        fan_in = self.in_channels // self.groups * math.prod(self.kernel_size)
+        bound = 1 / math.sqrt(fan_in)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _kernel_map(self, x: SparseConvTensor) -> KernelMap:
+        cached = x.find_indice_pair(self.indice_key)
+        if self.subm:
+            if (isinstance(cached, KernelMap) and cached.subm and cached.kernel_size == self.kernel_size
+                    and cached.dilation == self.dilation and cached.out_indices is x.indices):
+                return cached
+            kmap = build_subm(x.indices, x.spatial_shape, self.kernel_size, self.dilation)
+        else:
+            kmap = build_conv(x.indices, x.spatial_shape, self.kernel_size, self.stride, self.padding,
+                              self.dilation)
+        if self.indice_key is not None:
+            x.indice_dict[self.indice_key] = kmap
+        return kmap
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        if not isinstance(x, SparseConvTensor):
+            raise TypeError(f"input must be a SparseConvTensor, got {type(x).__name__}")
+        if x.ndim != self.ndim:
+            raise ValueError(f"input has {x.ndim} spatial dimensions, this layer {self.ndim}")
+        if x.features.shape[1] != self.in_channels:
+            raise ValueError(f"input has {x.features.shape[1]} channels, this layer expects {self.in_channels}")
+        kmap = self._kernel_map(x)
+        feats = apply_kernel_map(x.features, self.weight.to(x.features.dtype), kmap, self.groups)
+        if self.bias is not None:
+            feats = feats + self.bias.to(feats.dtype)
+        if self.subm:
+            return x.replace_feature(feats)
+        out = SparseConvTensor(feats, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
+                               indice_dict=x.indice_dict, benchmark=x.benchmark)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={list(self.kernel_size)}, "
+                f"stride={list(self.stride)}, padding={list(self.padding)}, dilation={list(self.dilation)}, "
+                f"groups={self.groups}, subm={self.subm}, indice_key={self.indice_key!r}")
+
+
+def _make(ndim: int, subm: bool, name: str):
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, indice_key=None, algo=None, fp32_accum=None, record_voxel_count=False,
+                 large_kernel_fast_algo=False, name=None, device=None, dtype=None, **kwargs):
+        SparseConvolution.__init__(self, ndim, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                   groups, bias, subm=subm, indice_key=indice_key, algo=algo,
+                                   fp32_accum=fp32_accum, record_voxel_count=record_voxel_count,
+                                   large_kernel_fast_algo=large_kernel_fast_algo, name=name, device=device,
+                                   dtype=dtype)
+
+    kind = "submanifold" if subm else "regular (strided)"
+    return type(name, (SparseConvolution,), {"__init__": __init__, "__doc__": f"{ndim}-D {kind} sparse convolution."})
+
+
+SubMConv1d = _make(1, True, "SubMConv1d")
+SubMConv2d = _make(2, True, "SubMConv2d")
+SubMConv3d = _make(3, True, "SubMConv3d")
+SubMConv4d = _make(4, True, "SubMConv4d")
+SparseConv1d = _make(1, False, "SparseConv1d")
+SparseConv2d = _make(2, False, "SparseConv2d")
+SparseConv3d = _make(3, False, "SparseConv3d")
+SparseConv4d = _make(4, False, "SparseConv4d")

@@ -1,0 +1,137 @@
+"""Kernel maps of sparse convolutions: which input row feeds which output row through which weight.
+
+Sites are linearized as ``batch * prod(shape) + row-major(coords)`` (int64) and looked up in the
+sorted input keys with ``searchsorted``: vectorized over all kernel offsets at once, on any
+device. Kernel offsets are enumerated row-major over the kernel window (offset 0 is the corner
+``(0, ..., 0)``), the order of spconv's ``(out, k0, ..., k_{n-1}, in)`` weights.
+
+Index semantics (dense math, torch's formulas):
+  regular / strided conv: output y reads input ``x = y * stride - padding + o * dilation``; the
+      output sites are every y whose window holds >= 1 active input, sorted by (batch, coords).
+  submanifold conv: output sites are the input sites (same order); site y reads
+      ``y + (o - k // 2) * dilation``, i.e. a dense conv with padding ``(k // 2) * dilation``.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KernelMap:
+    """Pairs grouped by kernel offset: ``in_rows[start[o]:start[o+1]]`` feed ``out_rows[...]`` through W[o]."""
+
+    in_rows: torch.Tensor
+    out_rows: torch.Tensor
+    start: list[int]
+    out_indices: torch.Tensor
+    out_spatial_shape: list[int]
+    in_indices: torch.Tensor
+    in_spatial_shape: list[int]
+    kernel_size: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    subm: bool
+
+
+def linearize(batch: torch.Tensor, coords: torch.Tensor, shape) -> torch.Tensor:
+    key = batch.long()
+    for d, s in enumerate(shape):
+        key = key * s + coords[..., d].long()
+    return key
+
+
+def delinearize(keys: torch.Tensor, shape) -> torch.Tensor:
+    cols = []
+    for s in reversed(shape):
+        cols.append(keys % s)
+        keys = keys // s
+    cols.append(keys)
+    return torch.stack(cols[::-1], 1).to(torch.int32)
+
+
+def kernel_offsets(kernel_size, device) -> torch.Tensor:
+    """``(prod(kernel_size), ndim)`` int64 offsets in row-major order."""
+    return torch.tensor(list(itertools.product(*[range(k) for k in kernel_size])), dtype=torch.int64,
+                        device=device).reshape(-1, len(kernel_size))
+
+
+def _sorted_sites(indices: torch.Tensor, shape):
+    keys = linearize(indices[:, 0], indices[:, 1:], shape)
+    sorted_keys, order = torch.sort(keys)
+    if sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+        raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
+    return sorted_keys, order
+
+
+def _lookup(sorted_keys, order, keys, valid):
+    """Row of each key among the sorted input sites, or -1 (also where ``valid`` is False)."""
+    if sorted_keys.numel() == 0:
+        return torch.full_like(keys, -1)
+    pos = torch.searchsorted(sorted_keys, keys).clamp(max=sorted_keys.numel() - 1)
+    found = valid & (sorted_keys[pos] == keys)
+    return torch.where(found, order[pos], -1)
+
+
+def _group_by_offset(in_rows_2d: torch.Tensor, out_rows_2d: torch.Tensor):
+    """(kvol, N) candidate pairs with -1 holes -> flat pairs grouped by offset."""
+    keep = in_rows_2d >= 0
+    counts = keep.sum(1).tolist()
+    start = [0]
+    for c in counts:
+        start.append(start[-1] + c)
+    return in_rows_2d[keep], out_rows_2d[keep], start
+
+
+def output_shape(in_shape, kernel_size, stride, padding, dilation):
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+           for n, k, s, p, d in zip(in_shape, kernel_size, stride, padding, dilation)]
+    if any(o < 1 for o in out):
+        raise ValueError(f"the output spatial shape would be {out} for input {list(in_shape)}, kernel "
+                         f"{list(kernel_size)}, stride {list(stride)}, padding {list(padding)}, "
+                         f"dilation {list(dilation)}")
+    return out
+
+
+def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
+    sorted_keys, order = _sorted_sites(indices, shape)
+    n = indices.shape[0]
+    dev = indices.device
+    coords = indices[:, 1:].long()
+    center = torch.tensor([k // 2 for k in kernel_size], device=dev)
+    off = (kernel_offsets(kernel_size, dev) - center) * torch.tensor(dilation, device=dev)
+    nb = coords[None] + off[:, None]  # (kvol, N, ndim)
+    lim = torch.tensor(shape, device=dev)
+    valid = ((nb >= 0) & (nb < lim)).all(-1)
+    keys = linearize(indices[:, 0][None].expand(off.shape[0], n), nb, shape)
+    in_rows = _lookup(sorted_keys, order, keys, valid)
+    out_rows = torch.arange(n, device=dev)[None].expand_as(in_rows)
+    ir, orow, start = _group_by_offset(in_rows, out_rows)
+    return KernelMap(ir, orow, start, indices, list(shape), indices, list(shape), tuple(kernel_size),
+                     (1,) * len(shape), tuple(k // 2 * d for k, d in zip(kernel_size, dilation)),
+                     tuple(dilation), True)
+
+
+def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> KernelMap:
+    _sorted_sites(indices, shape)  # duplicate check
+    out_shape = output_shape(shape, kernel_size, stride, padding, dilation)
+    n = indices.shape[0]
+    dev = indices.device
+    coords = indices[:, 1:].long()
+    off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
+    t = coords[None] + torch.tensor(padding, device=dev) - off[:, None]  # = y * stride
+    st = torch.tensor(stride, device=dev)
+    y = torch.div(t, st, rounding_mode="floor")
+    valid = ((t % st == 0) & (y >= 0) & (y < torch.tensor(out_shape, device=dev))).all(-1)
+    keys = linearize(indices[:, 0][None].expand(off.shape[0], n), y, out_shape)
+    out_keys, inverse = torch.unique(keys[valid], sorted=True, return_inverse=True)
+    out_rows = torch.full_like(keys, -1)
+    out_rows[valid] = inverse
+    in_rows = torch.where(valid, torch.arange(n, device=dev)[None].expand_as(keys), -1)
+    ir, orow, start = _group_by_offset(in_rows, out_rows)
+    out_indices = delinearize(out_keys, out_shape) if out_keys.numel() else indices.new_zeros((0, 1 + len(shape)))
+    return KernelMap(ir, orow, start, out_indices, out_shape, indices, list(shape), tuple(kernel_size),
+                     tuple(stride), tuple(padding), tuple(dilation), False)

@@ -1,0 +1,110 @@
+"""``SparseConvTensor``: spconv 2.x's sparse voxel tensor.
+
+``features (N, C)``; ``indices`` int32 ``(N, 1 + ndim)``, rows ``[batch, d0, d1, ...]``;
+``spatial_shape`` (ndim ints); ``batch_size``. ``indice_dict`` maps an ``indice_key`` to the kernel
+map a layer built, so later layers with the same key reuse it (and inverse convolutions find the
+sites they map back to). Tensors made by ``replace_feature`` share the dict.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _checks
+
+
+class SparseConvTensor:
+    def __init__(self, features, indices, spatial_shape, batch_size, grid=None, voxel_num=None,
+                 indice_dict=None, benchmark=False, **_unused):
+        _checks.tensor("features", features)
+        _checks.tensor("indices", indices)
+        if features.dim() != 2:
+            raise ValueError(f"features must have shape (N, C), got shape {tuple(features.shape)}")
+        if indices.dtype != torch.int32:
+            raise TypeError(f"indices must be an int32 tensor, got dtype {indices.dtype}")
+        spatial_shape = [int(s) for s in spatial_shape]
+        ndim = len(spatial_shape)
+        if ndim < 1 or any(s < 1 for s in spatial_shape):
+            raise ValueError(f"spatial_shape must hold >= 1 positive sizes, got {spatial_shape}")
+        if indices.dim() != 2 or indices.shape[1] != 1 + ndim or indices.shape[0] != features.shape[0]:
+            raise ValueError(f"indices must have shape ({features.shape[0]}, {1 + ndim}) (batch first), "
+                             f"got shape {tuple(indices.shape)}")
+        if indices.device != features.device:
+            raise ValueError(f"indices is on {indices.device} but features is on {features.device}")
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if indices.shape[0]:
+            lo = indices.amin(0)
+            hi = indices.amax(0)
+            if bool((lo < 0).any()):
+                raise ValueError("indices must be non-negative (batch and coordinates)")
+            if int(hi[0]) >= batch_size:
+                raise ValueError(f"indices has batch id {int(hi[0])} but batch_size is {batch_size}")
+            for d, s in enumerate(spatial_shape):
+                if int(hi[1 + d]) >= s:
+                    raise ValueError(f"indices has coordinate {int(hi[1 + d])} on axis {d}, outside "
+                                     f"spatial_shape {spatial_shape}")
+        self._features = features
+        self.indices = indices
+        self.spatial_shape = spatial_shape
+        self.batch_size = batch_size
+        self.indice_dict = {} if indice_dict is None else indice_dict
+        self.grid = grid
+        self.voxel_num = voxel_num
+        self.benchmark = benchmark
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self._features
+
+    @features.setter
+    def features(self, value: torch.Tensor) -> None:
+        if value.shape[0] != self.indices.shape[0]:
+            raise ValueError(f"features must have {self.indices.shape[0]} rows, got {value.shape[0]}")
+        self._features = value
+
+    @property
+    def spatial_size(self) -> int:
+        return math.prod(self.spatial_shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial_shape)
+
+    def replace_feature(self, feature: torch.Tensor) -> "SparseConvTensor":
+        """A tensor with the same sites (and kernel maps) and new features ``(N, C')``."""
+        if feature.shape[0] != self.indices.shape[0]:
+            raise ValueError(f"feature must have {self.indices.shape[0]} rows, got {feature.shape[0]}")
+        out = SparseConvTensor.__new__(SparseConvTensor)
+        out.__dict__.update(self.__dict__)
+        out._features = feature
+        return out
+
+    def find_indice_pair(self, key):
+        return self.indice_dict.get(key) if key is not None else None
+
+    def dense(self, channels_first: bool = True) -> torch.Tensor:
+        """``(B, C, *spatial)`` (or channels last ``(B, *spatial, C)``); inactive sites are zero."""
+        C = self.features.shape[1]
+        out = self.features.new_zeros((self.batch_size, *self.spatial_shape, C))
+        idx = tuple(self.indices.long().unbind(1))
+        out = out.index_put(idx, self.features)  # sites are unique: no accumulation needed
+        if channels_first:
+            out = out.movedim(-1, 1).contiguous()
+        return out
+
+    @classmethod
+    def from_dense(cls, x: torch.Tensor) -> "SparseConvTensor":
+        """From a channels-last dense tensor ``(B, *spatial, C)``: every site with a nonzero channel."""
+        _checks.tensor("x", x)
+        if x.dim() < 3:
+            raise ValueError(f"x must have shape (B, *spatial, C), got shape {tuple(x.shape)}")
+        active = (x != 0).any(-1)
+        idx = torch.nonzero(active).to(torch.int32)
+        return cls(x[active], idx, list(x.shape[1:-1]), x.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"SparseConvTensor(N={self.indices.shape[0]}, C={self.features.shape[1]}, "
+                f"spatial_shape={self.spatial_shape}, batch_size={self.batch_size})")
