@@ -1,13 +1,21 @@
 """Sparse voxel convolution with spconv 2.x's API: ``import pointconv.sparse as spconv``.
 
-Implemented so far: ``SparseConvTensor``, ``SubMConv1d..4d``, ``SparseConv1d..4d``,
-``SparseModule``, ``SparseSequential``. Transposed / inverse convolutions, pooling, ``PointToVoxel``,
-``HashTable`` and the Triton kernels are the rest of the sparse-convolution issue.
+Implemented: ``SparseConvTensor``; ``SubMConvNd``, ``SparseConvNd``, ``SparseConvTransposeNd``,
+``SparseInverseConvNd`` (N = 1..4); ``SparseMaxPoolNd``, ``SparseAvgPoolNd``, ``SparseGlobalMaxPool``,
+``SparseGlobalAvgPool``; ``SparseModule``, ``SparseSequential``, ``ToDense``, ``SparseReLU``,
+``SparseBatchNorm``, ``AddTable``, ``ConcatTable``, ``JoinTable``; ``functional.sparse_add``.
+Still to come (the rest of the sparse-convolution issue): ``utils.PointToVoxel``, ``hash.HashTable``
+and the Triton kernels.
 """
-from .conv import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConv4d, SparseConvolution, SubMConv1d,
+from . import functional
+from .conv import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConv4d, SparseConvolution,
+                   SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTranspose4d,
+                   SparseInverseConv1d, SparseInverseConv2d, SparseInverseConv3d, SparseInverseConv4d, SubMConv1d,
                    SubMConv2d, SubMConv3d, SubMConv4d)
-from .modules import SparseModule, SparseSequential
+from .modules import (AddTable, ConcatTable, JoinTable, SparseBatchNorm, SparseModule, SparseReLU,
+                      SparseSequential, ToDense)
+from .pool import (SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgPool4d, SparseGlobalAvgPool,
+                   SparseGlobalMaxPool, SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d)
 from .tensor import SparseConvTensor
 
-__all__ = ["SparseConvTensor", "SparseConvolution", "SparseModule", "SparseSequential", "SparseConv1d",
-           "SparseConv2d", "SparseConv3d", "SparseConv4d", "SubMConv1d", "SubMConv2d", "SubMConv3d", "SubMConv4d"]
+__all__ = [name for name in dir() if name[0].isupper()] + ["functional"]

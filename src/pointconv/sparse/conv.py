@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import _checks
-from .kernel_map import KernelMap, build_conv, build_subm
+from .kernel_map import KernelMap, build_conv, build_subm, build_transposed, inverse_of
 from .modules import SparseModule
 from .tensor import SparseConvTensor
 
@@ -71,8 +71,8 @@ class SparseConvolution(SparseModule):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
                              f"divisible by groups ({groups})")
-        if transposed or inverse:
-            raise NotImplementedError("transposed and inverse sparse convolutions are not implemented yet")
+        if inverse and indice_key is None:
+            raise ValueError("an inverse convolution needs the indice_key of the convolution it inverts")
         self.ndim = ndim
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _tuple("kernel_size", kernel_size, ndim)
@@ -86,7 +86,7 @@ class SparseConvolution(SparseModule):
         self.subm = subm
         if subm and any(s != 1 for s in self.stride):
             raise ValueError(f"a submanifold convolution has stride 1, got {list(self.stride)}")
-        self.output_padding = output_padding
+        self.output_padding = _tuple("output_padding", output_padding, ndim)
         self.transposed, self.inverse = transposed, inverse
         self.indice_key = indice_key
         self.algo = algo
@@ -106,11 +106,25 @@ class SparseConvolution(SparseModule):
 
     def _kernel_map(self, x: SparseConvTensor) -> KernelMap:
         cached = x.find_indice_pair(self.indice_key)
+        if self.inverse:
+            if not isinstance(cached, KernelMap) or cached.subm:
+                raise ValueError(f"no strided convolution with indice_key {self.indice_key!r} ran before this "
+                                 "inverse convolution")
+            if cached.kernel_size != self.kernel_size:
+                raise ValueError(f"the convolution with indice_key {self.indice_key!r} has kernel "
+                                 f"{list(cached.kernel_size)}, this inverse convolution {list(self.kernel_size)}")
+            if cached.out_indices.shape != x.indices.shape or not torch.equal(cached.out_indices, x.indices):
+                raise ValueError(f"the input sites are not the outputs of the convolution with indice_key "
+                                 f"{self.indice_key!r}")
+            return inverse_of(cached)
         if self.subm:
             if (isinstance(cached, KernelMap) and cached.subm and cached.kernel_size == self.kernel_size
                     and cached.dilation == self.dilation and cached.out_indices is x.indices):
                 return cached
             kmap = build_subm(x.indices, x.spatial_shape, self.kernel_size, self.dilation)
+        elif self.transposed:
+            kmap = build_transposed(x.indices, x.spatial_shape, self.kernel_size, self.stride, self.padding,
+                                    self.dilation, self.output_padding)
         else:
             kmap = build_conv(x.indices, x.spatial_shape, self.kernel_size, self.stride, self.padding,
                               self.dilation)
@@ -141,25 +155,45 @@ class SparseConvolution(SparseModule):
                 f"groups={self.groups}, subm={self.subm}, indice_key={self.indice_key!r}")
 
 
-def _make(ndim: int, subm: bool, name: str):
+def _make(ndim: int, kind: str, name: str):
+    flags = {"subm": kind == "submanifold", "transposed": kind == "transposed"}
+
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, indice_key=None, algo=None, fp32_accum=None, record_voxel_count=False,
-                 large_kernel_fast_algo=False, name=None, device=None, dtype=None, **kwargs):
+                 large_kernel_fast_algo=False, name=None, device=None, dtype=None, output_padding=0, **kwargs):
         SparseConvolution.__init__(self, ndim, in_channels, out_channels, kernel_size, stride, padding, dilation,
-                                   groups, bias, subm=subm, indice_key=indice_key, algo=algo,
+                                   groups, bias, output_padding=output_padding, indice_key=indice_key, algo=algo,
                                    fp32_accum=fp32_accum, record_voxel_count=record_voxel_count,
                                    large_kernel_fast_algo=large_kernel_fast_algo, name=name, device=device,
-                                   dtype=dtype)
+                                   dtype=dtype, **flags)
 
-    kind = "submanifold" if subm else "regular (strided)"
     return type(name, (SparseConvolution,), {"__init__": __init__, "__doc__": f"{ndim}-D {kind} sparse convolution."})
 
 
-SubMConv1d = _make(1, True, "SubMConv1d")
-SubMConv2d = _make(2, True, "SubMConv2d")
-SubMConv3d = _make(3, True, "SubMConv3d")
-SubMConv4d = _make(4, True, "SubMConv4d")
-SparseConv1d = _make(1, False, "SparseConv1d")
-SparseConv2d = _make(2, False, "SparseConv2d")
-SparseConv3d = _make(3, False, "SparseConv3d")
-SparseConv4d = _make(4, False, "SparseConv4d")
+def _make_inverse(ndim: int, name: str):
+    def __init__(self, in_channels, out_channels, kernel_size, indice_key, bias=True, algo=None, fp32_accum=None,
+                 large_kernel_fast_algo=False, name=None, device=None, dtype=None, **kwargs):
+        SparseConvolution.__init__(self, ndim, in_channels, out_channels, kernel_size, bias=bias, inverse=True,
+                                   indice_key=indice_key, algo=algo, name=name, device=device, dtype=dtype)
+
+    doc = (f"{ndim}-D inverse sparse convolution: maps the outputs of the strided convolution with the same "
+           "indice_key back onto its input sites (its stride, padding and dilation are used).")
+    return type(name, (SparseConvolution,), {"__init__": __init__, "__doc__": doc})
+
+
+SubMConv1d = _make(1, "submanifold", "SubMConv1d")
+SubMConv2d = _make(2, "submanifold", "SubMConv2d")
+SubMConv3d = _make(3, "submanifold", "SubMConv3d")
+SubMConv4d = _make(4, "submanifold", "SubMConv4d")
+SparseConv1d = _make(1, "regular (strided)", "SparseConv1d")
+SparseConv2d = _make(2, "regular (strided)", "SparseConv2d")
+SparseConv3d = _make(3, "regular (strided)", "SparseConv3d")
+SparseConv4d = _make(4, "regular (strided)", "SparseConv4d")
+SparseConvTranspose1d = _make(1, "transposed", "SparseConvTranspose1d")
+SparseConvTranspose2d = _make(2, "transposed", "SparseConvTranspose2d")
+SparseConvTranspose3d = _make(3, "transposed", "SparseConvTranspose3d")
+SparseConvTranspose4d = _make(4, "transposed", "SparseConvTranspose4d")
+SparseInverseConv1d = _make_inverse(1, "SparseInverseConv1d")
+SparseInverseConv2d = _make_inverse(2, "SparseInverseConv2d")
+SparseInverseConv3d = _make_inverse(3, "SparseInverseConv3d")
+SparseInverseConv4d = _make_inverse(4, "SparseInverseConv4d")

@@ -10,6 +10,10 @@ Index semantics (dense math, torch's formulas):
       output sites are every y whose window holds >= 1 active input, sorted by (batch, coords).
   submanifold conv: output sites are the input sites (same order); site y reads
       ``y + (o - k // 2) * dilation``, i.e. a dense conv with padding ``(k // 2) * dilation``.
+  transposed conv: input x writes output ``y = x * stride - padding + o * dilation`` (torch's
+      ConvTranspose); the output sites are every y written by >= 1 input, sorted.
+  inverse conv: the transposed relation of the conv that shares its ``indice_key``, onto that
+      conv's input sites (the same pairs, read the other way).
 """
 from __future__ import annotations
 
@@ -115,23 +119,52 @@ def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
                      tuple(dilation), True)
 
 
-def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> KernelMap:
-    _sorted_sites(indices, shape)  # duplicate check
-    out_shape = output_shape(shape, kernel_size, stride, padding, dilation)
+def _map_to_targets(indices, shape, y, valid, out_shape, kernel_size, stride, padding, dilation) -> KernelMap:
+    """Pairs from ``y (kvol, N, ndim)``: input row n writes output site y[o, n] through offset o."""
     n = indices.shape[0]
-    dev = indices.device
-    coords = indices[:, 1:].long()
-    off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
-    t = coords[None] + torch.tensor(padding, device=dev) - off[:, None]  # = y * stride
-    st = torch.tensor(stride, device=dev)
-    y = torch.div(t, st, rounding_mode="floor")
-    valid = ((t % st == 0) & (y >= 0) & (y < torch.tensor(out_shape, device=dev))).all(-1)
-    keys = linearize(indices[:, 0][None].expand(off.shape[0], n), y, out_shape)
+    keys = linearize(indices[:, 0][None].expand(y.shape[0], n), y, out_shape)
     out_keys, inverse = torch.unique(keys[valid], sorted=True, return_inverse=True)
     out_rows = torch.full_like(keys, -1)
     out_rows[valid] = inverse
-    in_rows = torch.where(valid, torch.arange(n, device=dev)[None].expand_as(keys), -1)
+    in_rows = torch.where(valid, torch.arange(n, device=indices.device)[None].expand_as(keys), -1)
     ir, orow, start = _group_by_offset(in_rows, out_rows)
     out_indices = delinearize(out_keys, out_shape) if out_keys.numel() else indices.new_zeros((0, 1 + len(shape)))
-    return KernelMap(ir, orow, start, out_indices, out_shape, indices, list(shape), tuple(kernel_size),
+    return KernelMap(ir, orow, start, out_indices, list(out_shape), indices, list(shape), tuple(kernel_size),
                      tuple(stride), tuple(padding), tuple(dilation), False)
+
+
+def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> KernelMap:
+    _sorted_sites(indices, shape)  # duplicate check
+    out_shape = output_shape(shape, kernel_size, stride, padding, dilation)
+    dev = indices.device
+    off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
+    t = indices[:, 1:].long()[None] + torch.tensor(padding, device=dev) - off[:, None]  # = y * stride
+    st = torch.tensor(stride, device=dev)
+    y = torch.div(t, st, rounding_mode="floor")
+    valid = ((t % st == 0) & (y >= 0) & (y < torch.tensor(out_shape, device=dev))).all(-1)
+    return _map_to_targets(indices, shape, y, valid, out_shape, kernel_size, stride, padding, dilation)
+
+
+def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, output_padding):
+    out = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1
+           for n, k, s, p, d, op in zip(in_shape, kernel_size, stride, padding, dilation, output_padding)]
+    if any(o < 1 for o in out):
+        raise ValueError(f"the transposed output spatial shape would be {out} for input {list(in_shape)}")
+    return out
+
+
+def build_transposed(indices, shape, kernel_size, stride, padding, dilation, output_padding) -> KernelMap:
+    _sorted_sites(indices, shape)  # duplicate check
+    out_shape = transposed_output_shape(shape, kernel_size, stride, padding, dilation, output_padding)
+    dev = indices.device
+    off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
+    y = indices[:, 1:].long()[None] * torch.tensor(stride, device=dev) - torch.tensor(padding, device=dev) + off[:, None]
+    valid = ((y >= 0) & (y < torch.tensor(out_shape, device=dev))).all(-1)
+    return _map_to_targets(indices, shape, y, valid, out_shape, kernel_size, stride, padding, dilation)
+
+
+def inverse_of(kmap: KernelMap) -> KernelMap:
+    """The map that sends a conv's outputs back onto its input sites (same offsets, rows swapped)."""
+    return KernelMap(kmap.out_rows, kmap.in_rows, kmap.start, kmap.in_indices, kmap.in_spatial_shape,
+                     kmap.out_indices, kmap.out_spatial_shape, kmap.kernel_size, kmap.stride, kmap.padding,
+                     kmap.dilation, False)

@@ -1,0 +1,33 @@
+"""Functional sparse ops: ``sparse_add`` of tensors with different sites."""
+from __future__ import annotations
+
+import torch
+
+from .kernel_map import delinearize, linearize
+from .tensor import SparseConvTensor
+
+
+def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
+    """Sum over the union of the tensors' sites (a site missing from a tensor adds zero).
+
+    All tensors need the same spatial shape, batch size and channels. Output sites are sorted by
+    (batch, coordinates). Differentiable w.r.t. every tensor's features.
+    """
+    if not tensors:
+        raise ValueError("sparse_add needs at least one tensor")
+    first = tensors[0]
+    for t in tensors[1:]:
+        if t.spatial_shape != first.spatial_shape or t.batch_size != first.batch_size:
+            raise ValueError("sparse_add needs tensors with the same spatial_shape and batch_size")
+        if t.features.shape[1] != first.features.shape[1]:
+            raise ValueError("sparse_add needs tensors with the same number of channels")
+    keys = [linearize(t.indices[:, 0], t.indices[:, 1:], t.spatial_shape) for t in tensors]
+    uniq, inverse = torch.unique(torch.cat(keys), sorted=True, return_inverse=True)
+    feats = torch.cat([t.features for t in tensors])
+    out = feats.new_zeros((uniq.shape[0], feats.shape[1]))
+    if out.device.type == "cpu":
+        out = out.index_add(0, inverse, feats)
+    else:
+        out = out.index_put((inverse,), feats, accumulate=True)
+    indices = delinearize(uniq, first.spatial_shape) if uniq.numel() else first.indices[:0]
+    return SparseConvTensor(out, indices, first.spatial_shape, first.batch_size, indice_dict=first.indice_dict)

@@ -1,0 +1,101 @@
+"""Sparse pooling: max / average over the ACTIVE inputs of each window, and global pooling.
+
+Windows and output sites follow the regular sparse convolution (torch's pooling formulas; stride
+defaults to the kernel size, as in torch). ``SparseMaxPoolNd`` takes the max over active inputs
+only (a dense max pool over -inf at inactive sites); ``SparseAvgPoolNd`` averages the active inputs.
+Gradients: max sends the gradient to the maximum (split evenly between exact ties), average to
+every active input.
+"""
+from __future__ import annotations
+
+import torch
+
+from .conv import _tuple
+from .kernel_map import build_conv
+from .modules import SparseModule
+from .tensor import SparseConvTensor
+
+
+class _SparsePool(SparseModule):
+    reduce = "amax"
+
+    def __init__(self, ndim, kernel_size, stride=None, padding=0, dilation=1, indice_key=None, subm=False,
+                 algo=None, record_voxel_count=False, name=None):
+        super().__init__(name=name)
+        self.ndim = ndim
+        self.kernel_size = _tuple("kernel_size", kernel_size, ndim)
+        self.stride = self.kernel_size if stride is None else _tuple("stride", stride, ndim)
+        self.padding = _tuple("padding", padding, ndim)
+        self.dilation = _tuple("dilation", dilation, ndim)
+        if any(v < 1 for v in self.kernel_size + self.stride + self.dilation) or any(p < 0 for p in self.padding):
+            raise ValueError("kernel_size, stride and dilation must be >= 1 and padding >= 0")
+        if subm:
+            raise ValueError("submanifold pooling is not supported")
+        self.indice_key = indice_key
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        if not isinstance(x, SparseConvTensor):
+            raise TypeError(f"input must be a SparseConvTensor, got {type(x).__name__}")
+        if x.ndim != self.ndim:
+            raise ValueError(f"input has {x.ndim} spatial dimensions, this layer {self.ndim}")
+        kmap = build_conv(x.indices, x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
+        if self.indice_key is not None:
+            x.indice_dict[self.indice_key] = kmap
+        f = x.features
+        n_out, C = kmap.out_indices.shape[0], f.shape[1]
+        src = f.index_select(0, kmap.in_rows)
+        rows = kmap.out_rows[:, None].expand(-1, C)
+        if self.reduce == "amax":
+            out = f.new_full((n_out, C), float("-inf")).scatter_reduce(0, rows, src, "amax", include_self=False)
+        else:
+            out = f.new_zeros((n_out, C)).scatter_add(0, rows, src)
+            count = torch.bincount(kmap.out_rows, minlength=n_out).to(f.dtype)
+            out = out / count[:, None]
+        return SparseConvTensor(out, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
+                                indice_dict=x.indice_dict, benchmark=x.benchmark)
+
+
+class _SparseAvgPool(_SparsePool):
+    reduce = "mean"
+
+
+def _pool_class(base, ndim, name):
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, indice_key=None, subm=False, algo=None,
+                 record_voxel_count=False, name=None, **kwargs):
+        base.__init__(self, ndim, kernel_size, stride, padding, dilation, indice_key, subm, algo,
+                      record_voxel_count, name)
+
+    kind = "max" if base is _SparsePool else "average"
+    return type(name, (base,), {"__init__": __init__, "__doc__": f"{ndim}-D sparse {kind} pooling over active inputs."})
+
+
+SparseMaxPool1d = _pool_class(_SparsePool, 1, "SparseMaxPool1d")
+SparseMaxPool2d = _pool_class(_SparsePool, 2, "SparseMaxPool2d")
+SparseMaxPool3d = _pool_class(_SparsePool, 3, "SparseMaxPool3d")
+SparseMaxPool4d = _pool_class(_SparsePool, 4, "SparseMaxPool4d")
+SparseAvgPool1d = _pool_class(_SparseAvgPool, 1, "SparseAvgPool1d")
+SparseAvgPool2d = _pool_class(_SparseAvgPool, 2, "SparseAvgPool2d")
+SparseAvgPool3d = _pool_class(_SparseAvgPool, 3, "SparseAvgPool3d")
+SparseAvgPool4d = _pool_class(_SparseAvgPool, 4, "SparseAvgPool4d")
+
+
+class SparseGlobalMaxPool(SparseModule):
+    """``(B, C)`` dense: the max over each sample's active sites (0 for a sample without sites)."""
+
+    def forward(self, x: SparseConvTensor) -> torch.Tensor:
+        C = x.features.shape[1]
+        rows = x.indices[:, 0].long()[:, None].expand(-1, C)
+        out = x.features.new_full((x.batch_size, C), float("-inf"))
+        out = out.scatter_reduce(0, rows, x.features, "amax", include_self=False)
+        return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+
+
+class SparseGlobalAvgPool(SparseModule):
+    """``(B, C)`` dense: the mean over each sample's active sites (0 for a sample without sites)."""
+
+    def forward(self, x: SparseConvTensor) -> torch.Tensor:
+        C = x.features.shape[1]
+        b = x.indices[:, 0].long()
+        out = x.features.new_zeros((x.batch_size, C)).index_add(0, b, x.features)
+        count = torch.bincount(b, minlength=x.batch_size).clamp(min=1).to(out.dtype)
+        return out / count[:, None]

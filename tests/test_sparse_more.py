@@ -1,0 +1,135 @@
+"""Transposed and inverse convolutions, pooling, tables and sparse_add against dense math."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pointconv.sparse as spconv
+from test_sparse_conv import dense_conv, random_sparse, site_mask
+
+TRANSPOSE = {1: spconv.SparseConvTranspose1d, 2: spconv.SparseConvTranspose2d, 3: spconv.SparseConvTranspose3d}
+CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+MAXPOOL = {1: (spconv.SparseMaxPool1d, F.max_pool1d), 2: (spconv.SparseMaxPool2d, F.max_pool2d),
+           3: (spconv.SparseMaxPool3d, F.max_pool3d)}
+AVGPOOL = {1: spconv.SparseAvgPool1d, 2: spconv.SparseAvgPool2d, 3: spconv.SparseAvgPool3d}
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("k,s,p,d", [(1, 1, 0, 1), (2, 2, 0, 1), (3, 2, 1, 1), (3, 1, 1, 2), (3, 3, 2, 1)])
+def test_transposed_conv_equals_dense(ndim, k, s, p, d):
+    x = random_sparse(ndim, 2, 3, seed=k + s + p + d)
+    conv = TRANSPOSE[ndim](3, 4, k, s, p, d).double()
+    out = conv(x)
+    # dense ConvTranspose weight (in, out, *k) = ours (out, *k, in) transposed
+    w = conv.weight.movedim(-1, 0).movedim(1, 1)
+    ref = CONV_T[ndim](x.dense(), w, conv.bias, s, p, 0, 1, d)
+    assert out.spatial_shape == list(ref.shape[2:])
+    ones = torch.ones(1, 1, *[k] * ndim, dtype=torch.float64)
+    touched = CONV_T[ndim](site_mask(x)[:, None].double(), ones, None, s, p, 0, 1, d)[:, 0] > 0
+    assert torch.equal(site_mask(out), touched)
+    torch.testing.assert_close(out.dense() * touched[:, None], ref * touched[:, None])
+
+
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (2, 2, 0), (3, 1, 0)])
+def test_inverse_conv_restores_the_input_sites(k, s, p):
+    x = random_sparse(3, 2, 3, seed=11 + k)
+    down = spconv.SparseConv3d(3, 4, k, s, p, indice_key="down").double()
+    up = spconv.SparseInverseConv3d(4, 5, k, indice_key="down").double()
+    y = down(x)
+    z = up(y)
+    assert torch.equal(z.indices, x.indices) and z.spatial_shape == x.spatial_shape
+    # the transposed convolution with the same geometry, read at the input sites
+    w = up.weight.movedim(-1, 0)
+    plain = [(n - 1) * s - 2 * p + k for n in y.spatial_shape]
+    extra = tuple(n - r for n, r in zip(x.spatial_shape, plain))  # the rows the stride dropped
+    ref = F.conv_transpose3d(y.dense(), w, up.bias, s, p, output_padding=extra)
+    expect = ref.movedim(1, -1)[tuple(x.indices.long().unbind(1))]
+    torch.testing.assert_close(z.features, expect)
+
+
+def test_inverse_conv_errors():
+    x = random_sparse(3, 1, 3, seed=12)
+    with pytest.raises(ValueError, match="needs the indice_key"):
+        spconv.SparseInverseConv3d(3, 3, 3, indice_key=None)
+    with pytest.raises(ValueError, match="no strided convolution with indice_key 'k'"):
+        spconv.SparseInverseConv3d(3, 3, 3, indice_key="k").double()(x)
+    y = spconv.SparseConv3d(3, 3, 3, 2, 1, indice_key="k").double()(x)
+    with pytest.raises(ValueError, match="has kernel"):
+        spconv.SparseInverseConv3d(3, 3, 2, indice_key="k").double()(y)
+    with pytest.raises(ValueError, match="not the outputs"):
+        spconv.SparseInverseConv3d(3, 3, 3, indice_key="k").double()(x)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("k,s,p,d", [(2, 2, 0, 1), (3, 2, 1, 1), (3, 1, 1, 2), (2, None, 1, 1)])
+def test_max_pool_over_active_inputs(ndim, k, s, p, d):
+    x = random_sparse(ndim, 2, 3, seed=ndim * 7 + k)
+    x = x.replace_feature(x.features - 5)  # all negative: a dense max over zeros would differ
+    pool_cls, dense_pool = MAXPOOL[ndim]
+    out = pool_cls(k, s, p, d)(x)
+    filled = x.dense().masked_fill(~site_mask(x)[:, None], float("-inf"))
+    ref = dense_pool(F.pad(filled, [p] * 2 * ndim, value=float("-inf")), k, k if s is None else s, 0, d)
+    m = site_mask(out)
+    assert torch.equal(m, torch.isfinite(ref[:, 0]))
+    torch.testing.assert_close(out.dense() * m[:, None], torch.where(m[:, None], ref, 0))
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_avg_pool_over_active_inputs(ndim):
+    x = random_sparse(ndim, 2, 3, seed=20 + ndim)
+    out = AVGPOOL[ndim](3, 2, 1)(x)
+    C = 3
+    ones = torch.ones(C, *[3] * ndim, 1, dtype=torch.float64)
+    sums = dense_conv(x.dense(), ones, torch.zeros(C, dtype=torch.float64), (2,) * ndim, (1,) * ndim, (1,) * ndim, C)
+    counts = dense_conv(site_mask(x)[:, None].double(), ones[:1], torch.zeros(1, dtype=torch.float64),
+                        (2,) * ndim, (1,) * ndim, (1,) * ndim)
+    m = site_mask(out)[:, None]
+    torch.testing.assert_close(out.dense() * m, torch.where(m, sums / counts.clamp(min=1), 0))
+
+
+def test_pool_gradients():
+    x = random_sparse(2, 1, 2, density=0.6, seed=30)
+    f = x.features.clone().requires_grad_()
+    torch.autograd.gradcheck(lambda f: spconv.SparseMaxPool2d(2)(x.replace_feature(f)).features, (f,))
+    torch.autograd.gradcheck(lambda f: spconv.SparseAvgPool2d(3, 2, 1)(x.replace_feature(f)).features, (f,))
+    torch.autograd.gradgradcheck(lambda f: spconv.SparseAvgPool2d(3, 2, 1)(x.replace_feature(f)).features ** 2, (f,))
+
+
+def test_global_pools():
+    x = random_sparse(3, 3, 4, seed=31)
+    keep = x.indices[:, 0] != 2  # sample 2 has no sites
+    x = spconv.SparseConvTensor(x.features[keep], x.indices[keep], x.spatial_shape, 3)
+    gmax = spconv.SparseGlobalMaxPool()(x)
+    gavg = spconv.SparseGlobalAvgPool()(x)
+    for b in range(2):
+        fb = x.features[x.indices[:, 0] == b]
+        torch.testing.assert_close(gmax[b], fb.max(0).values)
+        torch.testing.assert_close(gavg[b], fb.mean(0))
+    assert bool((gmax[2] == 0).all()) and bool((gavg[2] == 0).all())
+
+
+def test_tables_and_sparse_add():
+    x = random_sparse(2, 2, 3, seed=32)
+    a = spconv.SubMConv2d(3, 3, 3).double()
+    b = spconv.SubMConv2d(3, 3, 1).double()
+    outs = spconv.ConcatTable(a, b)(x)
+    added = spconv.AddTable()(outs)
+    torch.testing.assert_close(added.features, outs[0].features + outs[1].features)
+    joined = spconv.JoinTable()(outs)
+    assert joined.features.shape == (x.features.shape[0], 6)
+    y = spconv.SparseConv2d(3, 3, 3, 1, 1).double()(x)  # more sites than x
+    s = spconv.functional.sparse_add(x, y)
+    torch.testing.assert_close(s.dense(), x.dense() + y.dense())
+    keys = s.indices.long()
+    assert torch.equal(keys, torch.unique(keys, dim=0))
+    with pytest.raises(ValueError, match="same sites"):
+        spconv.AddTable()([x, y])
+
+
+def test_concat_table_and_modules():
+    x = random_sparse(3, 2, 4, seed=33)
+    net = spconv.SparseSequential(spconv.SubMConv3d(4, 4, 3), spconv.SparseBatchNorm(4), spconv.SparseReLU())
+    net = net.double()
+    outs = spconv.ConcatTable(net, spconv.SubMConv3d(4, 4, 1).double())(x)
+    assert len(outs) == 2 and bool((outs[0].features >= 0).all())
+    dense = spconv.SparseSequential(spconv.SparseConv3d(4, 2, 3, 2, 1), spconv.ToDense()).double()(x)
+    assert dense.shape == (2, 2, 4, 3, 3)
