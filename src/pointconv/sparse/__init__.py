@@ -4,10 +4,11 @@ Implemented: ``SparseConvTensor``; ``SubMConvNd``, ``SparseConvNd``, ``SparseCon
 ``SparseInverseConvNd`` (N = 1..4); ``SparseMaxPoolNd``, ``SparseAvgPoolNd``, ``SparseGlobalMaxPool``,
 ``SparseGlobalAvgPool``; ``SparseModule``, ``SparseSequential``, ``ToDense``, ``SparseReLU``,
 ``SparseBatchNorm``, ``AddTable``, ``ConcatTable``, ``JoinTable``; ``functional.sparse_add``.
-Still to come (the rest of the sparse-convolution issue): ``utils.PointToVoxel``, ``hash.HashTable``
-and the Triton kernels.
+``utils.PointToVoxel`` / ``utils.gather_features_by_pc_voxel_id`` and ``hash.HashTable``.
+Still to come (the rest of the sparse-convolution issue): AMP and the Triton kernels.
 """
-from . import functional
+from . import functional, hash, utils
+from .hash import HashTable
 from .conv import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConv4d, SparseConvolution,
                    SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTranspose4d,
                    SparseInverseConv1d, SparseInverseConv2d, SparseInverseConv3d, SparseInverseConv4d, SubMConv1d,
@@ -18,4 +19,4 @@ from .pool import (SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgP
                    SparseGlobalMaxPool, SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d)
 from .tensor import SparseConvTensor
 
-__all__ = [name for name in dir() if name[0].isupper()] + ["functional"]
+__all__ = [name for name in dir() if name[0].isupper()] + ["functional", "hash", "utils"]

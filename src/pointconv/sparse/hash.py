@@ -1,0 +1,87 @@
+"""``HashTable``: spconv's key -> value table, as sorted arrays with ``searchsorted`` lookups.
+
+Same methods as spconv's GPU hash table (``insert``, ``query``, ``insert_exist_keys``,
+``assign_arange_``, ``items``), on any device, deterministic: ``items`` returns keys ascending
+and ``assign_arange_`` numbers them in that order. A key inserted twice keeps its last value.
+"""
+from __future__ import annotations
+
+import torch
+
+_KEY_DTYPES = (torch.int32, torch.int64)
+
+
+class HashTable:
+    def __init__(self, device, key_dtype, value_dtype, max_size: int = -1):
+        if key_dtype not in _KEY_DTYPES:
+            raise TypeError(f"key_dtype must be torch.int32 or torch.int64, got {key_dtype}")
+        self.device = torch.device(device)
+        self.key_dtype, self.value_dtype = key_dtype, value_dtype
+        self.max_size = int(max_size)
+        self._keys = torch.empty(0, dtype=key_dtype, device=self.device)
+        self._values = torch.empty(0, dtype=value_dtype, device=self.device)
+
+    def _check_keys(self, keys):
+        if not isinstance(keys, torch.Tensor) or keys.dtype != self.key_dtype or keys.dim() != 1:
+            raise TypeError(f"keys must be a 1-D {self.key_dtype} tensor")
+        if keys.device != self.device:
+            raise ValueError(f"keys are on {keys.device}, the table on {self.device}")
+
+    def _values_for(self, keys, values):
+        if values is None:
+            return torch.zeros(keys.shape[0], dtype=self.value_dtype, device=self.device)
+        if values.shape[0] != keys.shape[0]:
+            raise ValueError(f"values must have {keys.shape[0]} rows, got {values.shape[0]}")
+        return values.to(self.value_dtype)
+
+    def __len__(self) -> int:
+        return self._keys.shape[0]
+
+    def insert(self, keys: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        self._check_keys(keys)
+        values = self._values_for(keys, values)
+        all_keys = torch.cat([self._keys, keys])
+        all_values = torch.cat([self._values, values])
+        # the last occurrence of each key wins: sort stably, keep each run's last element
+        sorted_keys, order = torch.sort(all_keys, stable=True)
+        last = torch.ones_like(sorted_keys, dtype=torch.bool)
+        last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
+        if self.max_size >= 0 and int(last.sum()) > self.max_size:
+            raise ValueError(f"the table would hold {int(last.sum())} keys, more than max_size {self.max_size}")
+        self._keys = sorted_keys[last]
+        self._values = all_values[order[last]]
+
+    def _find(self, keys):
+        if self._keys.numel() == 0:
+            return torch.zeros_like(keys, dtype=torch.int64), torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
+        pos = torch.searchsorted(self._keys, keys).clamp(max=self._keys.numel() - 1)
+        return pos, self._keys[pos] == keys
+
+    def query(self, keys: torch.Tensor, values: torch.Tensor | None = None):
+        """``(values, is_empty)``: each key's value (0 where absent) and whether it is absent."""
+        self._check_keys(keys)
+        pos, found = self._find(keys)
+        out = self._values[pos] if self._values.numel() else self._values_for(keys, None)
+        out = torch.where(found.view(-1, *[1] * (out.dim() - 1)), out, torch.zeros_like(out))
+        if values is not None:
+            values.copy_(out)
+        return out, ~found
+
+    def insert_exist_keys(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Update the keys already in the table; returns which keys were present."""
+        self._check_keys(keys)
+        values = self._values_for(keys, values)
+        pos, found = self._find(keys)
+        self._values = self._values.clone()
+        self._values[pos[found]] = values[found]
+        return found
+
+    def assign_arange_(self) -> int:
+        """Values 0, 1, ... in ascending key order; returns the number of keys."""
+        self._values = torch.arange(len(self), dtype=self.value_dtype, device=self.device)
+        return len(self)
+
+    def items(self, max_size: int | None = None):
+        """``(keys, values, count)`` in ascending key order."""
+        n = len(self) if max_size is None else min(len(self), int(max_size))
+        return self._keys[:n], self._values[:n], torch.tensor([len(self)], dtype=torch.int32)

@@ -1,0 +1,106 @@
+"""``PointToVoxel``: spconv's point-cloud voxelizer, vectorized in torch on any device.
+
+Points outside ``coors_range_xyz`` are dropped. A point's voxel is ``floor((xyz - lo) / vsize)``;
+the grid has ``round((hi - lo) / vsize)`` voxels per axis. As in spconv, the first
+``max_num_voxels`` voxels in order of first appearance are kept and each keeps its first
+``max_num_points_per_voxel`` points (input order); unlike spconv's hash order, the kept voxels
+come out sorted by their (z, y, x) coordinates, so the output is deterministic. Coordinates are
+returned in ZYX order like spconv.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+
+
+class PointToVoxel:
+    def __init__(self, vsize_xyz, coors_range_xyz, num_point_features, max_num_voxels, max_num_points_per_voxel,
+                 device=torch.device("cpu")):
+        vsize = torch.tensor([float(v) for v in vsize_xyz], dtype=torch.float64)
+        rng = torch.tensor([float(v) for v in coors_range_xyz], dtype=torch.float64)
+        if vsize.shape != (3,) or bool((vsize <= 0).any()):
+            raise ValueError(f"vsize_xyz must be 3 positive sizes, got {list(vsize_xyz)}")
+        if rng.shape != (6,) or bool((rng[3:] <= rng[:3]).any()):
+            raise ValueError(f"coors_range_xyz must be [x0, y0, z0, x1, y1, z1] with x1 > x0 ..., got {list(coors_range_xyz)}")
+        self.vsize = vsize
+        self.lo, self.hi = rng[:3], rng[3:]
+        self.grid_size = torch.round((self.hi - self.lo) / vsize).long().clamp(min=1)  # xyz
+        self.num_point_features = _checks.positive_int("num_point_features", num_point_features)
+        self.max_num_voxels = _checks.positive_int("max_num_voxels", max_num_voxels)
+        self.max_num_points_per_voxel = _checks.positive_int("max_num_points_per_voxel", max_num_points_per_voxel)
+        self.device = torch.device(device)
+
+    @property
+    def spatial_shape(self) -> list[int]:
+        """Grid size in ZYX order (the ``spatial_shape`` of a SparseConvTensor built from the voxels)."""
+        return self.grid_size.flip(0).tolist()
+
+    def __call__(self, pc: torch.Tensor, empty_mean: bool = False):
+        voxels, indices, num_points, _ = self.generate_voxel_with_id(pc, empty_mean)
+        return voxels, indices, num_points
+
+    def generate_voxel_with_id(self, pc: torch.Tensor, empty_mean: bool = False):
+        """``(voxels (M, max_pts, F), indices_zyx (M, 3) int32, num_points_per_voxel (M,) int32,
+        pc_voxel_id (N,) int64)``; ``pc_voxel_id`` is -1 for points outside the range or in a dropped voxel."""
+        _checks.tensor("pc", pc)
+        F = self.num_point_features
+        if pc.dim() != 2 or pc.shape[1] != F:
+            raise ValueError(f"pc must have shape (N, {F}), got shape {tuple(pc.shape)}")
+        if not pc.is_floating_point():
+            raise TypeError(f"pc must be a floating-point tensor, got dtype {pc.dtype}")
+        dev = pc.device
+        N = pc.shape[0]
+        P = self.max_num_points_per_voxel
+        xyz = pc[:, :3].double()
+        lo, vsize, grid = self.lo.to(dev), self.vsize.to(dev), self.grid_size.to(dev)
+        c = torch.floor((xyz - lo) / vsize).long()
+        inside = ((c >= 0) & (c < grid)).all(1) & torch.isfinite(xyz).all(1)
+        key = (c[:, 2] * grid[1] + c[:, 1]) * grid[0] + c[:, 0]
+        pts = torch.nonzero(inside).flatten()
+        uniq, inv = torch.unique(key[pts], sorted=True, return_inverse=True)
+        U = uniq.shape[0]
+        first = torch.full((U,), N, dtype=torch.int64, device=dev).scatter_reduce(0, inv, pts, "amin")
+        kept = torch.zeros(U, dtype=torch.bool, device=dev)
+        kept[torch.argsort(first)[: self.max_num_voxels]] = True
+        new_id = torch.cumsum(kept.long(), 0) - 1
+        M = int(kept.sum())
+        pc_voxel_id = torch.full((N,), -1, dtype=torch.int64, device=dev)
+        pc_voxel_id[pts] = torch.where(kept[inv], new_id[inv], -1)
+        # slot of each point inside its voxel: its rank among the voxel's points in input order
+        pv = pc_voxel_id[pts]
+        ok = pv >= 0
+        pts, pv = pts[ok], pv[ok]
+        order = torch.argsort(pv, stable=True)
+        counts = torch.bincount(pv, minlength=M)
+        start = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(pv)
+        slot[order] = torch.arange(pv.shape[0], device=dev) - start[pv[order]]
+        fits = slot < P
+        voxels = pc.new_zeros((M, P, F))
+        voxels[pv[fits], slot[fits]] = pc[pts[fits]]
+        num_points = counts.clamp(max=P).to(torch.int32)
+        if empty_mean and M:
+            mean = voxels.sum(1) / num_points.clamp(min=1)[:, None].to(pc.dtype)
+            empty = torch.arange(P, device=dev)[None, :] >= num_points[:, None]
+            voxels = torch.where(empty[..., None], mean[:, None, :], voxels)
+        vox_keys = uniq[kept]
+        gx, gy = grid[0], grid[1]
+        indices = torch.stack([vox_keys // (gx * gy), (vox_keys // gx) % gy, vox_keys % gx], 1).to(torch.int32)
+        return voxels, indices, num_points, pc_voxel_id
+
+
+def gather_features_by_pc_voxel_id(seg_features: torch.Tensor, pc_voxel_id: torch.Tensor,
+                                   invalid_value=0) -> torch.Tensor:
+    """Per-point features ``(N, C)``: ``seg_features[pc_voxel_id]``, ``invalid_value`` where the id is -1."""
+    _checks.tensor("seg_features", seg_features)
+    _checks.index_tensor("pc_voxel_id", pc_voxel_id, 1)
+    if seg_features.dim() != 2:
+        raise ValueError(f"seg_features must have shape (M, C), got shape {tuple(seg_features.shape)}")
+    if pc_voxel_id.numel() and int(pc_voxel_id.max()) >= seg_features.shape[0]:
+        raise ValueError(f"pc_voxel_id must be < {seg_features.shape[0]} (the number of voxels)")
+    valid = pc_voxel_id >= 0
+    out = seg_features.index_select(0, pc_voxel_id.clamp(min=0).long()) if seg_features.shape[0] else \
+        seg_features.new_zeros((pc_voxel_id.shape[0], seg_features.shape[1]))
+    fill = torch.as_tensor(invalid_value, dtype=seg_features.dtype, device=seg_features.device)
+    return torch.where(valid[:, None], out, fill)
