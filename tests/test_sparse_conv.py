@@ -199,3 +199,21 @@ def test_bad_layers_and_channel_mismatch():
         spconv.SparseConv3d(3, 4, 9).double()(x)
     with pytest.raises(ValueError, match="spatial dimensions"):
         spconv.SparseConv2d(3, 4, 3).double()(x)
+
+
+def test_sorted_key_lookup_for_large_grids(monkeypatch):
+    """Grids too large for the dense row table use sorted keys and searchsorted: same results."""
+    from pointconv.sparse import kernel_map
+
+    x = random_sparse(3, 2, 3, seed=11)
+    convs = [spconv.SubMConv3d(3, 4, 3).double(), spconv.SparseConv3d(3, 4, 3, 2, 1).double(),
+             spconv.SparseConvTranspose3d(3, 4, 3, 2, 1).double()]
+    dense_path = [c(x) for c in convs]
+    monkeypatch.setattr(kernel_map, "_DENSE_TABLE_MAX_CELLS", 0)
+    for conv, ref in zip(convs, dense_path):
+        out = conv(x)
+        assert torch.equal(out.indices, ref.indices)
+        torch.testing.assert_close(out.features, ref.features)
+    dup = spconv.SparseConvTensor(torch.zeros(2, 3), torch.tensor([[0, 1], [0, 1]], dtype=torch.int32), [4], 1)
+    with pytest.raises(ValueError, match="duplicate sites"):
+        spconv.SubMConv1d(3, 3, 3)(dup)

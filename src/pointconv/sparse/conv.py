@@ -30,9 +30,11 @@ def _tuple(name, v, ndim):
 
 
 def _scatter_add_rows(out, rows, src):
+    # In place: ``out`` is a fresh accumulator no other op saved, so autograd allows it, and an
+    # out-of-place add would copy the whole output once per kernel offset.
     if out.device.type == "cpu":
-        return torch.index_add(out, 0, rows, src)
-    return out.index_put((rows,), src, accumulate=True)
+        return out.index_add_(0, rows, src)
+    return out.index_put_((rows,), src, accumulate=True)
 
 
 def apply_kernel_map(features, weight, kmap: KernelMap, groups: int = 1) -> torch.Tensor:
@@ -42,19 +44,27 @@ def apply_kernel_map(features, weight, kmap: KernelMap, groups: int = 1) -> torc
     kvol = len(kmap.start) - 1
     W = weight.reshape(out_ch, kvol, in_g)
     out = features.new_zeros((kmap.out_indices.shape[0], out_ch))
+    # A submanifold kernel's center reads each site itself: one dense GEMM, no gather or scatter.
+    center = kvol // 2 if kmap.subm and all(k % 2 for k in kmap.kernel_size) else None
     for o in range(kvol):
         a, b = kmap.start[o], kmap.start[o + 1]
         if a == b:
             continue
+        if o == center:
+            out = out + _offset_matmul(features, W[:, o], groups)
+            continue
         src = features.index_select(0, kmap.in_rows[a:b])
-        if groups == 1:
-            contrib = src @ W[:, o].t()
-        else:
-            out_g = out_ch // groups
-            contrib = torch.einsum("mgi,goi->mgo", src.view(-1, groups, in_g),
-                                   W[:, o].view(groups, out_g, in_g)).reshape(-1, out_ch)
-        out = _scatter_add_rows(out, kmap.out_rows[a:b], contrib)
+        out = _scatter_add_rows(out, kmap.out_rows[a:b], _offset_matmul(src, W[:, o], groups))
     return out
+
+
+def _offset_matmul(src, w, groups):
+    """``src (m, in) -> (m, out)`` through one kernel offset's weight ``w (out, in / groups)``."""
+    if groups == 1:
+        return src @ w.t()
+    out_ch, in_g = w.shape
+    return torch.einsum("mgi,goi->mgo", src.view(-1, groups, in_g),
+                        w.view(groups, out_ch // groups, in_g)).reshape(-1, out_ch)
 
 
 class SparseConvolution(SparseModule):

@@ -18,6 +18,7 @@ Index semantics (dense math, torch's formulas):
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,21 +64,42 @@ def kernel_offsets(kernel_size, device) -> torch.Tensor:
                         device=device).reshape(-1, len(kernel_size))
 
 
-def _sorted_sites(indices: torch.Tensor, shape):
-    keys = linearize(indices[:, 0], indices[:, 1:], shape)
-    sorted_keys, order = torch.sort(keys)
-    if sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
-        raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
-    return sorted_keys, order
+_DENSE_TABLE_MAX_CELLS = 1 << 25  # up to 32M sites (128 MiB of int32): look rows up in a dense table
 
 
-def _lookup(sorted_keys, order, keys, valid):
-    """Row of each key among the sorted input sites, or -1 (also where ``valid`` is False)."""
-    if sorted_keys.numel() == 0:
-        return torch.full_like(keys, -1)
-    pos = torch.searchsorted(sorted_keys, keys).clamp(max=sorted_keys.numel() - 1)
-    found = valid & (sorted_keys[pos] == keys)
-    return torch.where(found, order[pos], -1)
+class _SiteIndex:
+    """Row of each site key: a dense int32 table over all cells when the grid is small enough, else
+    the sorted keys and ``searchsorted``. Raises on duplicate sites."""
+
+    def __init__(self, indices: torch.Tensor, shape, batch_size: int):
+        keys = linearize(indices[:, 0], indices[:, 1:], shape)
+        self.cells = batch_size * math.prod(shape)
+        if self.cells <= _DENSE_TABLE_MAX_CELLS:
+            self.table = torch.full((self.cells,), -1, dtype=torch.int32, device=indices.device)
+            rows = torch.arange(keys.shape[0], dtype=torch.int32, device=indices.device)
+            self.table[keys] = rows
+            if not torch.equal(self.table[keys], rows):  # a later duplicate overwrote an earlier row
+                raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
+            return
+        self.table = None
+        self.sorted_keys, self.order = torch.sort(keys)
+        if keys.numel() > 1 and bool((self.sorted_keys[1:] == self.sorted_keys[:-1]).any()):
+            raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
+
+    def lookup(self, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Row of each key, or -1 (also where ``valid`` is False)."""
+        if self.table is not None:
+            rows = self.table[torch.where(valid, keys, 0)].long()
+            return torch.where(valid, rows, -1)
+        if self.sorted_keys.numel() == 0:
+            return torch.full_like(keys, -1)
+        pos = torch.searchsorted(self.sorted_keys, keys).clamp(max=self.sorted_keys.numel() - 1)
+        found = valid & (self.sorted_keys[pos] == keys)
+        return torch.where(found, self.order[pos], -1)
+
+
+def _batch_size(indices: torch.Tensor) -> int:
+    return int(indices[:, 0].max()) + 1 if indices.shape[0] else 1
 
 
 def _group_by_offset(in_rows_2d: torch.Tensor, out_rows_2d: torch.Tensor):
@@ -100,18 +122,27 @@ def output_shape(in_shape, kernel_size, stride, padding, dilation):
     return out
 
 
+def _in_bounds(coords: torch.Tensor, off: torch.Tensor, shape) -> torch.Tensor:
+    """``(kvol, N)``: whether ``coords + off[o]`` lies in the grid, one axis at a time (no (kvol, N, ndim) temporary)."""
+    valid = None
+    for d, size in enumerate(shape):
+        c = coords[:, d][None] + off[:, d, None]
+        ok = (c >= 0) & (c < size)
+        valid = ok if valid is None else valid & ok
+    return valid
+
+
 def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
-    sorted_keys, order = _sorted_sites(indices, shape)
+    sites = _SiteIndex(indices, shape, _batch_size(indices))
     n = indices.shape[0]
     dev = indices.device
     coords = indices[:, 1:].long()
     center = torch.tensor([k // 2 for k in kernel_size], device=dev)
     off = (kernel_offsets(kernel_size, dev) - center) * torch.tensor(dilation, device=dev)
-    nb = coords[None] + off[:, None]  # (kvol, N, ndim)
-    lim = torch.tensor(shape, device=dev)
-    valid = ((nb >= 0) & (nb < lim)).all(-1)
-    keys = linearize(indices[:, 0][None].expand(off.shape[0], n), nb, shape)
-    in_rows = _lookup(sorted_keys, order, keys, valid)
+    valid = _in_bounds(coords, off, shape)
+    # linear keys are additive: key(site + off) = key(site) + key(off) wherever site + off is in the grid
+    keys = linearize(indices[:, 0], coords, shape)[None] + linearize(torch.zeros_like(off[:, 0]), off, shape)[:, None]
+    in_rows = sites.lookup(keys, valid)
     out_rows = torch.arange(n, device=dev)[None].expand_as(in_rows)
     ir, orow, start = _group_by_offset(in_rows, out_rows)
     return KernelMap(ir, orow, start, indices, list(shape), indices, list(shape), tuple(kernel_size),
@@ -134,7 +165,7 @@ def _map_to_targets(indices, shape, y, valid, out_shape, kernel_size, stride, pa
 
 
 def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> KernelMap:
-    _sorted_sites(indices, shape)  # duplicate check
+    _SiteIndex(indices, shape, _batch_size(indices))  # duplicate check
     out_shape = output_shape(shape, kernel_size, stride, padding, dilation)
     dev = indices.device
     off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
@@ -154,7 +185,7 @@ def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, ou
 
 
 def build_transposed(indices, shape, kernel_size, stride, padding, dilation, output_padding) -> KernelMap:
-    _sorted_sites(indices, shape)  # duplicate check
+    _SiteIndex(indices, shape, _batch_size(indices))  # duplicate check
     out_shape = transposed_output_shape(shape, kernel_size, stride, padding, dilation, output_padding)
     dev = indices.device
     off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
