@@ -70,7 +70,7 @@ def main(argv=None):
     print(f"> bench_sparse (a): device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"commit {rev}, {time.strftime('%Y-%m-%d')}")
     print(f"> SubMConv3d 64 -> 64, k = 3, {len(idx):,} voxels of a sphere shell in a 256^3 grid, float32, "
-          f"forward + backward with the kernel-map build, median of {args.repeat}")
+          f"kernel-map build included in every run, median of {args.repeat}")
     print()
     print("| task | method | threads | ms | ms / pointconv ms |")
     print("|---|---|---:|---:|---:|")
