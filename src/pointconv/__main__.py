@@ -67,6 +67,7 @@ _OPS = [
         "triton": "triton (brute-force selection kernel, weighted-sum kernels)",
     }.get(b, "torch (GEMM-ranked exact selection; kd-tree above 65536 points on CPU; chunked weighted sums)")),
     ("gather", lambda b, d: "torch (indexing)"),
+    ("sparse convolution (pointconv.sparse)", lambda b, d: "torch (kernel maps + per-offset gather-GEMM-scatter)"),
 ]
 
 
