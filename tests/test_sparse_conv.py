@@ -217,3 +217,17 @@ def test_sorted_key_lookup_for_large_grids(monkeypatch):
     dup = spconv.SparseConvTensor(torch.zeros(2, 3), torch.tensor([[0, 1], [0, 1]], dtype=torch.int32), [4], 1)
     with pytest.raises(ValueError, match="duplicate sites"):
         spconv.SubMConv1d(3, 3, 3)(dup)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_computes_in_the_region_dtype(dtype):
+    x = random_sparse(3, 2, 8, seed=12, dtype=torch.float32)
+    net = spconv.SparseSequential(spconv.SubMConv3d(8, 16, 3), torch.nn.ReLU(), spconv.SparseConv3d(16, 8, 3, 2, 1))
+    ref = net(x)
+    with torch.autocast("cpu", dtype=dtype):
+        out = net(x)
+    assert out.features.dtype == dtype
+    assert torch.equal(out.indices, ref.indices)
+    torch.testing.assert_close(out.features.float(), ref.features, rtol=5e-2, atol=5e-2)
+    out.features.float().square().sum().backward()  # gradients flow back to the fp32 weights
+    assert net[0].weight.grad is not None and net[0].weight.grad.dtype == torch.float32

@@ -4,6 +4,8 @@ Features move by gather -> GEMM -> scatter per kernel offset: ``out[out_rows] +=
 Plain differentiable torch ops (index_select, matmul, index_add / index_put with accumulation),
 so gradients w.r.t. features and weights are exact to any order. The scatter is sequential on CPU
 and ``index_put_(accumulate=True)`` on CUDA (deterministic under ``torch.use_deterministic_algorithms``).
+Under ``torch.autocast`` the layers compute in the region's dtype, fp16 or bf16 (spconv always
+casts to fp16), summing over kernel offsets in float32.
 
 Weights are ``(out, k0, ..., k_{n-1}, in / groups)`` as in spconv 2.x, so its state_dicts load
 unchanged. A kernel of size 1 follows the dense math (spconv's own 1x1 path multiplies with
@@ -37,13 +39,26 @@ def _scatter_add_rows(out, rows, src):
     return out.index_put_((rows,), src, accumulate=True)
 
 
+def compute_dtype(features: torch.Tensor) -> torch.dtype:
+    """The features' dtype, or autocast's (fp16 or bf16) inside an autocast region of their device."""
+    dev = features.device.type
+    if torch.is_autocast_enabled(dev) and features.is_floating_point():
+        return torch.get_autocast_dtype(dev)
+    return features.dtype
+
+
 def apply_kernel_map(features, weight, kmap: KernelMap, groups: int = 1) -> torch.Tensor:
-    """Output features ``(N_out, out)`` of a sparse convolution with kernel map ``kmap``."""
+    """Output features ``(N_out, out)`` of a sparse convolution with kernel map ``kmap``.
+
+    Computes in ``features``' dtype; fp16/bf16 products are summed over kernel offsets in float32
+    and rounded once at the end.
+    """
     out_ch = weight.shape[0]
     in_g = weight.shape[-1]
     kvol = len(kmap.start) - 1
     W = weight.reshape(out_ch, kvol, in_g)
-    out = features.new_zeros((kmap.out_indices.shape[0], out_ch))
+    low = features.dtype in (torch.float16, torch.bfloat16)
+    out = features.new_zeros((kmap.out_indices.shape[0], out_ch), dtype=torch.float32 if low else None)
     # A submanifold kernel's center reads each site itself: one dense GEMM, no gather or scatter.
     center = kvol // 2 if kmap.subm and all(k % 2 for k in kmap.kernel_size) else None
     for o in range(kvol):
@@ -51,11 +66,11 @@ def apply_kernel_map(features, weight, kmap: KernelMap, groups: int = 1) -> torc
         if a == b:
             continue
         if o == center:
-            out = out + _offset_matmul(features, W[:, o], groups)
+            out = out + _offset_matmul(features, W[:, o], groups).to(out.dtype)
             continue
         src = features.index_select(0, kmap.in_rows[a:b])
-        out = _scatter_add_rows(out, kmap.out_rows[a:b], _offset_matmul(src, W[:, o], groups))
-    return out
+        out = _scatter_add_rows(out, kmap.out_rows[a:b], _offset_matmul(src, W[:, o], groups).to(out.dtype))
+    return out.to(features.dtype)
 
 
 def _offset_matmul(src, w, groups):
@@ -150,7 +165,8 @@ class SparseConvolution(SparseModule):
         if x.features.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.features.shape[1]} channels, this layer expects {self.in_channels}")
         kmap = self._kernel_map(x)
-        feats = apply_kernel_map(x.features, self.weight.to(x.features.dtype), kmap, self.groups)
+        dtype = compute_dtype(x.features)  # under autocast: fp16 or bf16, as the autocast region asks
+        feats = apply_kernel_map(x.features.to(dtype), self.weight.to(dtype), kmap, self.groups)
         if self.bias is not None:
             feats = feats + self.bias.to(feats.dtype)
         if self.subm:
