@@ -2,7 +2,10 @@
 
 (a) one SubMConv3d, 64 -> 64 channels, on a voxelized sphere shell (about 175K voxels in a 256^3
     grid), forward and backward, kernel-map build included (a fresh tensor each run).
-(b) spconv's benchmark network is not scripted yet (next session).
+(b) ``--net``: spconv's benchmark network (spconv/benchmark/basic.py): 14 SubMConv3d with channels
+    3, 64, 64, 96, 96, 128, 128, 160, 160, 192, 192, 224, 224, 256, 256 and 6 SparseMaxPool3d(2, 2)
+    between the pairs, no BatchNorm, on ~120K voxels of a generated street scene in an
+    [80, 1600, 1600] grid, batch 1; forward and backward, fp32 (and fp16 on CUDA).
 
 spconv runs on the CPU wheel (``spconv``) or, on a GPU machine, ``spconv-cu126``. Its CPU kernels
 race when torch uses more than one thread, so the table lists spconv with all threads (its
@@ -37,6 +40,40 @@ def sphere_shell(radius=120.0, size=256, device="cpu"):
     return torch.cat([torch.zeros(len(zyx), 1, dtype=torch.int32, device=device), zyx], 1).contiguous()
 
 
+def street_scene(n_voxels=120_000, shape=(80, 1600, 1600), device="cpu", seed=0):
+    """~n_voxels distinct sites of a lidar-like scene: a ground plane, walls and box objects."""
+    g = torch.Generator().manual_seed(seed)
+    Z, Y, X = shape
+    n = int(n_voxels * 1.25)
+    parts = []
+    ground = torch.stack([torch.randint(0, 4, (n // 2,), generator=g), torch.randint(0, Y, (n // 2,), generator=g),
+                          torch.randint(0, X, (n // 2,), generator=g)], 1)
+    parts.append(ground)
+    walls = torch.stack([torch.randint(0, Z // 2, (n // 4,), generator=g), torch.randint(0, 2, (n // 4,), generator=g) * (Y - 9) + torch.randint(0, 8, (n // 4,), generator=g),
+                         torch.randint(0, X, (n // 4,), generator=g)], 1)
+    parts.append(walls)
+    centers = torch.stack([torch.randint(0, Y, (200,), generator=g), torch.randint(0, X, (200,), generator=g)], 1)
+    pick = torch.randint(0, 200, (n // 4,), generator=g)
+    boxes = torch.stack([torch.randint(0, 20, (n // 4,), generator=g),
+                         (centers[pick, 0] + torch.randint(-20, 20, (n // 4,), generator=g)).clamp(0, Y - 1),
+                         (centers[pick, 1] + torch.randint(-20, 20, (n // 4,), generator=g)).clamp(0, X - 1)], 1)
+    parts.append(boxes)
+    zyx = torch.unique(torch.cat(parts), dim=0)
+    zyx = zyx[torch.randperm(len(zyx), generator=g)[:n_voxels]]
+    idx = torch.cat([torch.zeros(len(zyx), 1, dtype=torch.long), zyx], 1).int().contiguous()
+    return idx.to(device)
+
+
+def benchmark_net(cls, algo_kwargs=None):
+    chans = [3, 64, 64, 96, 96, 128, 128, 160, 160, 192, 192, 224, 224, 256, 256]
+    layers = []
+    for i in range(14):  # 7 pairs of SubM convolutions, a max pool between pairs
+        layers.append(cls.SubMConv3d(chans[i], chans[i + 1], 3, bias=False, indice_key=f"c{i // 2}"))
+        if i % 2 == 1 and i < 13:
+            layers.append(cls.SparseMaxPool3d(2, 2))
+    return cls.SparseSequential(*layers)
+
+
 def timed(fn, device, repeat):
     fn()  # warm-up
     times = []
@@ -55,7 +92,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--net", action="store_true", help="(b) spconv's benchmark network instead of (a)")
     args = ap.parse_args(argv)
+    if args.net:
+        return main_net(args)
     device = torch.device(args.device)
     try:
         import spconv.pytorch as spconv
@@ -106,6 +146,51 @@ def main(argv=None):
             print(f"| {task} | {method} | {threads} | {cell} |", flush=True)
     if spconv is None:
         print("\n(spconv is not installed: pip install spconv==2.3.8 for the baseline)")
+
+
+def main_net(args):
+    device = torch.device(args.device)
+    try:
+        import spconv.pytorch as spconv
+    except ImportError:
+        spconv = None
+    idx = street_scene(device=device)
+    feats = torch.randn(len(idx), 3, generator=torch.Generator().manual_seed(1)).to(device)
+    net_ours = benchmark_net(ours).to(device)
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+    print(f"> bench_sparse (b): device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"commit {rev}, {time.strftime('%Y-%m-%d')}")
+    print(f"> spconv's benchmark network (14 SubMConv3d, 6 SparseMaxPool3d), {len(idx):,} voxels in "
+          f"[80, 1600, 1600], batch 1, median of {args.repeat}")
+    print()
+    print("| dtype | task | method | ms | ms / pointconv ms |")
+    print("|---|---|---|---:|---:|")
+    dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
+
+    def step(net, cls, dtype, backward):
+        def run():
+            x = cls.SparseConvTensor(feats.clone().requires_grad_(backward), idx.clone(), [80, 1600, 1600], 1)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                y = net(x)
+            if backward:
+                y.features.float().square().sum().backward()
+        return run
+
+    for dtype in dtypes:
+        for task, backward in (("forward", False), ("forward + backward", True)):
+            rows = [("pointconv.sparse", timed(step(net_ours, ours, dtype, backward), device, args.repeat))]
+            if spconv is not None:
+                net_sp = benchmark_net(spconv).to(device)
+                net_sp.load_state_dict(net_ours.state_dict())
+                try:
+                    rows.append(("spconv 2.3.8", timed(step(net_sp, spconv, dtype, backward), device, args.repeat)))
+                except (AssertionError, RuntimeError) as e:
+                    rows.append(("spconv 2.3.8", f"fails: {str(e).splitlines()[0][:60]}"))
+            base = rows[0][1]
+            for method, ms in rows:
+                cell = f"{ms:.1f} | {ms / base:.2f}x" if isinstance(ms, float) else f"{ms} | "
+                print(f"| {str(dtype).split('.')[-1]} | {task} | {method} | {cell} |", flush=True)
 
 
 if __name__ == "__main__":
