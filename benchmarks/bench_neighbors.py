@@ -14,7 +14,6 @@ pointconv is timed as ``pointconv.knn`` (index build included) and as a query on
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import time
 
@@ -23,23 +22,12 @@ import torch
 from scipy.spatial import cKDTree
 
 import pointconv
+from pointconv._timing import timed_ms
 
 
 def timed(fn, device, repeat, warmup=1):
     """Median wall time in ms of ``fn()`` (after ``warmup`` calls) and its last result."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), out
+    return timed_ms(fn, device, repeat, warmup)
 
 
 def cdist_topk(q, p, k, chunk_bytes):

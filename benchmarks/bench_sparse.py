@@ -18,13 +18,13 @@ so on CPU only the forward is compared with it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import time
 
 import torch
 
 import pointconv.sparse as ours
+from pointconv._timing import timed_ms
 
 
 def sphere_shell(radius=120.0, size=256, device="cpu"):
@@ -75,17 +75,7 @@ def benchmark_net(cls, algo_kwargs=None):
 
 
 def timed(fn, device, repeat):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return timed_ms(fn, device, repeat, warmup=1)[0]
 
 
 def main(argv=None):

@@ -11,7 +11,6 @@ PNG (top view: ground truth and prediction).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch

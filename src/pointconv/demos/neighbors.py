@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 
 import pointconv
 from pointconv._backend import backend_for
+from pointconv._timing import timed_ms
 
 
 def torus(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -23,13 +23,8 @@ def torus(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def _timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, (time.perf_counter() - t0) * 1e3
+    ms, out = timed_ms(fn, device)
+    return out, ms
 
 
 def main(argv=None) -> None:

@@ -20,7 +20,6 @@ Distances: ``(q - p)**2`` per coordinate, summed in coordinate order, launched w
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

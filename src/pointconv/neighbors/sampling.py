@@ -9,7 +9,6 @@ import torch
 from .. import _checks
 from .._backend import backend_for
 from ._common import check_points
-from ._distance import sq_dist
 
 __all__ = ["farthest_point_sample", "grid_subsample", "GridSubsample"]
 

@@ -19,4 +19,15 @@ from .pool import (SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgP
                    SparseGlobalMaxPool, SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d)
 from .tensor import SparseConvTensor
 
-__all__ = [name for name in dir() if name[0].isupper()] + ["functional", "hash", "utils"]
+__all__ = [
+    "SparseConvTensor", "SparseConvolution", "HashTable", "functional", "hash", "utils",
+    "SubMConv1d", "SubMConv2d", "SubMConv3d", "SubMConv4d",
+    "SparseConv1d", "SparseConv2d", "SparseConv3d", "SparseConv4d",
+    "SparseConvTranspose1d", "SparseConvTranspose2d", "SparseConvTranspose3d", "SparseConvTranspose4d",
+    "SparseInverseConv1d", "SparseInverseConv2d", "SparseInverseConv3d", "SparseInverseConv4d",
+    "SparseMaxPool1d", "SparseMaxPool2d", "SparseMaxPool3d", "SparseMaxPool4d",
+    "SparseAvgPool1d", "SparseAvgPool2d", "SparseAvgPool3d", "SparseAvgPool4d",
+    "SparseGlobalMaxPool", "SparseGlobalAvgPool",
+    "SparseModule", "SparseSequential", "ToDense", "SparseReLU", "SparseBatchNorm",
+    "AddTable", "ConcatTable", "JoinTable",
+]
