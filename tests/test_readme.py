@@ -2,13 +2,15 @@
 import pathlib
 import re
 
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     scope = {}
     exec(compile(blocks[0], "README.md", "exec"), scope)
     assert scope["nbr"].shape == (2, 500, 32, 32)
@@ -20,6 +22,10 @@ def test_readme_python_blocks_run():
     scope = {}
     exec(compile(blocks[2], "README.md", "exec"), scope)
     assert scope["y"].spatial_shape == [16, 16, 16] and scope["y"].features.shape[1] == 64
+    scope = {}
+    exec(compile(blocks[3], "README.md", "exec"), scope)
+    torch.testing.assert_close(scope["same"], scope["mean"])
+    assert scope["z"].shape == (2, 512, 64) and scope["e"].shape == (2, 2048, 32)
 
 
 def test_quickstart_has_two_commands_and_ci_runs_the_test_one():

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import nn
 from ._backend import use_backend
+from .conv import adjacency, aggregate
 from .gaussian import knn_aggregate_aniso, knn_aggregate_iso
 from .neighbors import (
     KNN,
@@ -31,4 +33,7 @@ __all__ = [
     "knn_packed",
     "knn_aggregate_aniso",
     "knn_aggregate_iso",
+    "adjacency",
+    "aggregate",
+    "nn",
 ]

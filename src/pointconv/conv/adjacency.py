@@ -1,0 +1,51 @@
+"""Neighbor lists as torch sparse matrices: ``adj @ features`` is the neighbor aggregation."""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+
+
+def adjacency(idx: torch.Tensor, num_points: int, *, weights: torch.Tensor | None = None, normalize: str | None = "row"):
+    """A sparse COO matrix whose product with features aggregates neighbors.
+
+    Args:
+        idx: ``(Q, k)`` neighbor indices of one cloud (-1 = none), or ``(B, Q, k)`` for a batch.
+        num_points: P, the number of columns per cloud.
+        weights: optional ``(Q, k)`` / ``(B, Q, k)`` entry values (default 1); differentiable.
+        normalize: ``"row"`` divides each row by its number of valid neighbors (the mean; with
+            weights, by the sum of the row's weights), ``None`` keeps the raw values.
+
+    Returns:
+        ``(Q, P)``, or block-diagonal ``(B * Q, B * P)`` for a batch: row ``b * Q + q`` holds query q
+        of cloud b. Repeated neighbors add up (as in the aggregation). Works with autograd.
+    """
+    _checks.index_tensor("idx", idx, idx.dim())
+    if idx.dim() not in (2, 3):
+        raise ValueError(f"idx must have shape (Q, k) or (B, Q, k), got {tuple(idx.shape)}")
+    P = _checks.nonneg_int("num_points", num_points)
+    if normalize not in ("row", None):
+        raise ValueError(f"normalize must be 'row' or None, got {normalize!r}")
+    batched = idx.dim() == 3
+    idx3 = idx if batched else idx[None]
+    B, Q, k = idx3.shape
+    if idx3.numel() and (int(idx3.min()) < -1 or int(idx3.max()) >= P):
+        raise ValueError(f"idx must lie in [-1, {P - 1}] (num_points = {P})")
+    if weights is None:
+        w = torch.ones(idx3.shape, dtype=torch.float32, device=idx.device)
+    else:
+        _checks.tensor("weights", weights)
+        if weights.shape != idx.shape:
+            raise ValueError(f"weights must have the shape of idx {tuple(idx.shape)}, got {tuple(weights.shape)}")
+        w = weights if batched else weights[None]
+    valid = idx3 >= 0
+    w = torch.where(valid, w, torch.zeros_like(w))
+    if normalize == "row":
+        w = w / w.sum(-1, keepdim=True).where(valid.any(-1, keepdim=True), torch.ones_like(w[..., :1]))
+    rows = (torch.arange(B, device=idx.device)[:, None, None] * Q + torch.arange(Q, device=idx.device)[None, :, None])
+    cols = idx3.long() + (torch.arange(B, device=idx.device) * P)[:, None, None]
+    keep = valid.reshape(-1)
+    indices = torch.stack([rows.expand_as(idx3).reshape(-1)[keep], cols.reshape(-1)[keep]])
+    adj = torch.sparse_coo_tensor(indices, w.reshape(-1)[keep], (B * Q, B * P) if batched else (Q, P),
+                                  check_invariants=True)
+    return adj.coalesce()

@@ -1,0 +1,95 @@
+"""Reduce per-neighbor values: ``(B, P, C)`` values, ``(B, Q, k)`` indices -> ``(B, Q, C)``.
+
+``idx = -1`` marks a missing neighbor: it is never averaged in, never the maximum, and adds
+nothing. mean / sum / weighted go through ``pointconv._weighted_sum`` (chunked, no (B, Q, k, C),
+exact gradients of any order, deterministic); max gathers ``(B, Q, k, C)`` and its gradient goes
+to the arg-max (the lowest k among exact ties).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from .._weighted_sum import gather_sum
+from ..neighbors import gather
+
+REDUCE = ("mean", "max", "sum", "weighted")
+
+
+def _check(values, idx, reduce, weights):
+    _checks.tensor("values", values)
+    if not values.is_floating_point() or values.dim() != 3:
+        raise ValueError(f"values must be a floating-point (B, P, C) tensor, got {values.dtype} {tuple(values.shape)}")
+    _checks.index_tensor("idx", idx, 3)
+    _checks.same_device(values=values, idx=idx)
+    if idx.shape[0] != values.shape[0]:
+        raise ValueError(f"idx has batch size {idx.shape[0]} but values has {values.shape[0]}")
+    P = values.shape[1]
+    if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= P):
+        raise ValueError(f"idx must lie in [-1, {P - 1}]")
+    if reduce not in REDUCE:
+        raise ValueError(f"reduce must be one of {REDUCE}, got {reduce!r}")
+    if (reduce == "weighted") != (weights is not None):
+        raise ValueError("weights are required with reduce='weighted' and only then")
+    if weights is not None:
+        _checks.tensor("weights", weights)
+        if weights.shape != idx.shape:
+            raise ValueError(f"weights must have the shape of idx {tuple(idx.shape)}, got {tuple(weights.shape)}")
+        if weights.dtype != values.dtype:
+            raise TypeError(f"weights must have the dtype of values ({values.dtype}), got {weights.dtype}")
+
+
+def aggregate(values: torch.Tensor, idx: torch.Tensor, reduce: str = "mean", weights: torch.Tensor | None = None):
+    """Reduce the values of each query's neighbors.
+
+    Args:
+        values: ``(B, P, C)`` per-point values. idx: ``(B, Q, k)`` int64 indices into P, -1 = none.
+        reduce: ``"mean"`` (over the valid neighbors), ``"max"``, ``"sum"`` or ``"weighted"``
+            (``sum_k weights[..., k] * values[idx[..., k]]``).
+        weights: ``(B, Q, k)`` with ``reduce="weighted"``.
+
+    Returns:
+        ``(B, Q, C)``; a query without valid neighbors gets zeros. Differentiable w.r.t. values
+        (and weights) to any order.
+    """
+    _check(values, idx, reduce, weights)
+    B, P, C = values.shape
+    Q, k = idx.shape[1:]
+    idx = idx.long()
+    valid = idx >= 0
+    if reduce == "max":
+        nbr = gather(values, idx).masked_fill(~valid[..., None], float("-inf"))
+        out = nbr.max(dim=2).values
+        return torch.where(valid.any(-1, keepdim=True), out, torch.zeros_like(out))
+    if reduce == "weighted":
+        w = weights
+    elif reduce == "sum":
+        w = valid.to(values.dtype)
+    else:
+        w = valid.to(values.dtype) / valid.sum(-1, keepdim=True).clamp(min=1).to(values.dtype)
+    flat = torch.where(valid, idx + (torch.arange(B, device=idx.device) * P)[:, None, None], -1)
+    out = gather_sum(w.reshape(B * Q, k), values.reshape(B * P, C), flat.reshape(B * Q, k))
+    return out.reshape(B, Q, C)
+
+
+def aggregate_reference(values, idx, reduce="mean", weights=None):
+    """Loops over queries: plainly right, slow."""
+    B, P, C = values.shape
+    Q, k = idx.shape[1:]
+    rows = []
+    for b in range(B):
+        for q in range(Q):
+            js = [j for j in range(k) if idx[b, q, j] >= 0]
+            if not js:
+                rows.append(values.new_zeros(C))
+                continue
+            v = torch.stack([values[b, int(idx[b, q, j])] for j in js])
+            if reduce == "max":
+                rows.append(v.max(0).values)
+            elif reduce == "sum":
+                rows.append(v.sum(0))
+            elif reduce == "mean":
+                rows.append(v.mean(0))
+            else:
+                rows.append((weights[b, q, js][:, None] * v).sum(0))
+    return torch.stack(rows).reshape(B, Q, C)

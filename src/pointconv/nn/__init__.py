@@ -1,0 +1,4 @@
+"""Point-convolution modules on padded clouds ``(B, N, 3)`` with optional ``lengths (B,)``."""
+from .layers import EdgeConv, KNNConv, RadiusConv
+
+__all__ = ["EdgeConv", "KNNConv", "RadiusConv"]

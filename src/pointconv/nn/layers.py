@@ -1,0 +1,114 @@
+"""KNNConv, RadiusConv (PointNet++ set abstraction) and EdgeConv (DGCNN).
+
+Each builds its neighborhoods with pointconv's exact neighbor search, so padded points (beyond
+``lengths``) are never neighbors, and reduces over valid neighbors only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _checks
+from ..conv.aggregate import aggregate
+from ..neighbors import ball_query, gather, knn
+
+
+def _check_cloud(points, features, lengths, in_channels):
+    _checks.coords("points", points, ndim=3)
+    _checks.tensor("features", features)
+    if features.dim() != 3 or features.shape[:2] != points.shape[:2]:
+        raise ValueError(f"features must have shape ({points.shape[0]}, {points.shape[1]}, C), "
+                         f"got {tuple(features.shape)}")
+    if features.shape[2] != in_channels:
+        raise ValueError(f"features have {features.shape[2]} channels, this layer expects {in_channels}")
+    return _checks.lengths("lengths", lengths, points.shape[0], points.shape[1], points.device)
+
+
+def _masked_reduce(x, valid, reduce):
+    """Reduce ``x (B, Q, k, C)`` over valid neighbors; queries without any get zeros."""
+    if reduce == "max":
+        out = x.masked_fill(~valid[..., None], float("-inf")).max(dim=2).values
+    else:
+        out = (x * valid[..., None].to(x.dtype)).sum(2)
+        if reduce == "mean":
+            out = out / valid.sum(-1, keepdim=True).clamp(min=1).to(x.dtype)
+    return torch.where(valid.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+class KNNConv(nn.Module):
+    """Reduce the features of the k nearest neighbors (mean / max / sum), then a linear layer."""
+
+    def __init__(self, in_channels: int, out_channels: int, k: int, reduce: str = "mean", exclude_self: bool = True):
+        super().__init__()
+        self.in_channels = _checks.positive_int("in_channels", in_channels)
+        self.k = _checks.positive_int("k", k)
+        if reduce not in ("mean", "max", "sum"):
+            raise ValueError(f"reduce must be 'mean', 'max' or 'sum', got {reduce!r}")
+        self.reduce, self.exclude_self = reduce, exclude_self
+        self.linear = nn.Linear(in_channels, _checks.positive_int("out_channels", out_channels))
+
+    def forward(self, points, features, lengths=None):
+        """``points (B, N, 3)``, ``features (B, N, C_in)`` -> ``(B, N, C_out)``; padded rows are 0."""
+        lengths = _check_cloud(points, features, lengths, self.in_channels)
+        idx = knn(points.detach(), points.detach(), self.k, query_lengths=lengths, points_lengths=lengths,
+                  exclude_self=self.exclude_self).idx
+        out = self.linear(aggregate(features, idx, self.reduce))
+        rows = torch.arange(points.shape[1], device=points.device)[None, :] < lengths[:, None]
+        return out * rows[..., None].to(out.dtype)
+
+
+class RadiusConv(nn.Module):
+    """PointNet++ set abstraction: at each center, the k nearest points within ``radius``, a shared
+    MLP on ``[f_j, p_j - p_i]``, then a reduction over the neighbors."""
+
+    def __init__(self, in_channels: int, mlp_channels, radius: float, k: int, reduce: str = "max"):
+        super().__init__()
+        self.in_channels = _checks.nonneg_int("in_channels", in_channels)
+        self.radius = _checks.positive_float("radius", radius)
+        self.k = _checks.positive_int("k", k)
+        if reduce not in ("mean", "max", "sum"):
+            raise ValueError(f"reduce must be 'mean', 'max' or 'sum', got {reduce!r}")
+        self.reduce = reduce
+        chans = [self.in_channels + 3] + [_checks.positive_int("mlp_channels", c) for c in mlp_channels]
+        if len(chans) < 2:
+            raise ValueError("mlp_channels must name at least one layer")
+        layers = []
+        for a, b in zip(chans[:-1], chans[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, points, features, centers=None, lengths=None, center_lengths=None):
+        """``points (B, N, 3)``, ``features (B, N, C)``, ``centers (B, M, 3)`` (default: the points)
+        -> ``(B, M, mlp_channels[-1])``."""
+        lengths = _check_cloud(points, features, lengths, self.in_channels)
+        if centers is None:
+            centers, center_lengths = points, lengths if center_lengths is None else center_lengths
+        res = ball_query(centers.detach(), points.detach(), self.radius, self.k, query_lengths=center_lengths,
+                         points_lengths=lengths)
+        valid = res.idx >= 0
+        rel = gather(points, res.idx) - centers[:, :, None, :]
+        x = torch.cat([gather(features, res.idx), rel], -1)
+        return _masked_reduce(self.mlp(x), valid, self.reduce)
+
+
+class EdgeConv(nn.Module):
+    """DGCNN's edge convolution: kNN in FEATURE space (any dimension), recomputed per call, a shared
+    MLP on ``[f_i, f_j - f_i]``, max over the k neighbors (each point is its own nearest, as in DGCNN)."""
+
+    def __init__(self, in_channels: int, out_channels: int, k: int):
+        super().__init__()
+        self.in_channels = _checks.positive_int("in_channels", in_channels)
+        self.k = _checks.positive_int("k", k)
+        self.mlp = nn.Sequential(nn.Linear(2 * in_channels, _checks.positive_int("out_channels", out_channels)),
+                                 nn.LeakyReLU(0.2))
+
+    def forward(self, features, lengths=None):
+        """``features (B, N, C)`` -> ``(B, N, out_channels)``; padded rows are 0."""
+        _checks.coords("features", features, ndim=3)
+        if features.shape[2] != self.in_channels:
+            raise ValueError(f"features have {features.shape[2]} channels, this layer expects {self.in_channels}")
+        lengths = _checks.lengths("lengths", lengths, features.shape[0], features.shape[1], features.device)
+        idx = knn(features.detach(), features.detach(), self.k, query_lengths=lengths, points_lengths=lengths).idx
+        fi = features[:, :, None, :].expand(-1, -1, self.k, -1)
+        x = torch.cat([fi, gather(features, idx) - fi], -1)
+        return _masked_reduce(self.mlp(x), idx >= 0, "max")

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+import pointconv
+from pointconv.conv import aggregate_reference
+
+
+def _inputs(B=2, P=9, Q=6, k=5, C=4, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(B, P, C, generator=g, dtype=dtype)
+    idx = torch.randint(-1, P, (B, Q, k), generator=g)
+    idx[0, 0] = -1  # a query without neighbors
+    weights = torch.randn(B, Q, k, generator=g, dtype=dtype)
+    return values, idx, weights
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max", "sum", "weighted"])
+def test_aggregate_matches_reference(reduce, device):
+    values, idx, weights = (t.to(device) for t in _inputs())
+    w = weights if reduce == "weighted" else None
+    out = pointconv.aggregate(values, idx, reduce, w)
+    torch.testing.assert_close(out.cpu(), aggregate_reference(values.cpu(), idx.cpu(), reduce, None if w is None else w.cpu()))
+    assert bool((out[0, 0] == 0).all())
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max", "sum", "weighted"])
+def test_aggregate_gradients_to_second_order(reduce):
+    values, idx, weights = _inputs(P=6, Q=4, k=3, C=2, seed=1)
+    values.requires_grad_()
+    weights.requires_grad_()
+    if reduce == "weighted":
+        fn = lambda v, w: pointconv.aggregate(v, idx, "weighted", w) ** 2  # noqa: E731
+        args = (values, weights)
+    else:
+        fn = lambda v: pointconv.aggregate(v, idx, reduce) ** 2  # noqa: E731
+        args = (values,)
+    torch.autograd.gradcheck(fn, args)
+    torch.autograd.gradgradcheck(fn, args)
+
+
+def test_adjacency_is_the_aggregation():
+    values, idx, weights = _inputs(B=2)
+    adj = pointconv.adjacency(idx, values.shape[1])
+    assert adj.shape == (2 * idx.shape[1], 2 * values.shape[1])
+    got = torch.sparse.mm(adj, values.reshape(-1, values.shape[2]).float()).reshape(2, idx.shape[1], -1)
+    torch.testing.assert_close(got.double(), pointconv.aggregate(values, idx, "mean"), rtol=1e-6, atol=1e-6)
+    one = pointconv.adjacency(idx[1], values.shape[1], weights=weights[1], normalize=None)
+    torch.testing.assert_close(torch.sparse.mm(one, values[1]), pointconv.aggregate(values[1:], idx[1:], "weighted", weights[1:])[0])
+    w = weights[1].clone().requires_grad_()
+    torch.sparse.mm(pointconv.adjacency(idx[1], values.shape[1], weights=w, normalize=None), values[1]).sum().backward()
+    assert w.grad is not None and bool((w.grad[idx[1] < 0] == 0).all())
+
+
+def test_knn_conv_against_manual():
+    g = torch.Generator().manual_seed(2)
+    pts = torch.rand(2, 30, 3, generator=g)
+    feats = torch.randn(2, 30, 4, generator=g)
+    lengths = torch.tensor([30, 17])
+    conv = pointconv.nn.KNNConv(4, 5, k=6, reduce="mean")
+    out = conv(pts, feats, lengths)
+    idx = pointconv.knn(pts, pts, 6, query_lengths=lengths, points_lengths=lengths, exclude_self=True).idx
+    expect = conv.linear(aggregate_reference(feats, idx, "mean"))
+    torch.testing.assert_close(out[0], expect[0])
+    torch.testing.assert_close(out[1, :17], expect[1, :17])
+    assert bool((out[1, 17:] == 0).all())
+
+
+def test_radius_conv_centers_and_padding():
+    g = torch.Generator().manual_seed(3)
+    pts = torch.rand(1, 40, 3, generator=g, dtype=torch.float64)
+    feats = torch.randn(1, 40, 2, generator=g, dtype=torch.float64)
+    centers_idx = pointconv.farthest_point_sample(pts, 8)
+    centers = pts[0, centers_idx[0]][None]
+    conv = pointconv.nn.RadiusConv(2, [8, 16], radius=0.3, k=10).double()
+    out = conv(pts, feats, centers)
+    assert out.shape == (1, 8, 16)
+    res = pointconv.ball_query(centers, pts, 0.3, 10)
+    for m in range(8):
+        js = res.idx[0, m][res.idx[0, m] >= 0]
+        x = torch.cat([feats[0, js], pts[0, js] - centers[0, m]], 1)
+        torch.testing.assert_close(out[0, m], conv.mlp(x).max(0).values)
+    torch.autograd.gradcheck(lambda f: conv(pts, f, centers), (feats.clone().requires_grad_(),))
+
+
+def test_edge_conv_uses_feature_space_neighbors():
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(2, 25, 6, generator=g, dtype=torch.float64)
+    conv = pointconv.nn.EdgeConv(6, 8, k=4).double()
+    out = conv(feats, torch.tensor([25, 10]))
+    idx = pointconv.knn(feats, feats, 4, query_lengths=torch.tensor([25, 10]), points_lengths=torch.tensor([25, 10])).idx
+    i = 7
+    fi = feats[0, i].expand(4, -1)
+    expect = conv.mlp(torch.cat([fi, feats[0, idx[0, i]] - fi], 1)).max(0).values
+    torch.testing.assert_close(out[0, i], expect)
+    assert bool((out[1, 10:] == 0).all())
+    torch.autograd.gradgradcheck(lambda f: conv(f), (feats[:1, :12].clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda v, i, w: pointconv.aggregate(v, i, "median"), ValueError, "reduce must be one of"),
+    (lambda v, i, w: pointconv.aggregate(v, i, "weighted"), ValueError, "weights are required"),
+    (lambda v, i, w: pointconv.aggregate(v, i.clamp(max=3) + 9, "sum"), ValueError, r"idx must lie in"),
+    (lambda v, i, w: pointconv.aggregate(v, i, "weighted", w[..., :2]), ValueError, "weights must have the shape"),
+    (lambda v, i, w: pointconv.aggregate(v[0], i, "sum"), ValueError, "values must be a floating-point"),
+    (lambda v, i, w: pointconv.adjacency(i, 3), ValueError, r"idx must lie in \[-1, 2\]"),
+    (lambda v, i, w: pointconv.adjacency(i, 9, normalize="col"), ValueError, "normalize must be"),
+    (lambda v, i, w: pointconv.nn.KNNConv(3, 4, 0), ValueError, "k must be >= 1"),
+    (lambda v, i, w: pointconv.nn.RadiusConv(3, [8], -1.0, 4), ValueError, "radius must be"),
+    (lambda v, i, w: pointconv.nn.KNNConv(3, 4, 2)(torch.rand(1, 5, 3), torch.rand(1, 5, 2)), ValueError, "expects 3"),
+])
+def test_bad_input(call, exc, match):
+    values, idx, weights = _inputs()
+    with pytest.raises(exc, match=match):
+        call(values, idx, weights)
