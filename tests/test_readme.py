@@ -26,6 +26,7 @@ def test_readme_python_blocks_run():
     exec(compile(blocks[3], "README.md", "exec"), scope)
     torch.testing.assert_close(scope["same"], scope["mean"])
     assert scope["z"].shape == (2, 512, 64) and scope["e"].shape == (2, 2048, 32)
+    assert scope["pw"].shape == (2, 2048, 9)
 
 
 def test_quickstart_has_two_commands_and_ci_runs_the_test_one():

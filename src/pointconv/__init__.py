@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 from . import nn
 from ._backend import use_backend
-from .conv import adjacency, aggregate
+from .conv import adjacency, aggregate, pointwise_conv
 from .gaussian import knn_aggregate_aniso, knn_aggregate_iso
 from .neighbors import (
     KNN,
@@ -35,5 +35,6 @@ __all__ = [
     "knn_aggregate_iso",
     "adjacency",
     "aggregate",
+    "pointwise_conv",
     "nn",
 ]

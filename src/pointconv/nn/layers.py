@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import _checks
 from ..conv.aggregate import aggregate
+from ..conv.pointwise import pointwise_conv
 from ..neighbors import ball_query, gather, knn
 
 
@@ -89,6 +90,30 @@ class RadiusConv(nn.Module):
         rel = gather(points, res.idx) - centers[:, :, None, :]
         x = torch.cat([gather(features, res.idx), rel], -1)
         return _masked_reduce(self.mlp(x), valid, self.reduce)
+
+
+class PointwiseConv3d(nn.Module):
+    """Pointwise convolution (Hua et al., CVPR 2018) with a-trous ``dilation``: a 3 x 3 x 3 cell
+    kernel of edge ``cell_size`` around each point; see ``pointconv.pointwise_conv``."""
+
+    def __init__(self, in_channels: int, out_channels: int, cell_size: float, dilation: int = 1, bias: bool = False):
+        super().__init__()
+        self.in_channels = _checks.positive_int("in_channels", in_channels)
+        self.out_channels = _checks.positive_int("out_channels", out_channels)
+        self.cell_size = _checks.positive_float("cell_size", cell_size)
+        self.dilation = _checks.positive_int("dilation", dilation)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3, 3))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        bound = 1 / (in_channels * 27) ** 0.5
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, points, features, lengths=None, neighbors=None):
+        """``points (B, N, 3)``, ``features (B, N, C_in)`` -> ``(B, N, C_out)``; pass ``neighbors``
+        (``pointconv.conv.pointwise_neighbors``) to share one neighbor structure between layers."""
+        return pointwise_conv(points, features, self.weight, self.cell_size, self.dilation, lengths=lengths,
+                              bias=self.bias, neighbors=neighbors)
 
 
 class EdgeConv(nn.Module):

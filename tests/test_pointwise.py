@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+import pointconv
+from pointconv.conv import pointwise_conv_reference, pointwise_neighbors
+from pointconv.conv.pointwise import pointwise_reference_loops
+
+
+def cloud(kind, N=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        return torch.rand(1, N, 3, generator=g, dtype=torch.float64)
+    # a lattice of step 0.125 with cell size 0.25: cube faces (x_i +- (2s+1) * 0.125) and cell
+    # borders fall exactly on lattice points, so the closed-cube and floor rules are exercised
+    return torch.randint(0, 9, (1, N, 3), generator=g).double() * 0.125
+
+
+@pytest.mark.parametrize("kind", ["uniform", "lattice"])
+@pytest.mark.parametrize("s", [1, 2, 3])
+def test_matches_the_literal_semantics(kind, s):
+    pts = cloud(kind, seed=s)
+    g = torch.Generator().manual_seed(10 + s)
+    feats = torch.randn(1, pts.shape[1], 3, generator=g, dtype=torch.float64)
+    weight = torch.randn(4, 3, 3, 3, 3, generator=g, dtype=torch.float64)
+    vs = 0.25 if kind == "lattice" else 0.15
+    loops = pointwise_reference_loops(pts, feats, weight, vs, s)
+    torch.testing.assert_close(pointwise_conv_reference(pts, feats, weight, vs, s)[0], loops)
+    torch.testing.assert_close(pointconv.pointwise_conv(pts, feats, weight, vs, s)[0], loops)
+
+
+def test_lengths_padding_and_batches():
+    g = torch.Generator().manual_seed(5)
+    pts = torch.rand(2, 40, 3, generator=g, dtype=torch.float64)
+    feats = torch.randn(2, 40, 2, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 2, 3, 3, 3, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([40, 23])
+    out = pointconv.pointwise_conv(pts, feats, weight, 0.2, 2, lengths=lengths)
+    torch.testing.assert_close(out, pointwise_conv_reference(pts, feats, weight, 0.2, 2, lengths=lengths))
+    # padded points change nothing: the same as the cloud cut at its length
+    cut = pointconv.pointwise_conv(pts[1:, :23], feats[1:, :23], weight, 0.2, 2)
+    torch.testing.assert_close(out[1, :23], cut[0])
+    assert bool((out[1, 23:] == 0).all())
+
+
+def test_gradients_to_second_order_and_not_to_coordinates():
+    pts = cloud("uniform", N=12, seed=6)
+    g = torch.Generator().manual_seed(7)
+    feats = torch.randn(1, 12, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 2, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = lambda f, w: pointconv.pointwise_conv(pts, f, w, 0.3) ** 2  # noqa: E731
+    torch.autograd.gradcheck(fn, (feats, weight))
+    torch.autograd.gradgradcheck(fn, (feats, weight))
+    p = pts.clone().requires_grad_()
+    out = pointconv.pointwise_conv(p, feats, weight, 0.3)
+    assert not out.grad_fn or torch.autograd.grad(out.sum(), p, allow_unused=True)[0] is None
+
+
+def test_module_shares_one_neighbor_structure():
+    pts = cloud("uniform", N=60, seed=8).float()
+    feats = torch.randn(1, 60, 9)
+    nbrs = pointwise_neighbors(pts, 0.1, 2)
+    layer = pointconv.nn.PointwiseConv3d(9, 9, 0.1, dilation=2)
+    torch.testing.assert_close(layer(pts, feats, neighbors=nbrs), layer(pts, feats))
+    with pytest.raises(ValueError, match="built for other points"):
+        pointconv.nn.PointwiseConv3d(9, 9, 0.1, dilation=1)(pts, feats, neighbors=nbrs)
+
+
+def test_deterministic_weight_gradient():
+    pts = cloud("uniform", N=200, seed=9).float()
+    feats = torch.randn(1, 200, 8)
+    layer = pointconv.nn.PointwiseConv3d(8, 8, 0.1)
+    grads = []
+    for _ in range(2):
+        layer.zero_grad()
+        layer(pts, feats).square().sum().backward()
+        grads.append(layer.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(cell_size=0.0), ValueError, "cell_size must be a finite number > 0"),
+    (dict(dilation=0), ValueError, "dilation must be >= 1"),
+    (dict(weight=torch.zeros(2, 3, 3, 3)), ValueError, r"weight must have shape \(C_out, 2, 3, 3, 3\)"),
+    (dict(lengths=torch.tensor([9])), ValueError, r"lengths must lie in \[0, 5\]"),
+    (dict(points=torch.full((1, 5, 3), float("nan"))), ValueError, "points contains NaN"),
+    (dict(features=torch.zeros(2, 5, 2)), ValueError, r"features must have shape \(1, 5, C\)"),
+])
+def test_bad_input(kwargs, exc, match):
+    args = dict(points=torch.rand(1, 5, 3), features=torch.rand(1, 5, 2), weight=torch.zeros(3, 2, 3, 3, 3),
+                cell_size=0.1, dilation=1, lengths=None)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        pointconv.pointwise_conv(args["points"], args["features"], args["weight"], args["cell_size"],
+                                 args["dilation"], lengths=args["lengths"])
