@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 from . import nn
 from ._backend import use_backend
-from .conv import adjacency, aggregate, pointwise_conv
+from .conv import adjacency, aggregate, devoxelize, pointwise_conv, voxelize
 from .gaussian import knn_aggregate_aniso, knn_aggregate_iso
 from .neighbors import (
     KNN,
@@ -36,5 +36,7 @@ __all__ = [
     "adjacency",
     "aggregate",
     "pointwise_conv",
+    "voxelize",
+    "devoxelize",
     "nn",
 ]

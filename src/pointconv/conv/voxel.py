@@ -1,0 +1,151 @@
+"""Glue between points and sparse voxels: ``voxelize`` and ``devoxelize`` (PVCNN / SPVCNN fusion).
+
+Grid: voxel ``c = floor((p - origin) / voxel_size)`` per axis, coordinates in the points' axis
+order (x, y, z), sites ``[batch, cx, cy, cz]`` sorted by (batch, coordinates). ``origin`` defaults
+to the grid-aligned minimum of the valid points, so every coordinate is >= 0; ``voxelize`` stores it
+(``tensor.voxel_origin``, ``tensor.voxel_size``) and ``devoxelize`` reads it back by default.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from .. import _checks
+from ..sparse.tensor import SparseConvTensor
+
+
+def _origin(points, valid, voxel_size, origin):
+    if origin is not None:
+        o = torch.as_tensor(origin, dtype=points.dtype, device=points.device)
+        if o.shape != (points.shape[-1],):
+            raise ValueError(f"origin must hold {points.shape[-1]} coordinates, got shape {tuple(o.shape)}")
+        return o
+    if not bool(valid.any()):
+        return points.new_zeros(points.shape[-1])
+    lo = torch.where(valid[..., None], points, torch.full_like(points, float("inf"))).amin((0, 1))
+    return torch.floor(lo / voxel_size) * voxel_size
+
+
+def voxelize(points, features, voxel_size, *, lengths=None, origin=None, reduce="mean"):
+    """Average (or sum, or max) the features of the points in each occupied voxel.
+
+    Args:
+        points: ``(B, N, 3)``; features: ``(B, N, C)``; voxel_size: edge length (> 0).
+        lengths: optional ``(B,)``; origin: optional grid origin (3,); reduce: "mean", "sum" or "max".
+
+    Returns:
+        ``(tensor, point_voxel)``: a ``pointconv.sparse.SparseConvTensor`` (int32 sites
+        ``[b, cx, cy, cz]``, sorted) and ``point_voxel (B, N)`` int64, each point's row in
+        ``tensor.features`` (-1 for padded points). Differentiable w.r.t. features (to any order
+        for mean and sum; max sends the gradient to the arg-max).
+    """
+    _checks.coords("points", points, ndim=3, dim=3)
+    _checks.tensor("features", features)
+    if features.dim() != 3 or features.shape[:2] != points.shape[:2] or not features.is_floating_point():
+        raise ValueError(f"features must be a floating-point ({points.shape[0]}, {points.shape[1]}, C) tensor, "
+                         f"got {features.dtype} {tuple(features.shape)}")
+    voxel_size = _checks.positive_float("voxel_size", voxel_size)
+    if reduce not in ("mean", "sum", "max"):
+        raise ValueError(f"reduce must be 'mean', 'sum' or 'max', got {reduce!r}")
+    B, N, C = features.shape
+    lengths = _checks.lengths("lengths", lengths, B, N, points.device)
+    valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
+    o = _origin(points.detach(), valid, voxel_size, origin)
+    coords = torch.floor((points.detach() - o) / voxel_size).long()
+    if bool((coords[valid] < 0).any()):
+        raise ValueError("origin must not exceed any valid point's coordinates (voxel coordinates must be >= 0)")
+    bid, pid = torch.nonzero(valid, as_tuple=True)
+    keys = torch.cat([bid[:, None], coords[bid, pid]], 1)
+    sites, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    f = features[bid, pid]
+    M = sites.shape[0]
+    if reduce == "max":
+        out = f.new_full((M, C), float("-inf")).scatter_reduce(0, inverse[:, None].expand(-1, C), f, "amax",
+                                                               include_self=False)
+    else:
+        out = f.new_zeros((M, C))
+        out = out.index_add(0, inverse, f) if out.device.type == "cpu" else out.index_put((inverse,), f, accumulate=True)
+        if reduce == "mean":
+            out = out / torch.bincount(inverse, minlength=M).clamp(min=1)[:, None].to(f.dtype)
+    shape = [int(s) + 1 for s in sites[:, 1:].amax(0).tolist()] if M else [1, 1, 1]
+    tensor = SparseConvTensor(out, sites.to(torch.int32).contiguous(), shape, max(B, 1))
+    tensor.voxel_origin, tensor.voxel_size = o, voxel_size
+    point_voxel = torch.full((B, N), -1, dtype=torch.int64, device=points.device)
+    point_voxel[bid, pid] = inverse
+    return tensor, point_voxel
+
+
+def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, lengths=None, mode="trilinear"):
+    """Per-point features ``(B, N, C)`` read from the active voxels of ``x``.
+
+    ``mode="nearest"``: the voxel containing the point (zeros if it is inactive).
+    ``mode="trilinear"``: the 8 voxel centers around the point, weighted trilinearly and
+    renormalized over the ACTIVE ones (zeros if none is active); differentiable w.r.t. the
+    features and the points. ``voxel_size`` / ``origin`` default to the ones ``voxelize`` stored.
+    """
+    if not isinstance(x, SparseConvTensor):
+        raise TypeError(f"x must be a SparseConvTensor, got {type(x).__name__}")
+    _checks.coords("points", points, ndim=3, dim=3)
+    if x.ndim != 3:
+        raise ValueError(f"x must be a 3-D sparse tensor, got {x.ndim} spatial dimensions")
+    if voxel_size is None:
+        voxel_size = getattr(x, "voxel_size", None)
+        if voxel_size is None:
+            raise ValueError("voxel_size is needed: x was not made by pointconv.voxelize")
+    voxel_size = _checks.positive_float("voxel_size", voxel_size)
+    if origin is None:
+        origin = getattr(x, "voxel_origin", None)
+    o = torch.zeros(3, dtype=points.dtype, device=points.device) if origin is None else \
+        torch.as_tensor(origin, dtype=points.dtype, device=points.device)
+    if mode not in ("trilinear", "nearest"):
+        raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
+    B, N, _ = points.shape
+    if B != x.batch_size:
+        raise ValueError(f"points has batch size {B} but x has {x.batch_size}")
+    lengths = _checks.lengths("lengths", lengths, B, N, points.device)
+    valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
+    shape = torch.tensor(x.spatial_shape, device=points.device)
+    table_keys = _site_keys(x.indices[:, 0].long(), x.indices[:, 1:].long(), x.spatial_shape)
+    sorted_keys, order = torch.sort(table_keys)
+    batch = torch.arange(B, device=points.device)[:, None].expand(B, N)
+    u = (points - o) / voxel_size
+    feats = x.features
+    C = feats.shape[1]
+
+    def lookup(c):  # rows of voxels c (B, N, 3), -1 if inactive or outside
+        inside = ((c >= 0) & (c < shape)).all(-1) & valid
+        k = _site_keys(batch, c.clamp(min=0), x.spatial_shape)
+        if sorted_keys.numel() == 0:
+            return torch.full_like(k, -1)
+        pos = torch.searchsorted(sorted_keys, k).clamp(max=sorted_keys.numel() - 1)
+        hit = inside & (sorted_keys[pos] == k)
+        return torch.where(hit, order[pos], -1)
+
+    def read(rows):
+        got = feats.index_select(0, rows.clamp(min=0).reshape(-1)).reshape(B, N, C)
+        return got * (rows >= 0)[..., None].to(got.dtype)
+
+    if mode == "nearest":
+        return read(lookup(torch.floor(u.detach()).long()))
+    t = u - 0.5  # voxel centers sit at integer t
+    base = torch.floor(t.detach())
+    frac = t - base
+    base = base.long()
+    out, total = 0, 0
+    for corner in itertools.product((0, 1), repeat=3):
+        off = torch.tensor(corner, device=points.device)
+        rows = lookup(base + off)
+        w = math.prod(frac[..., a] if corner[a] else 1 - frac[..., a] for a in range(3))
+        w = w * (rows >= 0).to(w.dtype)
+        out = out + w[..., None] * read(rows)
+        total = total + w
+    return torch.where(total[..., None] > 0, out / torch.where(total > 0, total, 1)[..., None], 0)
+
+
+def _site_keys(batch, coords, shape):
+    key = batch
+    for d, s in enumerate(shape):
+        key = key * s + coords[..., d]
+    return key

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+import pointconv
+
+
+def _cloud(B=2, N=60, C=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.rand(B, N, 3, generator=g, dtype=torch.float64) * 2 - 0.5
+    feats = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    return pts, feats
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum", "max"])
+def test_voxelize_matches_a_dictionary(reduce):
+    pts, feats = _cloud()
+    lengths = torch.tensor([60, 41])
+    x, pv = pointconv.voxelize(pts, feats, 0.5, lengths=lengths, reduce=reduce)
+    origin = x.voxel_origin
+    groups = {}
+    for b in range(2):
+        for i in range(int(lengths[b])):
+            key = (b, *torch.floor((pts[b, i] - origin) / 0.5).long().tolist())
+            groups.setdefault(key, []).append(feats[b, i])
+    keys = sorted(groups)
+    assert [tuple(r) for r in x.indices.tolist()] == keys
+    for row, key in enumerate(keys):
+        v = torch.stack(groups[key])
+        expect = {"mean": v.mean(0), "sum": v.sum(0), "max": v.max(0).values}[reduce]
+        torch.testing.assert_close(x.features[row], expect)
+    assert bool((pv[1, 41:] == -1).all())
+    assert keys[int(pv[0, 5])] == (0, *torch.floor((pts[0, 5] - origin) / 0.5).long().tolist())
+
+
+def test_devoxelize_nearest_round_trip():
+    pts, feats = _cloud(seed=1)
+    x, pv = pointconv.voxelize(pts, feats, 0.3)
+    back = pointconv.devoxelize(x, pts, mode="nearest")
+    torch.testing.assert_close(back, x.features[pv])
+
+
+def test_trilinear_reproduces_linear_functions_and_renormalizes():
+    # every voxel of a 6^3 block active, features = a linear function of the voxel center
+    g = torch.arange(6, dtype=torch.float64)
+    centers = (torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(1, -1, 3) + 0.5) * 0.25
+    lin = lambda p: (p * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)).sum(-1, keepdim=True) + 3  # noqa: E731
+    x, _ = pointconv.voxelize(centers, lin(centers), 0.25, origin=[0.0, 0.0, 0.0])
+    q = 0.125 + torch.rand(1, 30, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 1.25
+    torch.testing.assert_close(pointconv.devoxelize(x, q), lin(q))
+    # a query whose 8 corners include inactive voxels: weights renormalize over the active ones
+    keep = x.indices[:, 1] < 3
+    y = pointconv.sparse.SparseConvTensor(x.features[keep], x.indices[keep], x.spatial_shape, 1)
+    y.voxel_origin, y.voxel_size = x.voxel_origin, x.voxel_size
+    p = torch.tensor([[[0.76, 0.5, 0.5]]], dtype=torch.float64)  # between x-layers 2 (active) and 3 (not)
+    out = pointconv.devoxelize(y, p)
+    ref = pointconv.devoxelize(y, torch.tensor([[[0.625, 0.5, 0.5]]], dtype=torch.float64))
+    torch.testing.assert_close(out, ref)  # only layer 2 contributes, at its own x
+
+
+def test_devoxelize_gradients_wrt_features_and_points():
+    pts, feats = _cloud(B=1, N=20, C=2, seed=3)
+    x, _ = pointconv.voxelize(pts, feats, 0.4)
+    q = pts[:, :6].clone() + 0.01
+    f = x.features.detach().clone().requires_grad_()
+    qq = q.clone().requires_grad_()
+
+    def fn(f, qq):
+        y = x.replace_feature(f)
+        return pointconv.devoxelize(y, qq)
+
+    torch.autograd.gradcheck(fn, (f, qq))
+    torch.autograd.gradgradcheck(fn, (f, qq))
+    fv = feats.clone().requires_grad_()
+    torch.autograd.gradgradcheck(lambda fv: pointconv.voxelize(pts, fv, 0.4)[0].features ** 2, (fv,))
+
+
+def test_bad_input():
+    pts, feats = _cloud()
+    with pytest.raises(ValueError, match="voxel_size must be"):
+        pointconv.voxelize(pts, feats, 0)
+    with pytest.raises(ValueError, match="reduce must be"):
+        pointconv.voxelize(pts, feats, 0.5, reduce="median")
+    with pytest.raises(ValueError, match="origin must not exceed"):
+        pointconv.voxelize(pts, feats, 0.5, origin=[5.0, 5.0, 5.0])
+    x, _ = pointconv.voxelize(pts, feats, 0.5)
+    with pytest.raises(ValueError, match="mode must be"):
+        pointconv.devoxelize(x, pts, mode="cubic")
+    with pytest.raises(ValueError, match="batch size"):
+        pointconv.devoxelize(x, pts[:1])
