@@ -74,6 +74,15 @@ def benchmark_net(cls, algo_kwargs=None):
     return cls.SparseSequential(*layers)
 
 
+def print_header(label, device, detail):
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+    print(f"> bench_sparse {label}: device {device} ({name}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, commit {rev}, {time.strftime('%Y-%m-%d')}")
+    print(f"> {detail}")
+    print()
+
+
 def timed(fn, device, repeat):
     return timed_ms(fn, device, repeat, warmup=1)[0]
 
@@ -95,13 +104,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(len(idx), 64, generator=g).to(device)
     conv_ours = ours.SubMConv3d(64, 64, 3, bias=False).to(device)
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    print(f"> bench_sparse (a): device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"commit {rev}, {time.strftime('%Y-%m-%d')}")
-    print(f"> SubMConv3d 64 -> 64, k = 3, {len(idx):,} voxels of a sphere shell in a 256^3 grid, float32, "
-          f"kernel-map build included in every run, median of {args.repeat}")
-    print()
+    print_header("(a)", device, f"SubMConv3d 64 -> 64, k = 3, {len(idx):,} voxels of a sphere shell in a 256^3 grid, "
+                 f"float32, kernel-map build included in every run, median of {args.repeat}")
     print("| task | method | threads | ms | ms / pointconv ms |")
     print("|---|---|---:|---:|---:|")
 
@@ -147,13 +151,8 @@ def main_net(args):
     idx = street_scene(device=device)
     feats = torch.randn(len(idx), 3, generator=torch.Generator().manual_seed(1)).to(device)
     net_ours = benchmark_net(ours).to(device)
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    print(f"> bench_sparse (b): device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"commit {rev}, {time.strftime('%Y-%m-%d')}")
-    print(f"> spconv's benchmark network (14 SubMConv3d, 6 SparseMaxPool3d), {len(idx):,} voxels in "
-          f"[80, 1600, 1600], batch 1, median of {args.repeat}")
-    print()
+    print_header("(b)", device, f"spconv's benchmark network (14 SubMConv3d, 6 SparseMaxPool3d), {len(idx):,} voxels "
+                 f"in [80, 1600, 1600], batch 1, median of {args.repeat}")
     print("| dtype | task | method | ms | ms / pointconv ms |")
     print("|---|---|---|---:|---:|")
     dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])

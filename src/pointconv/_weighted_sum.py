@@ -74,35 +74,23 @@ def _triton_ok(*tensors) -> bool:
     return backend_for(tensors[0].device) == "triton" and all(t.dtype != torch.float64 for t in tensors)
 
 
-def _dispatch_gather_sum(w, f, idx):
-    if _triton_ok(w, f):
+_TORCH_OPS = {"gather_sum": _gather_sum, "scatter_sum": _scatter_sum, "pair_dot": _pair_dot}
+
+
+def _dispatch(name, a, b, *rest):
+    """Run op ``name`` as a Triton kernel on the triton backend, else as chunked torch."""
+    if _triton_ok(a, b):
         from .kernels import weighted_sum as kernels
 
-        return kernels.gather_sum(w, f, idx)
-    return _gather_sum(w, f, idx)
-
-
-def _dispatch_scatter_sum(w, g, idx, num_rows):
-    if _triton_ok(w, g):
-        from .kernels import weighted_sum as kernels
-
-        return kernels.scatter_sum(w, g, idx, num_rows)
-    return _scatter_sum(w, g, idx, num_rows)
-
-
-def _dispatch_pair_dot(g, f, idx):
-    if _triton_ok(g, f):
-        from .kernels import weighted_sum as kernels
-
-        return kernels.pair_dot(g, f, idx)
-    return _pair_dot(g, f, idx)
+        return getattr(kernels, name)(a, b, *rest)
+    return _TORCH_OPS[name](a, b, *rest)
 
 
 class GatherSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, f, idx):
         ctx.save_for_backward(w, f, idx)
-        return _dispatch_gather_sum(w, f, idx)
+        return _dispatch("gather_sum", w, f, idx)
 
     @staticmethod
     def backward(ctx, grad):
@@ -116,7 +104,7 @@ class ScatterSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, g, idx, num_rows):
         ctx.save_for_backward(w, g, idx)
-        return _dispatch_scatter_sum(w, g, idx, num_rows)
+        return _dispatch("scatter_sum", w, g, idx, num_rows)
 
     @staticmethod
     def backward(ctx, grad):
@@ -130,7 +118,7 @@ class PairDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, f, idx):
         ctx.save_for_backward(g, f, idx)
-        return _dispatch_pair_dot(g, f, idx)
+        return _dispatch("pair_dot", g, f, idx)
 
     @staticmethod
     def backward(ctx, grad):

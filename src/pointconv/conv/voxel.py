@@ -13,6 +13,7 @@ import math
 import torch
 
 from .. import _checks
+from ..sparse.kernel_map import SiteIndex, linearize
 from ..sparse.tensor import SparseConvTensor
 
 
@@ -107,8 +108,7 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
     lengths = _checks.lengths("lengths", lengths, B, N, points.device)
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
     shape = torch.tensor(x.spatial_shape, device=points.device)
-    table_keys = _site_keys(x.indices[:, 0].long(), x.indices[:, 1:].long(), x.spatial_shape)
-    sorted_keys, order = torch.sort(table_keys)
+    sites = SiteIndex(x.indices, x.spatial_shape, x.batch_size)
     batch = torch.arange(B, device=points.device)[:, None].expand(B, N)
     u = (points - o) / voxel_size
     feats = x.features
@@ -116,12 +116,7 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
 
     def lookup(c):  # rows of voxels c (B, N, 3), -1 if inactive or outside
         inside = ((c >= 0) & (c < shape)).all(-1) & valid
-        k = _site_keys(batch, c.clamp(min=0), x.spatial_shape)
-        if sorted_keys.numel() == 0:
-            return torch.full_like(k, -1)
-        pos = torch.searchsorted(sorted_keys, k).clamp(max=sorted_keys.numel() - 1)
-        hit = inside & (sorted_keys[pos] == k)
-        return torch.where(hit, order[pos], -1)
+        return sites.lookup(linearize(batch, c.clamp(min=0), x.spatial_shape), inside)
 
     def read(rows):
         got = feats.index_select(0, rows.clamp(min=0).reshape(-1)).reshape(B, N, C)
@@ -143,9 +138,3 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
         total = total + w
     return torch.where(total[..., None] > 0, out / torch.where(total > 0, total, 1)[..., None], 0)
 
-
-def _site_keys(batch, coords, shape):
-    key = batch
-    for d, s in enumerate(shape):
-        key = key * s + coords[..., d]
-    return key

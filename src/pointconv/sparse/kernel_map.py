@@ -67,7 +67,7 @@ def kernel_offsets(kernel_size, device) -> torch.Tensor:
 _DENSE_TABLE_MAX_CELLS = 1 << 25  # up to 32M sites (128 MiB of int32): look rows up in a dense table
 
 
-class _SiteIndex:
+class SiteIndex:
     """Row of each site key: a dense int32 table over all cells when the grid is small enough, else
     the sorted keys and ``searchsorted``. Raises on duplicate sites."""
 
@@ -133,7 +133,7 @@ def _in_bounds(coords: torch.Tensor, off: torch.Tensor, shape) -> torch.Tensor:
 
 
 def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
-    sites = _SiteIndex(indices, shape, _batch_size(indices))
+    sites = SiteIndex(indices, shape, _batch_size(indices))
     n = indices.shape[0]
     dev = indices.device
     coords = indices[:, 1:].long()
@@ -165,7 +165,7 @@ def _map_to_targets(indices, shape, y, valid, out_shape, kernel_size, stride, pa
 
 
 def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> KernelMap:
-    _SiteIndex(indices, shape, _batch_size(indices))  # duplicate check
+    SiteIndex(indices, shape, _batch_size(indices))  # duplicate check
     out_shape = output_shape(shape, kernel_size, stride, padding, dilation)
     dev = indices.device
     off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
@@ -185,7 +185,7 @@ def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, ou
 
 
 def build_transposed(indices, shape, kernel_size, stride, padding, dilation, output_padding) -> KernelMap:
-    _SiteIndex(indices, shape, _batch_size(indices))  # duplicate check
+    SiteIndex(indices, shape, _batch_size(indices))  # duplicate check
     out_shape = transposed_output_shape(shape, kernel_size, stride, padding, dilation, output_padding)
     dev = indices.device
     off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
