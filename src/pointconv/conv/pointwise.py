@@ -7,6 +7,11 @@ per axis is ``c = min(F - 1, floor((x_j - lo) / vs))``; ``c % s != 0`` is a hole
 cell is ``c // s`` in {0, 1, 2}. ``out_i[o] = sum_cells sum_cin W[o, cin, cx, cy, cz] * mean_{j in cell} f_j[cin]``;
 empty cells add nothing. Coordinates are not differentiated; features and weights are, to any order.
 
+Every path snaps coordinates to 2^-20 of a cell and evaluates these rules exactly in integers
+(``_pointwise_pairs``), so all agree bit for bit on which neighbor falls in which cell; the literal
+float loops (``pointwise_reference_loops``) agree wherever no point lies within 2^-20 cells of a
+border that it is not on.
+
 Fast path: the neighbor pairs and their cells are found once per cloud (``pointwise_neighbors``,
 reusable by every layer with the same cell size and dilation), then a per-(center, cell) segment
 mean and one GEMM with inner size 27 x Cin. The reference evaluates the same formulas densely.
@@ -16,13 +21,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .. import _checks
 from .._backend import backend_for
-
-_CHUNK_PAIRS = 1 << 22
+from ._pointwise_pairs import cell_of, neighbor_pairs, quantize
 
 
 @dataclass
@@ -35,22 +38,6 @@ class PointwiseNeighbors:
     num_rows: int
     cell_size: float
     dilation: int
-
-
-def _cells(xi, xj, vs, s):
-    """Cell id 0..26 of neighbor xj around center xi (..., 3), -1 outside the cube or in a hole.
-
-    The one formula every path evaluates (in the coordinates' dtype)."""
-    F = 2 * s + 1
-    half = F * vs / 2
-    lo = xi - half
-    hi = xi + half
-    inside = ((lo <= xj) & (xj <= hi)).all(-1)
-    c = torch.clamp(torch.floor((xj - lo) / vs), max=F - 1).long()
-    ok = inside & (c % s == 0).all(-1)
-    c = c // s
-    cell = (c[..., 0] * 3 + c[..., 1]) * 3 + c[..., 2]
-    return torch.where(ok, cell, -1)
 
 
 def _check(points, features, cell_size, dilation, lengths):
@@ -74,45 +61,20 @@ def _check_weight(weight, cin):
 
 
 def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> PointwiseNeighbors:
-    """The neighbor pairs and cells of every valid point (build once, reuse across layers)."""
+    """The neighbor pairs and cells of every valid point (build once, reuse across layers).
+
+    Coordinates are snapped to 2^-20 of a cell and the rule is evaluated in integers (see
+    ``_pointwise_pairs``); the search visits only the grid cells that can hold kept neighbors."""
     _checks.coords("points", points, ndim=3, dim=3)
     cell_size = _checks.positive_float("cell_size", cell_size)
     dilation = _checks.positive_int("dilation", dilation)
     lengths = _checks.lengths("lengths", lengths, points.shape[0], points.shape[1], points.device)
     B, N, _ = points.shape
-    pts = points.detach()
-    half = (2 * dilation + 1) * cell_size / 2
-    centers, nbrs, cells = [], [], []
-    for b, n in enumerate(lengths.tolist()):
-        if n == 0:
-            continue
-        x = pts[b, :n]
-        if x.device.type == "cpu" and backend_for(x.device) != "reference":
-            from scipy.spatial import cKDTree
-
-            # candidates in a slightly larger Chebyshev ball, then the exact closed-cube test
-            tree = cKDTree(x.double().numpy())
-            lists = tree.query_ball_point(x.double().numpy(), half * (1 + 1e-6) + 1e-12, p=np.inf)
-            lens = torch.tensor([len(li) for li in lists])
-            ci = torch.repeat_interleave(torch.arange(n), lens)
-            cj = torch.from_numpy(np.concatenate([np.asarray(li, dtype=np.int64) for li in lists]))
-        else:  # dense chunks of centers: exact by construction
-            step = max(1, _CHUNK_PAIRS // max(n, 1))
-            ci_list, cj_list = [], []
-            for s0 in range(0, n, step):
-                block = (x[s0:s0 + step, None, :] - x[None, :, :]).abs().amax(-1) <= half * (1 + 1e-6) + 1e-12
-                i, j = torch.nonzero(block, as_tuple=True)
-                ci_list.append(i + s0)
-                cj_list.append(j)
-            ci, cj = torch.cat(ci_list), torch.cat(cj_list)
-        cell = _cells(x[ci], x[cj], cell_size, dilation)
-        keep = cell >= 0
-        centers.append(ci[keep].to(pts.device) + b * N)
-        nbrs.append(cj[keep].to(pts.device) + b * N)
-        cells.append(cell[keep].to(pts.device))
-    empty = torch.zeros(0, dtype=torch.int64, device=pts.device)
-    cat = (lambda xs: torch.cat(xs) if xs else empty)
-    return PointwiseNeighbors(cat(centers), cat(nbrs), cat(cells), B * N, cell_size, dilation)
+    valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
+    rows = torch.nonzero(valid.reshape(-1)).squeeze(1)  # flattened b * N + i, sorted by cloud
+    quantized = quantize(points.reshape(B * N, 3)[rows], cell_size)
+    center, neighbor, cell = neighbor_pairs(quantized, rows // max(N, 1), dilation)
+    return PointwiseNeighbors(rows[center], rows[neighbor], cell, B * N, cell_size, dilation)
 
 
 def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=None, bias=None, neighbors=None):
@@ -157,11 +119,12 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
 
 
 def pointwise_conv_reference(points, features, weight, cell_size, dilation=1, *, lengths=None, bias=None):
-    """Dense: every (center, point) pair's cell, per-cell means by a membership matrix. O(B N^2 27)."""
+    """Dense: every (center, point) pair's cell (the integer rule of ``_pointwise_pairs``), per-cell
+    means by a membership matrix. O(B N^2 27) memory: small clouds only."""
     B, N, cin = features.shape
     lengths = torch.full((B,), N, device=points.device) if lengths is None else lengths
-    pts = points.detach()
-    cell = _cells(pts[:, :, None, :], pts[:, None, :, :], cell_size, dilation)  # (B, N, N)
+    u = quantize(points, cell_size)
+    cell = cell_of(u[:, :, None, :], u[:, None, :, :], dilation)  # (B, N, N)
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
     cell = torch.where(valid[:, :, None] & valid[:, None, :], cell, -1)
     member = (cell[..., None] == torch.arange(27, device=points.device)).to(features.dtype)  # (B, i, j, 27)
