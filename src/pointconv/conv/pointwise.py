@@ -25,16 +25,21 @@ import torch
 
 from .. import _checks
 from .._backend import backend_for
+from ..sparse.conv import _scatter_add_rows
 from ._pointwise_pairs import cell_of, neighbor_pairs, quantize
 
 
 @dataclass
 class PointwiseNeighbors:
-    """Pairs (center row, neighbor row, cell 0..26) over the flattened valid points ``b * N + i``."""
+    """Pairs (center row, neighbor row, cell 0..26) over the flattened valid points ``b * N + i``,
+    grouped by cell: cell ``c`` holds pairs ``cell_start[c]:cell_start[c + 1]``. ``count`` is the
+    number of pairs sharing the pair's (center, cell): the mean's denominator."""
 
     center: torch.Tensor
     neighbor: torch.Tensor
     cell: torch.Tensor
+    count: torch.Tensor
+    cell_start: list
     num_rows: int
     cell_size: float
     dilation: int
@@ -74,7 +79,13 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> Point
     rows = torch.nonzero(valid.reshape(-1)).squeeze(1)  # flattened b * N + i, sorted by cloud
     quantized = quantize(points.reshape(B * N, 3)[rows], cell_size)
     center, neighbor, cell = neighbor_pairs(quantized, rows // max(N, 1), dilation)
-    return PointwiseNeighbors(rows[center], rows[neighbor], cell, B * N, cell_size, dilation)
+    center, neighbor = rows[center], rows[neighbor]
+    # grouped by cell, sorted by center inside a cell: the scatter to the centers then runs in order
+    order = torch.argsort(cell * (B * N) + center)
+    center, neighbor, cell = center[order], neighbor[order], cell[order]
+    count = torch.bincount(center * 27 + cell, minlength=B * N * 27)[center * 27 + cell]
+    cell_start = [0] + torch.cumsum(torch.bincount(cell, minlength=27), 0).tolist()
+    return PointwiseNeighbors(center, neighbor, cell, count, cell_start, B * N, cell_size, dilation)
 
 
 def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=None, bias=None, neighbors=None):
@@ -99,19 +110,20 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
         neighbors = pointwise_neighbors(points, cell_size, dilation, lengths=lengths)
     elif neighbors.num_rows != B * N or neighbors.cell_size != cell_size or neighbors.dilation != dilation:
         raise ValueError("neighbors were built for other points, cell_size or dilation")
+    # sum over cells of W[cell] applied to the cell's mean: per cell, gather the neighbors' features
+    # scaled by 1 / count, one GEMM, scatter to the centers (the 27 x C_in means of every point
+    # would be mostly empty and cost more memory traffic than the pairs)
     f = features.reshape(B * N, cin)
-    seg = neighbors.center * 27 + neighbors.cell
-    count = torch.bincount(seg, minlength=B * N * 27).to(f.dtype)
-    sums = f.new_zeros((B * N * 27, cin))
-    src = f.index_select(0, neighbors.neighbor)
-    if sums.device.type == "cpu":
-        sums = sums.index_add(0, seg, src)
-    else:
-        sums = sums.index_put((seg,), src, accumulate=True)
-    means = sums / count.clamp(min=1)[:, None]  # empty cells: 0, add nothing
     cout = weight.shape[0]
-    w = weight.permute(2, 3, 4, 1, 0).reshape(27 * cin, cout)  # rows ordered (cx, cy, cz, cin)
-    out = means.reshape(B * N, 27 * cin) @ w.to(f.dtype)
+    W = weight.reshape(cout, cin, 27).to(f.dtype)
+    scale = 1.0 / neighbors.count.to(f.dtype)
+    out = f.new_zeros((B * N, cout))
+    for c in range(27):
+        a, b = neighbors.cell_start[c], neighbors.cell_start[c + 1]
+        if a == b:
+            continue
+        src = f.index_select(0, neighbors.neighbor[a:b]) * scale[a:b, None]
+        out = _scatter_add_rows(out, neighbors.center[a:b], src @ W[:, :, c].t())
     if bias is not None:
         out = out + bias
     valid = (torch.arange(N, device=points.device)[None, :] < lengths[:, None]).reshape(-1, 1)

@@ -1,0 +1,59 @@
+"""PointwiseCNN: the classification network of Hua, Tran and Yeung (CVPR 2018)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _checks
+from ..conv.pointwise import PointwiseNeighbors, pointwise_neighbors
+from .layers import PointwiseConv3d
+
+
+class PointwiseCNN(nn.Module):
+    """Four 3 x 3 x 3 Pointwise convolutions of ``channels`` features with dilations 1, 2, 3, 4 and
+    cell size 0.1 (for clouds scaled into the unit sphere), SELU after each, their outputs
+    concatenated per point; then global max and mean pooling over the valid points (the authors
+    flatten the points in input order instead, which makes the prediction depend on that order)
+    and a two-layer classifier.
+
+    ``forward(points (B, N, 3), features=None, lengths=None, neighbors=None) -> (B, num_classes)``
+    logits; the input features default to the coordinates. The neighbor structures depend only on
+    the points: build them once with ``neighbors(points, lengths)`` and pass them to every forward
+    on the same clouds (the authors rebuild them in every forward and backward).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3, channels: int = 9, cell_size: float = 0.1,
+                 dilations=(1, 2, 3, 4), hidden: int = 64):
+        super().__init__()
+        self.num_classes = _checks.positive_int("num_classes", num_classes)
+        self.in_channels = _checks.positive_int("in_channels", in_channels)
+        self.convs = nn.ModuleList()
+        cin = in_channels
+        for d in dilations:
+            self.convs.append(PointwiseConv3d(cin, channels, cell_size, dilation=d))
+            cin = channels
+        width = 2 * channels * len(self.convs)
+        self.head = nn.Sequential(nn.Linear(width, hidden), nn.SELU(), nn.Linear(hidden, num_classes))
+
+    def neighbors(self, points: torch.Tensor, lengths=None) -> list[PointwiseNeighbors]:
+        """One neighbor structure per convolution, for these clouds."""
+        return [pointwise_neighbors(points, conv.cell_size, conv.dilation, lengths=lengths) for conv in self.convs]
+
+    def forward(self, points, features=None, lengths=None, neighbors=None):
+        B, N = points.shape[:2]
+        lengths = _checks.lengths("lengths", lengths, B, N, points.device)
+        x = points if features is None else features
+        if neighbors is None:
+            neighbors = self.neighbors(points, lengths)
+        if len(neighbors) != len(self.convs):
+            raise ValueError(f"neighbors must hold {len(self.convs)} structures, one per convolution")
+        outs = []
+        for conv, nbrs in zip(self.convs, neighbors):
+            x = torch.selu(conv(points, x, lengths=lengths, neighbors=nbrs))
+            outs.append(x)
+        x = torch.cat(outs, -1)
+        valid = (torch.arange(N, device=points.device)[None, :] < lengths[:, None])[..., None]
+        peak = x.masked_fill(~valid, float("-inf")).amax(1)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # empty clouds
+        mean = (x * valid.to(x.dtype)).sum(1) / lengths.clamp(min=1)[:, None].to(x.dtype)
+        return self.head(torch.cat([peak, mean], -1))
