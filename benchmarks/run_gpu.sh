@@ -15,3 +15,4 @@ timeout 120 python3 benchmarks/bench_neighbors.py --device cuda 2>&1 | tee "$out
 timeout 100 python3 benchmarks/bench_gaussian.py --device cuda 2>&1 | tee "$out/bench_gaussian_cuda.md"
 timeout 40 python3 benchmarks/bench_sparse.py --device cuda 2>&1 | tee "$out/bench_sparse_a_cuda.md"
 timeout 60 python3 benchmarks/bench_sparse.py --device cuda --net 2>&1 | tee "$out/bench_sparse_b_cuda.md"
+timeout 50 python3 benchmarks/bench_pointconv.py --device cuda 2>&1 | tee "$out/bench_pointconv_cuda.md"
