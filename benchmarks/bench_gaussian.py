@@ -23,6 +23,7 @@ import time
 import torch
 
 import pointconv
+from pointconv._timing import provenance
 from pointconv.gaussian import knn_aggregate_aniso_reference
 
 METHODS = {"reference": knn_aggregate_aniso_reference, "pointconv": pointconv.knn_aggregate_aniso}
@@ -104,13 +105,7 @@ def main(argv=None):
         return worker(args)
 
     base = baseline_rss(args) if args.device == "cpu" else 0
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        rev = "unknown"
-    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
-    print(f"> bench_gaussian: device {args.device} ({name}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, commit {rev}, {time.strftime('%Y-%m-%d')}")
+    print(provenance("bench_gaussian", args.device))
     print(f"> B={args.B} Q={args.Q} P={args.P} F={args.F} K={args.K}, float32, median of {args.repeat} runs "
           f"(reference: {args.ref_repeat}); peak memory above the inputs")
     print()

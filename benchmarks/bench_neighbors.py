@@ -14,15 +14,13 @@ pointconv is timed as ``pointconv.knn`` (index build included) and as a query on
 from __future__ import annotations
 
 import argparse
-import subprocess
-import time
 
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
 import pointconv
-from pointconv._timing import timed_ms
+from pointconv._timing import provenance, timed_ms
 
 
 def timed(fn, device, repeat, warmup=1):
@@ -46,14 +44,6 @@ def ckdtree_knn(q, p, k):
     return tree.query(q, k=k, workers=-1)
 
 
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -68,9 +58,7 @@ def main(argv=None):
     max_pairs = args.max_pairs or (1e12 if device.type == "cuda" else 1e10)
     k = args.k
 
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"> bench_neighbors: device {device} ({gpu}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, commit {commit()}, {time.strftime('%Y-%m-%d')}")
+    print(provenance("bench_neighbors", device))
     print(f"> k = {k}, float32 uniform points in the unit cube, B = 1, median of {args.repeat} runs")
     print()
     print("| N | task | method | ms | ms / pointconv.knn ms | matches cKDTree |")

@@ -19,13 +19,12 @@ The paper reports 1.272 s forward and 2.423 s backward for this batch on a 16-th
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 
 import torch
 
 import pointconv
-from pointconv._timing import timed_ms
+from pointconv._timing import provenance, timed_ms
 from pointconv.demos.shapes import CLASSES, sample_shape
 
 PAPER_MS = {"forward": 1272.0, "backward": 2423.0}
@@ -85,10 +84,7 @@ def main(argv=None):
     diff = float((ours_logits - ref_logits).detach().abs().max())
     scale = args.batch / r
 
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    print(f"> bench_pointconv: device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"commit {rev}, {time.strftime('%Y-%m-%d')}")
+    print(provenance("bench_pointconv", device))
     print(f"> PointwiseCNN (4 x Pointwise conv 9 ch, dilations 1-4, cell 0.1), {args.batch} clouds x {args.points} points, "
           f"{pairs / (args.batch * args.points):.1f} neighbor pairs per point over the 4 layers; reference on {r} clouds "
           f"x {scale:g}; max |logit difference| to the reference {diff:.1e}")

@@ -18,13 +18,11 @@ so on CPU only the forward is compared with it.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import time
 
 import torch
 
 import pointconv.sparse as ours
-from pointconv._timing import timed_ms
+from pointconv._timing import provenance, timed_ms
 
 
 def sphere_shell(radius=120.0, size=256, device="cpu"):
@@ -75,10 +73,7 @@ def benchmark_net(cls, algo_kwargs=None):
 
 
 def print_header(label, device, detail):
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    print(f"> bench_sparse {label}: device {device} ({name}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, commit {rev}, {time.strftime('%Y-%m-%d')}")
+    print(provenance(f"bench_sparse {label}", device))
     print(f"> {detail}")
     print()
 

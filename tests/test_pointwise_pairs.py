@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import pointconv.conv._pointwise_pairs as pairs
+import pointconv.sparse.kernel_map as kernel_map
 from pointconv.conv._pointwise_pairs import cell_of, neighbor_pairs, quantize
 
 
@@ -34,7 +35,7 @@ def clouds(seed):
 @pytest.mark.parametrize("s", [1, 2, 3, 4])
 def test_grid_search_finds_exactly_the_dense_pairs(s, dense_table, monkeypatch):
     if not dense_table:
-        monkeypatch.setattr(pairs, "_DENSE_TABLE_MAX_CELLS", 0)
+        monkeypatch.setattr(kernel_map, "_DENSE_TABLE_MAX_CELLS", 0)  # the sorted-key search
     monkeypatch.setattr(pairs, "_CHUNK", 97)  # many chunks
     for seed in range(3):
         kinds, batch = clouds(seed)

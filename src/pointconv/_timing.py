@@ -23,3 +23,18 @@ def timed_ms(fn, device, repeat: int = 1, warmup: int = 0):
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), out
+
+
+def provenance(script: str, device) -> str:
+    """The first line of a benchmark table: script, device, torch, threads, commit and date."""
+    import subprocess
+
+    device = torch.device(device)
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        rev = "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return (f"> {script}: device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"commit {rev}, {time.strftime('%Y-%m-%d')}")

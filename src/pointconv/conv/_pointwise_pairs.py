@@ -27,13 +27,14 @@ import math
 
 import torch
 
+from ..sparse.kernel_map import SiteIndex, linearize
+
 FRAC_BITS = 20
 ONE = 1 << FRAC_BITS
 _FIELD = FRAC_BITS + 1  # 20 offset bits and a guard bit per axis
 _SHIFTS = (2 * _FIELD, _FIELD, 0)  # x, y, z
 _GUARD = [1 << (FRAC_BITS + sh) for sh in _SHIFTS]
 _MAX_ABS_CELLS = float(1 << 40)  # |x| / cell_size: keeps every int64 below 2^61
-_DENSE_TABLE_MAX_CELLS = 1 << 25
 _CHUNK = 1 << 20  # candidates per step
 _ALL_GUARDS = sum(_GUARD)
 
@@ -60,33 +61,6 @@ def cell_of(ui: torch.Tensor, uj: torch.Tensor, s: int) -> torch.Tensor:
 def _pack(offsets: torch.Tensor) -> torch.Tensor:
     """``(M, 3)`` in [0, 2^20) -> one int64 with x, y, z in their fields (guard bits clear)."""
     return (offsets[:, 0] << _SHIFTS[0]) | (offsets[:, 1] << _SHIFTS[1]) | offsets[:, 2]
-
-
-class _CellTable:
-    """The occupied grid cells of the sorted points (start and count of each), found by key in a
-    dense table or by search."""
-
-    def __init__(self, keys_sorted: torch.Tensor, num_cells: int):
-        uniq, counts = torch.unique_consecutive(keys_sorted, return_counts=True)
-        self.start, self.count = torch.cumsum(counts, 0) - counts, counts
-        self.dense = num_cells <= _DENSE_TABLE_MAX_CELLS
-        if self.dense:
-            self.table = torch.full((num_cells,), -1, dtype=torch.int64, device=keys_sorted.device)
-            self.table[uniq] = torch.arange(uniq.numel(), device=keys_sorted.device)
-        else:
-            self.keys = uniq
-
-    def find(self, keys: torch.Tensor):
-        """Positions of the occupied cells among ``keys``, and their ordinals."""
-        if self.dense:
-            ordinal = _take(self.table, keys)
-            hit = torch.nonzero(ordinal >= 0).squeeze(1)
-            return hit, _take(ordinal, hit)
-        if self.keys.numel() == 0:
-            return keys.new_zeros(0), keys.new_zeros(0)
-        pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
-        hit = torch.nonzero(_take(self.keys, pos) == keys).squeeze(1)
-        return hit, _take(pos, hit)
 
 
 def _take(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -122,14 +96,15 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int):
         raise ValueError("points span too many cells of cell_size for one grid (more than 2^62 in all)")
     strides = [ext[1] * ext[2], ext[2], 1]
 
-    def key(b, v):
-        return ((b * ext[0] + v[:, 0]) * ext[1] + v[:, 1]) * ext[2] + v[:, 2]
-
-    # points sorted by grid cell; centers grouped by anchor cell
-    order_p = torch.argsort(key(batch, G - lo), stable=True)
-    table = _CellTable(key(batch, G - lo)[order_p], nb * math.prod(ext))
+    # points sorted by grid cell, the occupied cells indexed; centers grouped by anchor cell
+    pkey = linearize(batch, G - lo, ext)
+    order_p = torch.argsort(pkey, stable=True)
+    cell_keys, cell_count = torch.unique_consecutive(_take(pkey, order_p), return_counts=True)
+    cell_start = torch.cumsum(cell_count, 0) - cell_count
+    first = _take(order_p, cell_start)
+    cells = SiteIndex(torch.cat([batch[first, None], (G - lo)[first]], 1), ext, nb)
     frac_sorted = _pack(frac)[order_p]
-    akey = key(batch, A - lo)
+    akey = linearize(batch, A - lo, ext)
     order_c = torch.argsort(akey, stable=True)
     anchors, anchor_count = torch.unique_consecutive(akey[order_c], return_counts=True)
     anchor_start = torch.cumsum(anchor_count, 0) - anchor_count
@@ -167,10 +142,13 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int):
     off_key, strict_fix, mask, want, cell_base = map(as_t, (off_key, strict_fix, mask, want, cell_base))
 
     # blocks: (anchor, visited cell) with >= 1 point
-    blk, ordinal = table.find((anchors[:, None] + off_key[None, :]).reshape(-1))
+    visited = (anchors[:, None] + off_key[None, :]).reshape(-1)
+    ordinal = cells.lookup(visited, torch.ones_like(visited, dtype=torch.bool))
+    blk = torch.nonzero(ordinal >= 0).squeeze(1)
+    ordinal = _take(ordinal, blk)
     blk_anchor, blk_combo = blk // len(combos), blk % len(combos)
-    n_centers, n_points = _take(anchor_count, blk_anchor), _take(table.count, ordinal)
-    blocks = (_take(anchor_start, blk_anchor), n_centers, _take(table.start, ordinal), n_points, blk_combo)
+    n_centers, n_points = _take(anchor_count, blk_anchor), _take(cell_count, ordinal)
+    blocks = (_take(anchor_start, blk_anchor), n_centers, _take(cell_start, ordinal), n_points, blk_combo)
     rule = (strict_fix, mask, want, cell_base)
 
     # in chunks of whole blocks of about _CHUNK candidate pairs each, so the temporaries stay in cache

@@ -83,7 +83,8 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> Point
     # grouped by cell, sorted by center inside a cell: the scatter to the centers then runs in order
     order = torch.argsort(cell * (B * N) + center)
     center, neighbor, cell = center[order], neighbor[order], cell[order]
-    count = torch.bincount(center * 27 + cell, minlength=B * N * 27)[center * 27 + cell]
+    segment = center * 27 + cell
+    count = torch.bincount(segment, minlength=B * N * 27)[segment]  # pairs sharing (center, cell)
     cell_start = [0] + torch.cumsum(torch.bincount(cell, minlength=27), 0).tolist()
     return PointwiseNeighbors(center, neighbor, cell, count, cell_start, B * N, cell_size, dilation)
 

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from .. import _checks
+
 CLASSES = ("sphere", "cube", "cylinder", "cone", "torus", "octahedron")
 
 
@@ -61,6 +63,11 @@ def sample_shape(label: int, n: int, g: torch.Generator, noise: float = 0.01, mi
     """A cloud ``(n, 3)`` of class ``CLASSES[label]``: random rotation, jitter, fitted into the unit
     sphere and scaled by a random factor in [min_scale, 1] (1: touching the sphere, as ModelNet's
     normalized clouds)."""
+    if not 0 <= int(label) < len(CLASSES):
+        raise ValueError(f"label must lie in [0, {len(CLASSES) - 1}], got {label}")
+    n = _checks.positive_int("n", n)
+    if not 0 < min_scale <= 1:
+        raise ValueError(f"min_scale must lie in (0, 1], got {min_scale}")
     p = _surface(CLASSES[label], n, g) @ _rotation(g).T
     p = p / p.norm(dim=1).max()
     p = p * (min_scale + (1 - min_scale) * torch.rand(1, generator=g)) + noise * torch.randn(n, 3, generator=g)
@@ -69,6 +76,7 @@ def sample_shape(label: int, n: int, g: torch.Generator, noise: float = 0.01, mi
 
 def make_dataset(per_class: int, n_points: int, seed: int = 0):
     """``(points (C * per_class, n_points, 3), labels)``, classes interleaved."""
+    per_class = _checks.positive_int("per_class", per_class)
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(len(CLASSES)).repeat(per_class)
     points = torch.stack([sample_shape(int(c), n_points, g) for c in labels])

@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import _checks
 from ..conv.pointwise import PointwiseNeighbors, pointwise_neighbors
-from .layers import PointwiseConv3d
+from .layers import PointwiseConv3d, _check_cloud, _masked_reduce
 
 
 class PointwiseCNN(nn.Module):
@@ -40,9 +40,9 @@ class PointwiseCNN(nn.Module):
         return [pointwise_neighbors(points, conv.cell_size, conv.dilation, lengths=lengths) for conv in self.convs]
 
     def forward(self, points, features=None, lengths=None, neighbors=None):
-        B, N = points.shape[:2]
-        lengths = _checks.lengths("lengths", lengths, B, N, points.device)
         x = points if features is None else features
+        lengths = _check_cloud(points, x, lengths, self.in_channels)
+        N = points.shape[1]
         if neighbors is None:
             neighbors = self.neighbors(points, lengths)
         if len(neighbors) != len(self.convs):
@@ -51,9 +51,7 @@ class PointwiseCNN(nn.Module):
         for conv, nbrs in zip(self.convs, neighbors):
             x = torch.selu(conv(points, x, lengths=lengths, neighbors=nbrs))
             outs.append(x)
-        x = torch.cat(outs, -1)
-        valid = (torch.arange(N, device=points.device)[None, :] < lengths[:, None])[..., None]
-        peak = x.masked_fill(~valid, float("-inf")).amax(1)
-        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # empty clouds
-        mean = (x * valid.to(x.dtype)).sum(1) / lengths.clamp(min=1)[:, None].to(x.dtype)
-        return self.head(torch.cat([peak, mean], -1))
+        x = torch.cat(outs, -1)[:, None]  # every cloud as one query over its N points
+        valid = (torch.arange(N, device=points.device)[None, :] < lengths[:, None])[:, None]
+        pooled = [_masked_reduce(x, valid, reduce)[:, 0] for reduce in ("max", "mean")]  # empty clouds: 0
+        return self.head(torch.cat(pooled, -1))
