@@ -72,7 +72,7 @@ def main(argv=None):
 
     backward()
     bwd_ms = sorted(backward() for _ in range(args.repeat))[args.repeat // 2]
-    pairs = sum(n.center.numel() for n in nbrs)
+    pairs = sum(n.num_pairs for n in nbrs)
 
     # the reference on a few clouds, scaled to the batch; and the agreement of the outputs there
     r = args.ref_clouds

@@ -27,19 +27,15 @@ def test_gather_gradients_to_second_order():
     torch.autograd.gradgradcheck(lambda v: pointconv.gather(v, idx) ** 2, (v,))
 
 
-def test_gather_deterministic_gradient():
-    torch.use_deterministic_algorithms(True)
-    try:
-        v = torch.randn(1, 50, 8, requires_grad=True)
-        idx = torch.randint(0, 50, (1, 400, 16))
-        grads = []
-        for _ in range(2):
-            v.grad = None
-            pointconv.gather(v, idx).pow(2).sum().backward()
-            grads.append(v.grad.clone())
-        assert torch.equal(grads[0], grads[1])
-    finally:
-        torch.use_deterministic_algorithms(False)
+def test_gather_deterministic_gradient(deterministic_mode):
+    v = torch.randn(1, 50, 8, requires_grad=True)
+    idx = torch.randint(0, 50, (1, 400, 16))
+    grads = []
+    for _ in range(2):
+        v.grad = None
+        pointconv.gather(v, idx).pow(2).sum().backward()
+        grads.append(v.grad.clone())
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_gather_bad_input():

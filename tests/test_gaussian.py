@@ -153,20 +153,16 @@ def test_eikonal_training_step_matches_reference():
         assert bool((a != 0).any())
 
 
-def test_deterministic_mode_is_bitwise_reproducible():
+def test_deterministic_mode_is_bitwise_reproducible(deterministic_mode):
     q, p, f, sigma, R = make(Q=300, P=200, F=16)
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = []
-        for _ in range(2):
-            leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
-            f_out, w, d, i = pointconv.knn_aggregate_aniso(*leaves, 8)
-            (f_out.square().sum() + w.sum()).backward()
-            runs.append([f_out, w, d, i] + [t.grad for t in leaves])
-        for a, b in zip(*runs):
-            assert torch.equal(a, b)
-    finally:
-        torch.use_deterministic_algorithms(False)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
+        f_out, w, d, i = pointconv.knn_aggregate_aniso(*leaves, 8)
+        (f_out.square().sum() + w.sum()).backward()
+        runs.append([f_out, w, d, i] + [t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_reference_backend_forced():

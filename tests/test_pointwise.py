@@ -3,6 +3,7 @@ import torch
 
 import pointconv
 from pointconv.conv import pointwise_conv_reference, pointwise_neighbors
+from pointconv.conv import _cell_means
 from pointconv.conv.pointwise import pointwise_reference_loops
 
 
@@ -55,6 +56,43 @@ def test_gradients_to_second_order_and_not_to_coordinates():
     assert not out.grad_fn or torch.autograd.grad(out.sum(), p, allow_unused=True)[0] is None
 
 
+def _grads(out, inputs, create_graph):
+    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return torch.autograd.grad(out, inputs, g, create_graph=create_graph)
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_row_blocks_and_int64_indices_match_the_reference(create_graph, monkeypatch):
+    # blocks of 7 rows (not dividing the 2 x 30 rows), int64 CSR indices: the paths that large
+    # clouds take; first-order gradients with and without create_graph (fused and composed passes)
+    monkeypatch.setattr(_cell_means, "_BLOCK_ELEMENTS", 27 * 3 * 7)
+    monkeypatch.setattr(_cell_means, "_INT32_MAX", 100)
+    g = torch.Generator().manual_seed(11)
+    pts = torch.rand(2, 30, 3, generator=g, dtype=torch.float64)
+    feats = torch.randn(2, 30, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([30, 17])
+    nbrs = pointwise_neighbors(pts, 0.25, 1, lengths=lengths)
+    assert nbrs.gather.col.dtype == torch.int64 and nbrs.num_pairs > 100
+    out = pointconv.pointwise_conv(pts, feats, weight, 0.25, 1, lengths=lengths, neighbors=nbrs)
+    ref = pointwise_conv_reference(pts, feats, weight, 0.25, 1, lengths=lengths)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(_grads(out, (feats, weight), create_graph), _grads(ref, (feats, weight), False)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_features_are_computed_in_float32(dtype):
+    pts = cloud("uniform", N=80, seed=12).float()
+    g = torch.Generator().manual_seed(13)
+    feats = torch.randn(1, 80, 4, generator=g).to(dtype)
+    weight = torch.randn(5, 4, 3, 3, 3, generator=g)
+    out = pointconv.pointwise_conv(pts, feats, weight, 0.2, 2)
+    assert out.dtype == dtype
+    expected = pointwise_conv_reference(pts, feats.float(), weight, 0.2, 2)
+    torch.testing.assert_close(out.float(), expected.to(dtype).float())
+
+
 def test_module_shares_one_neighbor_structure():
     pts = cloud("uniform", N=60, seed=8).float()
     feats = torch.randn(1, 60, 9)
@@ -65,16 +103,19 @@ def test_module_shares_one_neighbor_structure():
         pointconv.nn.PointwiseConv3d(9, 9, 0.1, dilation=1)(pts, feats, neighbors=nbrs)
 
 
-def test_deterministic_weight_gradient():
+def test_deterministic_outputs_and_gradients(monkeypatch, deterministic_mode):
+    monkeypatch.setattr(_cell_means, "_BLOCK_ELEMENTS", 27 * 8 * 16)
     pts = cloud("uniform", N=200, seed=9).float()
-    feats = torch.randn(1, 200, 8)
     layer = pointconv.nn.PointwiseConv3d(8, 8, 0.1)
-    grads = []
+    results = []
     for _ in range(2):
         layer.zero_grad()
-        layer(pts, feats).square().sum().backward()
-        grads.append(layer.weight.grad.clone())
-    assert torch.equal(grads[0], grads[1])
+        feats = torch.randn(1, 200, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        out = layer(pts, feats)
+        out.square().sum().backward()
+        results.append((out.detach(), feats.grad, layer.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

@@ -13,8 +13,9 @@ float loops (``pointwise_reference_loops``) agree wherever no point lies within 
 border that it is not on.
 
 Fast path: the neighbor pairs and their cells are found once per cloud (``pointwise_neighbors``,
-reusable by every layer with the same cell size and dilation), then a per-(center, cell) segment
-mean and one GEMM with inner size 27 x Cin. The reference evaluates the same formulas densely.
+reusable by every layer with the same cell size and dilation) and stored as sparse per-cell mean
+matrices; a convolution is then a per-(center, cell) segment mean (a CSR product) and one GEMM with
+inner size 27 x Cin, in row blocks (``_cell_means``). The reference evaluates the same formulas densely.
 """
 from __future__ import annotations
 
@@ -25,24 +26,26 @@ import torch
 
 from .. import _checks
 from .._backend import backend_for
-from ..sparse.conv import _scatter_add_rows
-from ._pointwise_pairs import cell_of, neighbor_pairs, quantize
+from ._cell_means import CellMeans, pointwise_linear, weight_matrix
+from ._pointwise_pairs import _take, cell_of, neighbor_pairs, quantize
 
 
 @dataclass
 class PointwiseNeighbors:
-    """Pairs (center row, neighbor row, cell 0..26) over the flattened valid points ``b * N + i``,
-    grouped by cell: cell ``c`` holds pairs ``cell_start[c]:cell_start[c + 1]``. ``count`` is the
-    number of pairs sharing the pair's (center, cell): the mean's denominator."""
+    """The kept pairs (center i, neighbor j, cell c) over the flattened valid points ``b * N + i``,
+    as two ``CellMeans`` matrices with weights ``1 / count(i, c)`` (the mean's denominator):
+    ``gather`` (row ``i * 27 + c``, column j) computes the per-cell means of the forward,
+    ``scatter`` (row ``j * 27 + c``, column i) those of its adjoint (the feature gradient)."""
 
-    center: torch.Tensor
-    neighbor: torch.Tensor
-    cell: torch.Tensor
-    count: torch.Tensor
-    cell_start: list
+    gather: CellMeans
+    scatter: CellMeans
     num_rows: int
     cell_size: float
     dilation: int
+
+    @property
+    def num_pairs(self) -> int:
+        return self.gather.nnz
 
 
 def _check(points, features, cell_size, dilation, lengths):
@@ -75,18 +78,34 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> Point
     dilation = _checks.positive_int("dilation", dilation)
     lengths = _checks.lengths("lengths", lengths, points.shape[0], points.shape[1], points.device)
     B, N, _ = points.shape
+    R = B * N
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
-    rows = torch.nonzero(valid.reshape(-1)).squeeze(1)  # flattened b * N + i, sorted by cloud
-    quantized = quantize(points.reshape(B * N, 3)[rows], cell_size)
-    center, neighbor, cell = neighbor_pairs(quantized, rows // max(N, 1), dilation)
-    center, neighbor = rows[center], rows[neighbor]
-    # grouped by cell, sorted by center inside a cell: the scatter to the centers then runs in order
-    order = torch.argsort(cell * (B * N) + center)
-    center, neighbor, cell = center[order], neighbor[order], cell[order]
-    segment = center * 27 + cell
-    count = torch.bincount(segment, minlength=B * N * 27)[segment]  # pairs sharing (center, cell)
-    cell_start = [0] + torch.cumsum(torch.bincount(cell, minlength=27), 0).tolist()
-    return PointwiseNeighbors(center, neighbor, cell, count, cell_start, B * N, cell_size, dilation)
+    if bool(valid.all()):
+        quantized = quantize(points.reshape(R, 3), cell_size)
+        center, neighbor, cell = neighbor_pairs(quantized, torch.arange(R, device=points.device) // max(N, 1), dilation)
+    else:
+        rows = torch.nonzero(valid.reshape(-1)).squeeze(1)  # flattened b * N + i, sorted by cloud
+        quantized = quantize(points.reshape(R, 3)[rows], cell_size)
+        center, neighbor, cell = neighbor_pairs(quantized, rows // max(N, 1), dilation)
+        center, neighbor = _take(rows, center), _take(rows, neighbor)
+    if 27 * R * R >= 1 << 62:
+        raise ValueError(f"points: {R} rows (B * N) are too many for one neighbor structure (at most 4e8)")
+    # gather: entries (center * 27 + cell, neighbor), sorted as packed int64 keys and decoded (one
+    # sort, no permutation gathers)
+    key = torch.sort((center * 27 + cell) * R + neighbor).values
+    segment = key // max(R, 1)
+    neighbor = key - segment * R
+    per_segment = torch.bincount(segment, minlength=27 * R)
+    count = torch.repeat_interleave(per_segment, per_segment)  # pairs sharing (center, cell): the mean's denominator
+    gather = CellMeans.from_sorted(per_segment, neighbor, count)
+    # scatter: entries (neighbor * 27 + cell, center), the same weights
+    cell = segment % 27
+    key = torch.sort((neighbor * 27 + cell) * R + segment // 27).values
+    segment = key // max(R, 1)
+    center = key - segment * R
+    count = _take(per_segment, center * 27 + segment % 27)
+    scatter = CellMeans.from_sorted(torch.bincount(segment, minlength=27 * R), center, count)
+    return PointwiseNeighbors(gather, scatter, R, cell_size, dilation)
 
 
 def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=None, bias=None, neighbors=None):
@@ -111,24 +130,16 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
         neighbors = pointwise_neighbors(points, cell_size, dilation, lengths=lengths)
     elif neighbors.num_rows != B * N or neighbors.cell_size != cell_size or neighbors.dilation != dilation:
         raise ValueError("neighbors were built for other points, cell_size or dilation")
-    # sum over cells of W[cell] applied to the cell's mean: per cell, gather the neighbors' features
-    # scaled by 1 / count, one GEMM, scatter to the centers (the 27 x C_in means of every point
-    # would be mostly empty and cost more memory traffic than the pairs)
-    f = features.reshape(B * N, cin)
-    cout = weight.shape[0]
-    W = weight.reshape(cout, cin, 27).to(f.dtype)
-    scale = 1.0 / neighbors.count.to(f.dtype)
-    out = f.new_zeros((B * N, cout))
-    for c in range(27):
-        a, b = neighbors.cell_start[c], neighbors.cell_start[c + 1]
-        if a == b:
-            continue
-        src = f.index_select(0, neighbors.neighbor[a:b]) * scale[a:b, None]
-        out = _scatter_add_rows(out, neighbors.center[a:b], src @ W[:, :, c].t())
+    # the per-(point, cell) means times the weights as one (27 C_in, C_out) matrix, in row blocks;
+    # half-precision features are computed in float32
+    dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
+    f = features.reshape(B * N, cin).to(dtype)
+    W = weight_matrix(weight.to(dtype))
+    out = pointwise_linear(f, W, neighbors.gather, neighbors.scatter).to(features.dtype)
     if bias is not None:
         out = out + bias
     valid = (torch.arange(N, device=points.device)[None, :] < lengths[:, None]).reshape(-1, 1)
-    return (out * valid.to(out.dtype)).reshape(B, N, cout)
+    return (out * valid.to(out.dtype)).reshape(B, N, -1)
 
 
 def pointwise_conv_reference(points, features, weight, cell_size, dilation=1, *, lengths=None, bias=None):
