@@ -12,7 +12,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pointconv.kernels import fps, gaussian, knn, weighted_sum  # noqa: E402
+from pointconv.kernels import fps, gaussian, knn, pointwise, weighted_sum  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -35,6 +35,10 @@ WSUM = {"w_ptr": "*fp32", "f_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32
 PDOT = {"g_ptr": "*fp32", "f_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32", "Q": "i32", "C": "i32", "K": "i32"}
 SEG = {"order_ptr": "*i64", "start_ptr": "*i64", "w_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": "*fp32",
        "C": "i32", "K": "i32"}
+CELL = {"crow_ptr": "*i32", "col_ptr": "*i32", "val_ptr": "*fp32", "x_ptr": "*fp32", "w_ptr": "*fp32",
+        "out_ptr": "*fp32", "R": "i32", "CIN": "i32", "COUT": "i32"}
+CELL_WGRAD = {"crow_ptr": "*i32", "col_ptr": "*i32", "val_ptr": "*fp32", "x_ptr": "*fp32", "g_ptr": "*fp32",
+              "part_ptr": "*fp32", "R": "i32", "CIN": "i32", "COUT": "i32", "blocks_per_chunk": "i32"}
 FPS = {"p_ptr": "*fp32", "len_ptr": "*i64", "start_ptr": "*i64", "mind_ptr": "*fp32", "out_ptr": "*i64",
        "N": "i32", "n_samples": "i32"}
 
@@ -59,6 +63,11 @@ def variants():
         yield "pair_dot", weighted_sum._pair_dot_kernel, half, dict(BLOCK_Q=32, BLOCK_C=64)
         half = {name: t.replace("fp32", dtype) if name == "g_ptr" else t for name, t in SEG.items()}
         yield "segment_sum", weighted_sum._segment_sum_kernel, half, dict(BLOCK_T=32, BLOCK_C=64)
+    for index, bi, bo in [("*i32", 16, 16), ("*i64", 64, 128)]:
+        wide = {name: index if name in ("crow_ptr", "col_ptr") else t for name, t in CELL.items()}
+        yield "cell_conv", pointwise._cell_conv_kernel, wide, dict(BLOCK_P=32, BLOCK_I=bi, BLOCK_O=bo)
+        wide = {name: index if name in ("crow_ptr", "col_ptr") else t for name, t in CELL_WGRAD.items()}
+        yield "cell_weight_grad", pointwise._cell_weight_grad_kernel, wide, dict(BLOCK_P=32, BLOCK_I=bi, BLOCK_O=bo)
 
 
 if __name__ == "__main__":

@@ -114,3 +114,44 @@ def test_gaussian_aggregation_on_the_triton_backend():
     for a, b in zip(out[1:], ref[1:]):
         assert torch.equal(a, b)
     torch.testing.assert_close(out[0], ref[0])
+
+
+def _pointwise_case(seed, cin=5, cout=6):
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.rand(2, 40, 3, generator=g).to(DEV)
+    feats = torch.randn(2, 40, cin, generator=g).to(DEV).requires_grad_()
+    weight = torch.randn(cout, cin, 3, 3, 3, generator=g).to(DEV).requires_grad_()
+    return pts, feats, weight, torch.tensor([40, 23], device=DEV)
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_pointwise_kernels_match_the_torch_path(s):
+    from pointconv.conv import _cell_means, pointwise_neighbors
+    from pointconv.kernels import pointwise as pointwise_kernels
+    pts, feats, weight, lengths = _pointwise_case(20 + s, cin=5, cout=20)  # C_out = 20: two dot tiles of 16
+    A = pointwise_neighbors(pts, 0.3, s, lengths=lengths).gather
+    x = feats.detach().reshape(80, 5)
+    w = _cell_means.weight_matrix(weight.detach())
+    gout = torch.randn(80, 20, generator=torch.Generator().manual_seed(s)).to(DEV)
+    with pointconv.use_backend("torch"):
+        conv, wgrad = _cell_means._conv(x, w, A), _cell_means._weight_grad(x, gout, A)
+    values = A.values(torch.float32)
+    torch.testing.assert_close(pointwise_kernels.cell_conv(A.crow, A.col, values, x, w), conv)
+    torch.testing.assert_close(pointwise_kernels.cell_weight_grad(A.crow, A.col, values, x, gout), wgrad)
+
+
+def test_pointwise_conv_on_the_triton_backend_to_second_order():
+    from pointconv.conv import pointwise_conv_reference
+    pts, feats, weight, lengths = _pointwise_case(30)
+
+    def derivatives(conv):
+        out = conv(pts, feats, weight, 0.3, 1, lengths=lengths)
+        gf, gw = torch.autograd.grad(out.square().sum(), (feats, weight), create_graph=True)
+        return [out, gf, gw, *torch.autograd.grad(gf.square().sum() + gw.square().sum(), (feats, weight))]
+
+    with pointconv.use_backend("triton"):
+        ours = derivatives(pointconv.pointwise_conv)
+        again = derivatives(pointconv.pointwise_conv)
+    for a, b, r in zip(ours, again, derivatives(pointwise_conv_reference)):
+        assert torch.equal(a, b)  # no atomics: the same bits on every run
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3)  # float32, second derivatives in the hundreds

@@ -68,6 +68,10 @@ _OPS = [
     }.get(b, "torch (GEMM-ranked exact selection; kd-tree above 65536 points on CPU; chunked weighted sums)")),
     ("gather", lambda b, d: "torch (indexing)"),
     ("sparse convolution (pointconv.sparse)", lambda b, d: "torch (kernel maps + per-offset gather-GEMM-scatter)"),
+    ("pointwise_conv, float32", lambda b, d: {
+        "reference": "reference (dense membership)",
+        "triton": "triton (fused per-cell means + GEMM kernels)",
+    }.get(b, "torch (CSR per-cell means + GEMM, in row blocks)")),
 ]
 
 

@@ -14,9 +14,11 @@ every derivative of the convolution is again a convolution or a weight gradient
 ``sum_i (A x)_i (x) g_i``: one autograd Function computes both and calls itself in its backward
 pass, exact to any order.
 
-The products run over blocks of rows, so the ``(rows, 27 C)`` means of a block stay in cache and
-memory stays bounded whatever the cloud size; each output row is summed by one thread in a fixed
-order (CSR times dense), so results are bitwise reproducible.
+On CPU (and for float64 or more than 128 channels anywhere) the products run over blocks of rows,
+so the ``(rows, 27 C)`` means of a block stay in cache and memory stays bounded whatever the cloud
+size; each output row is summed by one thread in a fixed order (CSR times dense), so results are
+bitwise reproducible. On the Triton backend two fused kernels (``pointconv.kernels.pointwise``)
+compute the same sums without writing the means.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+
+from .._backend import backend_for
 
 # torch warns once per process that CSR tensors are "beta"; the CSR x dense product used here is
 # stable and tested, and the warning would only confuse users of pointconv
@@ -91,8 +95,20 @@ def _swap_channels(w: torch.Tensor, cin: int) -> torch.Tensor:
     return w.reshape(27, cin, -1).transpose(1, 2).reshape(-1, cin)
 
 
+def _use_triton(x: torch.Tensor, *channels: int) -> bool:
+    """Whether the Triton kernels (``pointconv.kernels.pointwise``: float32, up to 128 channels)
+    take this call; the row-block path above takes the rest (float64, wide layers)."""
+    if backend_for(x.device) != "triton" or x.dtype != torch.float32:
+        return False
+    from ..kernels.pointwise import MAX_CHANNELS  # imported only on the Triton backend
+    return max(channels) <= MAX_CHANNELS
+
+
 def _conv(x, w, A: CellMeans):
     cin = x.shape[1]
+    if _use_triton(x, cin, w.shape[1]):
+        from ..kernels.pointwise import cell_conv
+        return cell_conv(A.crow, A.col, A.values(torch.float32), x, w)
     out = x.new_empty((A.num_rows, w.shape[1]))
     for r0, r1, S in A.blocks(x.dtype, cin):
         torch.mm((S @ x).view(r1 - r0, 27 * cin), w, out=out[r0:r1])
@@ -101,6 +117,9 @@ def _conv(x, w, A: CellMeans):
 
 def _weight_grad(x, g, A: CellMeans):
     cin = x.shape[1]
+    if _use_triton(x, cin, g.shape[1]):
+        from ..kernels.pointwise import cell_weight_grad
+        return cell_weight_grad(A.crow, A.col, A.values(torch.float32), x, g)
     out = x.new_zeros((27 * cin, g.shape[1]))
     for r0, r1, S in A.blocks(x.dtype, cin):
         out.addmm_((S @ x).view(r1 - r0, 27 * cin).t(), g[r0:r1])  # blocks in order: deterministic
@@ -144,7 +163,7 @@ class _Bilinear(torch.autograd.Function):
         need_x, need_y = ctx.needs_input_grad[1:3]
         cin = x.shape[1]
         if ctx.mode == "conv":  # y = w, grad = g
-            if need_x and need_y and not torch.is_grad_enabled():
+            if need_x and need_y and not torch.is_grad_enabled() and not _use_triton(x, cin, y.shape[1]):
                 return (None, *_conv_grads(x, y, grad.contiguous(), At), None, None)  # first order: one pass
             gx = _Bilinear.apply("conv", grad, _swap_channels(y, cin), At, A) if need_x else None
             gy = _Bilinear.apply("weight_grad", x, grad, A, At) if need_y else None
