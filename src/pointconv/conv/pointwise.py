@@ -98,13 +98,13 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> Point
     per_segment = torch.bincount(segment, minlength=27 * R)
     count = torch.repeat_interleave(per_segment, per_segment)  # pairs sharing (center, cell): the mean's denominator
     gather = CellMeans.from_sorted(per_segment, neighbor, count)
-    # scatter: entries (neighbor * 27 + cell, center), the same weights
-    cell = segment % 27
-    key = torch.sort((neighbor * 27 + cell) * R + segment // 27).values
-    segment = key // max(R, 1)
-    center = key - segment * R
-    count = _take(per_segment, center * 27 + segment % 27)
-    scatter = CellMeans.from_sorted(torch.bincount(segment, minlength=27 * R), center, count)
+    # scatter: entries (neighbor * 27 + cell, center), the same weights; the entries are in center
+    # order, so a stable sort by row keeps the centers ascending within each row (int32 keys sort
+    # about twice as fast as int64)
+    row = neighbor * 27 + segment % 27
+    order = torch.argsort(row.int() if 27 * R < 1 << 31 else row, stable=True)
+    scatter = CellMeans.from_sorted(torch.bincount(row, minlength=27 * R), _take(segment // 27, order),
+                                    _take(count, order))
     return PointwiseNeighbors(gather, scatter, R, cell_size, dilation)
 
 
