@@ -79,6 +79,8 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> Point
     lengths = _checks.lengths("lengths", lengths, points.shape[0], points.shape[1], points.device)
     B, N, _ = points.shape
     R = B * N
+    if 27 * R * R >= 1 << 62:
+        raise ValueError(f"points: {R} rows (B * N) are too many for one neighbor structure (at most 4e8)")
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
     if bool(valid.all()):
         quantized = quantize(points.reshape(R, 3), cell_size)
@@ -88,8 +90,6 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> Point
         quantized = quantize(points.reshape(R, 3)[rows], cell_size)
         center, neighbor, cell = neighbor_pairs(quantized, rows // max(N, 1), dilation)
         center, neighbor = _take(rows, center), _take(rows, neighbor)
-    if 27 * R * R >= 1 << 62:
-        raise ValueError(f"points: {R} rows (B * N) are too many for one neighbor structure (at most 4e8)")
     # gather: entries (center * 27 + cell, neighbor), sorted as packed int64 keys and decoded (one
     # sort, no permutation gathers)
     key = torch.sort((center * 27 + cell) * R + neighbor).values
