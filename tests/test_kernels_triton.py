@@ -20,12 +20,18 @@ def _ref(q, p, k, r2, ql, pl, exclude_self=False):
     return search_reference(q, p, k, radius2=r2, query_lengths=ql, points_lengths=pl, exclude_self=exclude_self)
 
 
+def _two_clouds(kind, radius, nq, np_, q_len, p_len, seeds):
+    """Queries and points (2 clouds each, the second cut to the given lengths), their lengths, and
+    the squared radius (None for kNN)."""
+    q = make_cloud(kind, 2, nq, seed=seeds[0], device=DEV)
+    p = make_cloud(kind, 2, np_, seed=seeds[1], device=DEV)
+    ql, pl = torch.tensor([nq, q_len], device=DEV), torch.tensor([np_, p_len], device=DEV)
+    return q, p, ql, pl, None if radius is None else radius_squared(radius, torch.float32)
+
+
 @pytest.mark.parametrize("kind,k,radius", [("uniform", 16, None), ("lattice", 5, None), ("clustered", 20, 0.08)])
 def test_brute_kernel(kind, k, radius):
-    q = make_cloud(kind, 2, 40, seed=1, device=DEV)
-    p = make_cloud(kind, 2, 50, seed=2, device=DEV)
-    ql, pl = torch.tensor([40, 13], device=DEV), torch.tensor([50, 9], device=DEV)
-    r2 = None if radius is None else radius_squared(radius, torch.float32)
+    q, p, ql, pl, r2 = _two_clouds(kind, radius, 40, 50, 13, 9, seeds=(1, 2))
     d, i = knn_kernels.search_brute(q, p, k, r2, ql, pl, False)
     rd, ri = _ref(q, p, k, r2, ql, pl)
     assert torch.equal(i, ri) and torch.equal(d, rd)
@@ -41,10 +47,7 @@ def test_brute_kernel_other_dimension_and_exclude_self():
 
 @pytest.mark.parametrize("kind,k,radius", [("uniform", 8, None), ("surface", 4, None), ("lattice", 6, 0.9)])
 def test_grid_kernel(kind, k, radius):
-    q = make_cloud(kind, 2, 24, seed=4, device=DEV)
-    p = make_cloud(kind, 2, 60, seed=5, device=DEV)
-    ql, pl = torch.tensor([24, 7], device=DEV), torch.tensor([60, 11], device=DEV)
-    r2 = None if radius is None else radius_squared(radius, torch.float32)
+    q, p, ql, pl, r2 = _two_clouds(kind, radius, 24, 60, 7, 11, seeds=(4, 5))
     grid = knn_kernels.Grid(p, pl, k_hint=k)
     assert int(grid.dims.prod(1).max()) > 1  # a real grid, not one cell
     d, i = knn_kernels.search_grid(q, grid, k, r2, ql, False)

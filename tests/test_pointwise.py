@@ -101,6 +101,8 @@ def test_module_shares_one_neighbor_structure():
     torch.testing.assert_close(layer(pts, feats, neighbors=nbrs), layer(pts, feats))
     with pytest.raises(ValueError, match="built for other points"):
         pointconv.nn.PointwiseConv3d(9, 9, 0.1, dilation=1)(pts, feats, neighbors=nbrs)
+    with pytest.raises(TypeError, match="neighbors must be a PointwiseNeighbors"):
+        layer(pts, feats, neighbors=[nbrs])
 
 
 def test_deterministic_outputs_and_gradients(monkeypatch, deterministic_mode):

@@ -86,51 +86,36 @@ def _dispatch(name, a, b, *rest):
     return _TORCH_OPS[name](a, b, *rest)
 
 
-class GatherSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, f, idx):
-        ctx.save_for_backward(w, f, idx)
-        return _dispatch("gather_sum", w, f, idx)
+class _WeightedSum(torch.autograd.Function):
+    """One of the three ops, ``name`` applied to ``(a, b, idx)`` (``num_rows`` for scatter_sum);
+    its backward is written with the three, so autograd differentiates it again."""
 
     @staticmethod
-    def backward(ctx, grad):
-        w, f, idx = ctx.saved_tensors
-        gw = PairDot.apply(grad, f, idx) if ctx.needs_input_grad[0] else None
-        gf = ScatterSum.apply(w, grad, idx, f.shape[0]) if ctx.needs_input_grad[1] else None
-        return gw, gf, None
-
-
-class ScatterSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, g, idx, num_rows):
-        ctx.save_for_backward(w, g, idx)
-        return _dispatch("scatter_sum", w, g, idx, num_rows)
+    def forward(ctx, name, a, b, idx, num_rows):
+        ctx.save_for_backward(a, b, idx)
+        ctx.name = name
+        return _dispatch(name, a, b, idx, num_rows) if name == "scatter_sum" else _dispatch(name, a, b, idx)
 
     @staticmethod
     def backward(ctx, grad):
-        w, g, idx = ctx.saved_tensors
-        gw = PairDot.apply(g, grad, idx) if ctx.needs_input_grad[0] else None
-        gg = GatherSum.apply(w, grad, idx) if ctx.needs_input_grad[1] else None
-        return gw, gg, None, None
-
-
-class PairDot(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, g, f, idx):
-        ctx.save_for_backward(g, f, idx)
-        return _dispatch("pair_dot", g, f, idx)
-
-    @staticmethod
-    def backward(ctx, grad):
-        g, f, idx = ctx.saved_tensors
-        gg = GatherSum.apply(grad, f, idx) if ctx.needs_input_grad[0] else None
-        gf = ScatterSum.apply(grad, g, idx, f.shape[0]) if ctx.needs_input_grad[1] else None
-        return gg, gf, None
+        a, b, idx = ctx.saved_tensors
+        op = _WeightedSum.apply
+        need_a, need_b = ctx.needs_input_grad[1:3]
+        if ctx.name == "gather_sum":  # (w, f): out = sum_k w f[idx]
+            ga = op("pair_dot", grad, b, idx, None) if need_a else None
+            gb = op("scatter_sum", a, grad, idx, b.shape[0]) if need_b else None
+        elif ctx.name == "scatter_sum":  # (w, g): out[j] = sum_{idx = j} w g
+            ga = op("pair_dot", b, grad, idx, None) if need_a else None
+            gb = op("gather_sum", a, grad, idx, None) if need_b else None
+        else:  # pair_dot (g, f): out = g . f[idx]
+            ga = op("gather_sum", grad, b, idx, None) if need_a else None
+            gb = op("scatter_sum", grad, a, idx, b.shape[0]) if need_b else None
+        return None, ga, gb, None, None
 
 
 def gather_sum(w: torch.Tensor, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``out[q] = sum_k w[q, k] * f[idx[q, k]]`` for ``w (Q, k)``, ``f (P, C)``, ``idx (Q, k)`` int64."""
-    return GatherSum.apply(w, f, idx)
+    return _WeightedSum.apply("gather_sum", w, f, idx, None)
 
 
 def gather_sum_reference(w, f, idx):

@@ -128,6 +128,8 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
         return pointwise_conv_reference(points, features, weight, cell_size, dilation, lengths=lengths, bias=bias)
     if neighbors is None:
         neighbors = pointwise_neighbors(points, cell_size, dilation, lengths=lengths)
+    elif not isinstance(neighbors, PointwiseNeighbors):
+        raise TypeError(f"neighbors must be a PointwiseNeighbors (pointwise_neighbors), got {type(neighbors).__name__}")
     elif neighbors.num_rows != B * N or neighbors.cell_size != cell_size or neighbors.dilation != dilation:
         raise ValueError("neighbors were built for other points, cell_size or dilation")
     # the per-(point, cell) means times the weights as one (27 C_in, C_out) matrix, in row blocks;
