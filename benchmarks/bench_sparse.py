@@ -7,6 +7,11 @@
     between the pairs, no BatchNorm, on ~120K voxels of a generated street scene in an
     [80, 1600, 1600] grid, batch 1; forward and backward, fp32 (and fp16 on CUDA).
 
+On CUDA pointconv runs its Triton implicit GEMM (the default backend there); the row "pointconv
+(torch ops)" is the same layer on the torch backend (gather, GEMM and ``index_put_`` scatter per
+kernel offset), for the kernels' gain in the same run. "tf32" rows let float32 products run in
+TF32 (``torch.backends.cuda.matmul.allow_tf32``).
+
 spconv runs on the CPU wheel (``spconv``) or, on a GPU machine, ``spconv-cu126``. Its CPU kernels
 race when torch uses more than one thread, so the table lists spconv with all threads (its
 default, results vary) and with one thread (correct); pointconv uses all threads and is
@@ -21,6 +26,7 @@ import argparse
 
 import torch
 
+import pointconv
 import pointconv.sparse as ours
 from pointconv._timing import provenance, timed_ms
 
@@ -114,6 +120,10 @@ def main(argv=None):
 
     for task, backward in (("forward", False), ("forward + backward", True)):
         rows = [("pointconv.sparse", torch.get_num_threads(), timed(run(conv_ours, ours, backward), device, args.repeat))]
+        if device.type == "cuda":
+            with pointconv.use_backend("torch"):
+                rows.append(("pointconv (torch ops)", torch.get_num_threads(),
+                             timed(run(conv_ours, ours, backward), device, args.repeat)))
         if spconv is not None:
             conv_sp = spconv.SubMConv3d(64, 64, 3, bias=False).to(device)
             conv_sp.load_state_dict(conv_ours.state_dict())
@@ -150,7 +160,9 @@ def main_net(args):
                  f"in [80, 1600, 1600], batch 1, median of {args.repeat}")
     print("| dtype | task | method | ms | ms / pointconv ms |")
     print("|---|---|---|---:|---:|")
-    dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
+    dtypes = [("float32", torch.float32)]
+    if device.type == "cuda":
+        dtypes += [("tf32", torch.float32), ("float16", torch.float16)]
 
     def step(net, cls, dtype, backward):
         def run():
@@ -161,9 +173,15 @@ def main_net(args):
                 y.features.float().square().sum().backward()
         return run
 
-    for dtype in dtypes:
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    for label, dtype in dtypes:
+        torch.backends.cuda.matmul.allow_tf32 = label == "tf32"
         for task, backward in (("forward", False), ("forward + backward", True)):
             rows = [("pointconv.sparse", timed(step(net_ours, ours, dtype, backward), device, args.repeat))]
+            if device.type == "cuda":
+                with pointconv.use_backend("torch"):
+                    rows.append(("pointconv (torch ops)", timed(step(net_ours, ours, dtype, backward), device,
+                                                                args.repeat)))
             if spconv is not None:
                 net_sp = benchmark_net(spconv).to(device)
                 net_sp.load_state_dict(net_ours.state_dict())
@@ -174,7 +192,8 @@ def main_net(args):
             base = rows[0][1]
             for method, ms in rows:
                 cell = f"{ms:.1f} | {ms / base:.2f}x" if isinstance(ms, float) else f"{ms} | "
-                print(f"| {str(dtype).split('.')[-1]} | {task} | {method} | {cell} |", flush=True)
+                print(f"| {label} | {task} | {method} | {cell} |", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 if __name__ == "__main__":

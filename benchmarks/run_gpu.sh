@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Everything a GPU session should run, in one device call (the device README: few, full calls):
-#   bash benchmarks/run_gpu.sh            # on the GPU machine, from the repository root
+# Everything a GPU session should run, in two device calls of under 10 minutes each (the device
+# README: few, full calls), from the repository root on the GPU machine:
+#   bash benchmarks/run_gpu.sh tests neighbors gaussian     # then
+#   bash benchmarks/run_gpu.sh sparse pointconv
+# (no arguments: all five parts, which may pass one call's 600 s limit).
 # The GPU image already has torch, triton, pytest, hypothesis, tqdm and matplotlib; the project
 # runs from the source tree. For spconv baselines, carry the spconv-cu126 and cumm-cu126==0.7.11
 # wheels (see the device README) and install them first. Logs and tables go to $OUT (or ./gpu_out).
@@ -8,11 +11,18 @@ set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
+parts=${*:-tests neighbors gaussian sparse pointconv}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m pointconv info; } 2>&1 | tee "$out/info.txt"
-# GPU tests: every device-parametrized test runs on cuda too, and the Triton kernels run compiled.
-timeout 240 python3 -m pytest -q -x tests 2>&1 | tee "$out/tests.log" | tail -30
-timeout 120 python3 benchmarks/bench_neighbors.py --device cuda 2>&1 | tee "$out/bench_neighbors_cuda.md"
-timeout 100 python3 benchmarks/bench_gaussian.py --device cuda 2>&1 | tee "$out/bench_gaussian_cuda.md"
-timeout 40 python3 benchmarks/bench_sparse.py --device cuda 2>&1 | tee "$out/bench_sparse_a_cuda.md"
-timeout 60 python3 benchmarks/bench_sparse.py --device cuda --net 2>&1 | tee "$out/bench_sparse_b_cuda.md"
-timeout 50 python3 benchmarks/bench_pointconv.py --device cuda 2>&1 | tee "$out/bench_pointconv_cuda.md"
+for part in $parts; do
+  case $part in
+    # GPU tests: every device-parametrized test runs on cuda too, and the Triton kernels run compiled.
+    tests) timeout 240 python3 -m pytest -q -x tests 2>&1 | tee "$out/tests.log" | tail -30 ;;
+    neighbors) timeout 120 python3 benchmarks/bench_neighbors.py --device cuda 2>&1 | tee "$out/bench_neighbors_cuda.md" ;;
+    gaussian) timeout 100 python3 benchmarks/bench_gaussian.py --device cuda 2>&1 | tee "$out/bench_gaussian_cuda.md" ;;
+    sparse)
+      timeout 90 python3 benchmarks/bench_sparse.py --device cuda 2>&1 | tee "$out/bench_sparse_a_cuda.md"
+      timeout 240 python3 benchmarks/bench_sparse.py --device cuda --net 2>&1 | tee "$out/bench_sparse_b_cuda.md" ;;
+    pointconv) timeout 120 python3 benchmarks/bench_pointconv.py --device cuda 2>&1 | tee "$out/bench_pointconv_cuda.md" ;;
+    *) echo "unknown part $part (tests neighbors gaussian sparse pointconv)"; exit 2 ;;
+  esac
+done

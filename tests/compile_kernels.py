@@ -9,10 +9,11 @@ import os
 os.environ["TRITON_INTERPRET"] = "0"  # must precede the kernels' import
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pointconv.kernels import fps, gaussian, knn, pointwise, weighted_sum  # noqa: E402
+from pointconv.kernels import fps, gaussian, knn, pointwise, sparse_conv, weighted_sum  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -39,6 +40,10 @@ CELL = {"crow_ptr": "*i32", "col_ptr": "*i32", "val_ptr": "*fp32", "x_ptr": "*fp
         "out_ptr": "*fp32", "R": "i32", "CIN": "i32", "COUT": "i32"}
 CELL_WGRAD = {"crow_ptr": "*i32", "col_ptr": "*i32", "val_ptr": "*fp32", "x_ptr": "*fp32", "g_ptr": "*fp32",
               "part_ptr": "*fp32", "R": "i32", "CIN": "i32", "COUT": "i32", "blocks_per_chunk": "i32"}
+GATHER_GEMM = {"table_ptr": "*i32", "x_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32", "M": "i32", "CIN": "i32",
+               "COUT": "i32", "V": "i32"}
+PAIR_GEMM = {"a_rows_ptr": "*i32", "b_rows_ptr": "*i32", "chunk_start_ptr": "*i64", "chunk_end_ptr": "*i64",
+             "x_ptr": "*fp32", "y_ptr": "*fp32", "part_ptr": "*fp32", "CX": "i32", "CY": "i32"}
 FPS = {"p_ptr": "*fp32", "len_ptr": "*i64", "start_ptr": "*i64", "mind_ptr": "*fp32", "out_ptr": "*i64",
        "N": "i32", "n_samples": "i32"}
 
@@ -68,6 +73,17 @@ def variants():
         yield "cell_conv", pointwise._cell_conv_kernel, wide, dict(BLOCK_P=32, BLOCK_I=bi, BLOCK_O=bo)
         wide = {name: index if name in ("crow_ptr", "col_ptr") else t for name, t in CELL_WGRAD.items()}
         yield "cell_weight_grad", pointwise._cell_weight_grad_kernel, wide, dict(BLOCK_P=32, BLOCK_I=bi, BLOCK_O=bo)
+    # sparse conv: float32 (IEEE and TF32), float16, bfloat16 and float64 (fp64 tensor-core MMA on sm_90)
+    for dtype, acc, prec, bk, bn in [("fp32", tl.float32, "ieee", 32, 64), ("fp32", tl.float32, "tf32", 16, 16),
+                                     ("fp16", tl.float32, "ieee", 64, 64), ("bf16", tl.float32, "ieee", 64, 64),
+                                     ("fp64", tl.float64, "ieee", 16, 32)]:
+        typed = {n: t.replace("fp32", dtype) for n, t in GATHER_GEMM.items()}
+        yield "gather_gemm", sparse_conv._gather_gemm_kernel, typed, dict(BLOCK_M=64, BLOCK_K=bk, BLOCK_N=bn, ACC=acc,
+                                                                          PRECISION=prec)
+        part = "fp64" if dtype == "fp64" else "fp32"
+        typed = {n: t.replace("fp32", part if n == "part_ptr" else dtype) for n, t in PAIR_GEMM.items()}
+        yield "pair_gemm_t", sparse_conv._pair_gemm_t_kernel, typed, dict(BLOCK_P=32, BLOCK_K=bk, BLOCK_N=bn, ACC=acc,
+                                                                          PRECISION=prec)
 
 
 if __name__ == "__main__":

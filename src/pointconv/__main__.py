@@ -67,7 +67,9 @@ _OPS = [
         "triton": "triton (brute-force selection kernel, weighted-sum kernels)",
     }.get(b, "torch (GEMM-ranked exact selection; kd-tree above 65536 points on CPU; chunked weighted sums)")),
     ("gather", lambda b, d: "torch (indexing)"),
-    ("sparse convolution (pointconv.sparse)", lambda b, d: "torch (kernel maps + per-offset gather-GEMM-scatter)"),
+    ("sparse convolution (pointconv.sparse)", lambda b, d: (
+        "triton (implicit GEMM over the kernel map; torch ops for groups > 1)" if b == "triton"
+        else "torch (kernel maps + per-offset gather-GEMM-scatter)")),
     ("pointwise_conv, float32", lambda b, d: {
         "reference": "reference (dense membership)",
         "triton": "triton (fused per-cell means + GEMM kernels)",

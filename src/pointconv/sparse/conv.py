@@ -1,9 +1,12 @@
 """Sparse convolutions with spconv 2.x's API and the dense convolution's math (DESIGN.md 5.3).
 
-Features move by gather -> GEMM -> scatter per kernel offset: ``out[out_rows] += x[in_rows] @ W[o]^T``.
-Plain differentiable torch ops (index_select, matmul, index_add / index_put with accumulation),
-so gradients w.r.t. features and weights are exact to any order. The scatter is sequential on CPU
-and ``index_put_(accumulate=True)`` on CUDA (deterministic under ``torch.use_deterministic_algorithms``).
+On the torch backend (CPU) features move by gather -> GEMM -> scatter per kernel offset:
+``out[out_rows] += x[in_rows] @ W[o]^T``, plain differentiable torch ops (index_select, matmul,
+index_add / index_put with accumulation), so gradients w.r.t. features and weights are exact to any
+order; the scatter is sequential on CPU. On the Triton backend (CUDA) an implicit GEMM over the
+kernel map's tables (``_implicit_gemm``) writes each output row from one program: deterministic,
+any order of derivatives; grouped convolutions stay on the torch ops (``index_put_(accumulate=True)``
+on CUDA, deterministic under ``torch.use_deterministic_algorithms``).
 Under ``torch.autocast`` the layers compute in the region's dtype, fp16 or bf16 (spconv always
 casts to fp16), summing over kernel offsets in float32.
 
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import _checks
+from ._implicit_gemm import implicit_gemm_conv, use_triton
 from .kernel_map import KernelMap, build_conv, build_subm, build_transposed, inverse_of
 from .modules import SparseModule
 from .tensor import SparseConvTensor
@@ -57,6 +61,8 @@ def apply_kernel_map(features, weight, kmap: KernelMap, groups: int = 1) -> torc
     in_g = weight.shape[-1]
     kvol = len(kmap.start) - 1
     W = weight.reshape(out_ch, kvol, in_g)
+    if use_triton(features, groups):
+        return implicit_gemm_conv(features, W.permute(1, 2, 0), kmap.tables())
     low = features.dtype in (torch.float16, torch.bfloat16)
     out = features.new_zeros((kmap.out_indices.shape[0], out_ch), dtype=torch.float32 if low else None)
     # A submanifold kernel's center reads each site itself: one dense GEMM, no gather or scatter.

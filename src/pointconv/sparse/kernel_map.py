@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,15 @@ class KernelMap:
     padding: tuple
     dilation: tuple
     subm: bool
+    _tables: object = field(default=None, repr=False, compare=False)
+
+    def tables(self):
+        """The map as the Triton kernels read it (``_implicit_gemm.ConvTables``), built once."""
+        if self._tables is None:
+            from ._implicit_gemm import conv_tables
+            self._tables = conv_tables(self.in_rows, self.out_rows, self.start, self.in_indices.shape[0],
+                                       self.out_indices.shape[0])
+        return self._tables
 
 
 def linearize(batch: torch.Tensor, coords: torch.Tensor, shape) -> torch.Tensor:
