@@ -96,7 +96,7 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> Point
     segment = key // max(R, 1)
     neighbor = key - segment * R
     per_segment = torch.bincount(segment, minlength=27 * R)
-    count = torch.repeat_interleave(per_segment, per_segment)  # pairs sharing (center, cell): the mean's denominator
+    count = _take(per_segment, segment)  # pairs sharing (center, cell): the mean's denominator
     gather = CellMeans.from_sorted(per_segment, neighbor, count)
     # scatter: entries (neighbor * 27 + cell, center), the same weights; the entries are in center
     # order, so a stable sort by row keeps the centers ascending within each row (int32 keys sort
