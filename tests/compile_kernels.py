@@ -32,6 +32,9 @@ GRID = {"q_ptr": "*fp32", "qbatch_ptr": "*i64", "qrow_ptr": "*i64", "nq_total": 
         "base_ptr": "*i64", "out_d_ptr": "*fp32", "out_i_ptr": "*i64", "Q": "i32", "radius2": "fp32"}
 GAUSS = {"q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32", "plen_ptr": "*i64",
          "out_m_ptr": "*fp32", "out_i_ptr": "*i64", "Q": "i32", "P": "i32"}
+GAUSS_FUSED = {"q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32", "plen_ptr": "*i64",
+               "f_ptr": "*fp32", "out_m_ptr": "*fp32", "out_i_ptr": "*i64", "out_f_ptr": "*fp32", "Q": "i32", "P": "i32",
+               "F": "i32"}
 WSUM = {"w_ptr": "*fp32", "f_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32", "Q": "i32", "C": "i32", "K": "i32"}
 PDOT = {"g_ptr": "*fp32", "f_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32", "Q": "i32", "C": "i32", "K": "i32"}
 SEG = {"order_ptr": "*i64", "start_ptr": "*i64", "w_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": "*fp32",
@@ -61,6 +64,10 @@ def variants():
     for k in (8, 16, 40):
         kp = knn._kp(k)
         yield "aniso_select", gaussian._aniso_select_kernel, GAUSS, dict(K=k, KP=kp, BQ=32 if kp <= 32 else 16)
+    for k, f_type in [(16, "fp32"), (40, "bf16")]:
+        kp = knn._kp(k)
+        sig = dict(GAUSS_FUSED, f_ptr=f"*{f_type}")
+        yield "aniso_aggregate", gaussian._aniso_aggregate_kernel, sig, dict(K=k, KP=kp, BQ=32 if kp <= 32 else 16, BF=64)
     for dtype in ("fp32", "bf16"):
         half = {name: t.replace("fp32", dtype) if name in ("f_ptr", "g_ptr") else t for name, t in WSUM.items()}
         yield "gather_sum", weighted_sum._gather_sum_kernel, half, dict(BLOCK_Q=32, BLOCK_C=64)

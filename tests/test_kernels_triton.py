@@ -119,6 +119,28 @@ def test_gaussian_aggregation_on_the_triton_backend():
     torch.testing.assert_close(out[0], ref[0])
 
 
+@pytest.mark.parametrize("K,F,fdtype", [(16, 70, torch.float32), (5, 3, torch.float16)])
+def test_fused_gaussian_forward_without_gradients(K, F, fdtype):
+    # no gradient recorded: one kernel selects, weighs and sums (F = 70: two channel tiles)
+    from pointconv.gaussian import aggregate as gaussian_aggregate
+    from pointconv.gaussian import knn_aggregate_aniso_reference
+    from test_gaussian import make
+
+    q, p, f, sigma, R = (t.to(DEV) for t in make(Q=37, P=50, F=F, seed=K))
+    lengths = torch.tensor([50, 9], device=DEV)
+    with pointconv.use_backend("triton"), torch.no_grad():
+        assert gaussian_aggregate._fused_forward(q, p, f, sigma, R, "aniso")
+        out = pointconv.knn_aggregate_aniso(q, p, f.to(fdtype), sigma, R, K, p_lengths=lengths)
+    with pointconv.use_backend("triton"):
+        assert not gaussian_aggregate._fused_forward(q, p, f.requires_grad_(), sigma, R, "aniso")
+    ref = knn_aggregate_aniso_reference(q, p, f.detach().to(fdtype), sigma, R, K, p_lengths=lengths)
+    assert out[0].dtype == fdtype
+    for a, b in zip(out[1:], ref[1:]):  # weights, exponents, indices: bitwise
+        assert torch.equal(a, b)
+    tol = 1e-5 if fdtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out[0].float(), ref[0].float(), rtol=tol, atol=tol)
+
+
 def _pointwise_case(seed, cin=5, cout=6):
     g = torch.Generator().manual_seed(seed)
     pts = torch.rand(2, 40, 3, generator=g).to(DEV)

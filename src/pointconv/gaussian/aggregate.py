@@ -10,7 +10,10 @@ ascending ``dists`` and int64 indices; missing neighbors (K > P, or beyond ``p_l
 Neighbor selection is piecewise constant and not differentiated; everything after it is built
 from differentiable ops (gathers, the exponent formula, and the weighted sum of
 ``pointconv._weighted_sum``), so gradients of every output w.r.t. q, p, f, sigma and R are exact
-to any order. The weighted sum never materializes ``(B, Q, K, F)``.
+to any order. The weighted sum never materializes ``(B, Q, K, F)``. On the Triton backend a
+forward that records no gradient (inference, ``torch.no_grad``) runs as one fused kernel
+(selection, weights and weighted sum; ``kernels/gaussian.py``); its weights and sums agree with
+the differentiable ops' to rounding (the kernel sums without FMA).
 """
 from __future__ import annotations
 
@@ -68,7 +71,18 @@ def _check(q, p, f, sigma, R, K, p_lengths, select, sigma_last):
     return K, p_lengths
 
 
+def _fused_forward(q, p, f, sigma, R, select) -> bool:
+    """Whether one Triton kernel computes the whole forward: float32 ``select="aniso"`` on the
+    Triton backend when no gradient is recorded (a recorded forward keeps the differentiable ops)."""
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, p, f, sigma, R))
+    return select == "aniso" and q.dtype == torch.float32 and backend_for(q.device) == "triton" and not recording
+
+
 def _aggregate(q, p, f, sigma, R, K, p_lengths, select):
+    if _fused_forward(q, p, f, sigma, R, select):
+        from ..kernels.gaussian import aggregate_aniso
+        f_out, w, m, idx = aggregate_aniso(q, p, f, sigma, R, K, p_lengths)
+        return f_out.to(f.dtype), w, m, idx
     B, Q, _ = q.shape
     P, F = p.shape[1], f.shape[2]
     if select == "aniso":

@@ -1,9 +1,14 @@
-"""Triton kernel: the K points with the smallest Gaussian exponent m of each query (brute force).
+"""Triton kernels: the K points with the smallest Gaussian exponent m of each query (brute force),
+and the whole forward of ``knn_aggregate_aniso`` fused with that selection.
 
 A program per block of queries scans its cloud in tiles of KP points, evaluates
 ``m = sum_a sigma_a (sum_b R_ab d_b)^2`` in the order of ``gaussian/_exponent.py`` without FMA
 (bitwise the torch values), and keeps the K best (m, index) pairs with the packed-key top-k of
-``kernels/knn.py``. Exact, deterministic, no Q x P memory.
+``kernels/knn.py``. Exact, deterministic, no Q x P memory. The fused kernel then writes the
+weights ``exp(-m)`` and ``f_out = sum_k w_k f_k`` (neighbors in ascending m, float32 sums) from
+the same program: the forward without ``(B, Q, K, F)`` or exponent temporaries in memory. (The
+weights it returns are ``torch.exp(-m)`` of the written m, bitwise those of the differentiable
+path; its own ``tl.exp`` inside the sum may differ from them in the last bit.)
 """
 from __future__ import annotations
 
@@ -15,13 +20,10 @@ from .knn import INF_KEY, _kp, _merge, _pack, _store
 
 
 @triton.jit
-def _aniso_select_kernel(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, out_m_ptr, out_i_ptr, Q, P,
-                         K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+def _select(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, b, rows, row_mask, Q, P,
+            K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr):
+    """The sorted (BQ, KP) packed (m, index) keys of queries ``rows`` of cloud ``b``."""
     npts = tl.load(plen_ptr + b)
-    rows = pid * BQ + tl.arange(0, BQ)
-    row_mask = rows < Q
     qb = q_ptr + b * Q * 3 + rows.to(tl.int64) * 3
     qx = tl.load(qb, mask=row_mask, other=0.0)
     qy = tl.load(qb + 1, mask=row_mask, other=0.0)
@@ -48,7 +50,44 @@ def _aniso_select_kernel(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, out_m_ptr, out_i_
                 m = m + t
         m = tl.where(pm[None, :] & row_mask[:, None], m, float("inf"))
         best = _merge(best, _pack(m, offs[None, :]), K, KP, BQ)
+    return best
+
+
+@triton.jit
+def _aniso_select_kernel(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, out_m_ptr, out_i_ptr, Q, P,
+                         K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BQ + tl.arange(0, BQ)
+    row_mask = rows < Q
+    best = _select(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, b, rows, row_mask, Q, P, K, KP, BQ)
     _store(best, out_m_ptr + b * Q * K, out_i_ptr + b * Q * K, rows, row_mask, K, KP)
+
+
+@triton.jit
+def _aniso_aggregate_kernel(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, f_ptr, out_m_ptr, out_i_ptr, out_f_ptr,
+                            Q, P, F, K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr, BF: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BQ + tl.arange(0, BQ)
+    row_mask = rows < Q
+    best = _select(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, b, rows, row_mask, Q, P, K, KP, BQ)
+    _store(best, out_m_ptr + b * Q * K, out_i_ptr + b * Q * K, rows, row_mask, K, KP)
+    cols = tl.arange(0, KP)[None, :]
+    m = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    missing = m == float("inf")
+    w = tl.where(missing, 0.0, tl.exp(-m))
+    nbr = tl.where(missing, -1, b * P + (best & 0xFFFFFFFF))  # int64 rows of f, -1: not read
+    ch = tl.arange(0, BF)
+    for f0 in range(0, F, BF):
+        cmask = f0 + ch < F
+        acc = tl.zeros((BQ, BF), tl.float32)
+        for k in tl.static_range(K):  # neighbors in ascending m, as the weighted sums of _weighted_sum
+            wk = tl.sum(tl.where(cols == k, w, 0.0), axis=1)
+            jk = tl.sum(tl.where(cols == k, nbr, 0), axis=1)
+            ok = row_mask & (jk >= 0)
+            fk = tl.load(f_ptr + jk[:, None] * F + f0 + ch[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+            acc += wk[:, None] * fk.to(tl.float32)
+        tl.store(out_f_ptr + (b * Q + rows.to(tl.int64))[:, None] * F + f0 + ch[None, :], acc,
+                 mask=row_mask[:, None] & cmask[None, :])
 
 
 def select_aniso(q, p, sigma, R, K, p_lengths):
@@ -65,3 +104,22 @@ def select_aniso(q, p, sigma, R, K, p_lengths):
         q.contiguous(), p.contiguous(), sigma.contiguous(), R.contiguous(), p_lengths.contiguous(),
         out_m, out_i, Q, P, K=K, KP=KP, BQ=BQ, enable_fp_fusion=False)
     return out_i
+
+
+def aggregate_aniso(q, p, f, sigma, R, K, p_lengths):
+    """The forward of ``knn_aggregate_aniso`` (``select="aniso"``, float32 coordinates) in one kernel:
+    ``(f_out (B, Q, F) float32, w (B, Q, K), m (B, Q, K), idx (B, Q, K) int64)``, padded like the op."""
+    B, Q, _ = q.shape
+    P, F = p.shape[1], f.shape[2]
+    out_m = torch.full((B, Q, K), float("inf"), dtype=torch.float32, device=q.device)
+    out_i = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
+    out_f = torch.zeros((B, Q, F), dtype=torch.float32, device=q.device)
+    if B == 0 or Q == 0 or P == 0:
+        return out_f, torch.zeros_like(out_m), out_m, out_i
+    KP = _kp(K)
+    BQ = 32 if KP <= 32 else 16
+    _aniso_aggregate_kernel[(triton.cdiv(Q, BQ), B)](
+        q.contiguous(), p.contiguous(), sigma.contiguous(), R.contiguous(), p_lengths.contiguous(),
+        f.contiguous(), out_m, out_i, out_f, Q, P, F, K=K, KP=KP, BQ=BQ,
+        BF=min(64, max(16, triton.next_power_of_2(F))), enable_fp_fusion=False)
+    return out_f, torch.where(out_i >= 0, torch.exp(-out_m), 0.0), out_m, out_i
