@@ -1,1 +1,7 @@
 """Triton kernels, one module per family. Imported lazily: never on a CPU-only path."""
+
+
+def channel_block(channels: int, cap: int) -> int:
+    """A tile width for ``channels``: the next power of two, at least 16 (``tl.dot``'s smallest
+    dimension), at most ``cap`` (wider layers loop over tiles)."""
+    return min(max(16, 1 << max(channels - 1, 0).bit_length()), cap)

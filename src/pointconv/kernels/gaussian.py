@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .knn import INF_KEY, _kp, _merge, _pack, _store
+from . import channel_block
+from .knn import INF_KEY, _column, _kp, _merge, _pack, _store
 
 
 @triton.jit
@@ -71,7 +72,6 @@ def _aniso_aggregate_kernel(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, f_ptr, out_m_p
     row_mask = rows < Q
     best = _select(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, b, rows, row_mask, Q, P, K, KP, BQ)
     _store(best, out_m_ptr + b * Q * K, out_i_ptr + b * Q * K, rows, row_mask, K, KP)
-    cols = tl.arange(0, KP)[None, :]
     m = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     missing = m == float("inf")
     w = tl.where(missing, 0.0, tl.exp(-m))
@@ -81,8 +81,8 @@ def _aniso_aggregate_kernel(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, f_ptr, out_m_p
         cmask = f0 + ch < F
         acc = tl.zeros((BQ, BF), tl.float32)
         for k in tl.static_range(K):  # neighbors in ascending m, as the weighted sums of _weighted_sum
-            wk = tl.sum(tl.where(cols == k, w, 0.0), axis=1)
-            jk = tl.sum(tl.where(cols == k, nbr, 0), axis=1)
+            wk = _column(w, k, KP)
+            jk = _column(nbr, k, KP)
             ok = row_mask & (jk >= 0)
             fk = tl.load(f_ptr + jk[:, None] * F + f0 + ch[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
             acc += wk[:, None] * fk.to(tl.float32)
@@ -121,5 +121,5 @@ def aggregate_aniso(q, p, f, sigma, R, K, p_lengths):
     _aniso_aggregate_kernel[(triton.cdiv(Q, BQ), B)](
         q.contiguous(), p.contiguous(), sigma.contiguous(), R.contiguous(), p_lengths.contiguous(),
         f.contiguous(), out_m, out_i, out_f, Q, P, F, K=K, KP=KP, BQ=BQ,
-        BF=min(64, max(16, triton.next_power_of_2(F))), enable_fp_fusion=False)
+        BF=channel_block(F, 64), enable_fp_fusion=False)
     return out_f, torch.where(out_i >= 0, torch.exp(-out_m), 0.0), out_m, out_i

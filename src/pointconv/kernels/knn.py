@@ -36,10 +36,16 @@ def _pack(dist, idx):
 
 
 @triton.jit
+def _column(tile, k, KP: tl.constexpr):
+    """Column ``k`` of a (BQ, KP) tile (registers cannot be indexed: a masked row sum)."""
+    cols = tl.arange(0, KP)[None, :]
+    return tl.sum(tl.where(cols == k, tile, 0), axis=1)
+
+
+@triton.jit
 def _kth_key(best, K: tl.constexpr, KP: tl.constexpr):
     """Column K-1 of the sorted (BQ, KP) buffer: each query's current k-th key."""
-    cols = tl.arange(0, KP)[None, :]
-    return tl.max(tl.where(cols == K - 1, best, 0), axis=1)
+    return _column(best, K - 1, KP)
 
 
 @triton.jit

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import channel_block
+
 MAX_CHANNELS = 128
 _CHUNKS = 64  # point chunks of the weight gradient: 27 x 64 programs
 
@@ -75,10 +77,6 @@ def _cell_weight_grad_kernel(crow_ptr, col_ptr, val_ptr, x_ptr, g_ptr, part_ptr,
     tl.store(part_ptr + rows[:, None] * COUT + o[None, :], acc, mask=imask[:, None] & omask[None, :])
 
 
-def _block(channels: int) -> int:
-    return max(16, triton.next_power_of_2(channels))  # tl.dot needs every dimension >= 16
-
-
 def cell_conv(crow, col, val, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``(A x).view(R, 27 C_in) @ w`` for float32 ``x (R, C_in)``, ``w (27 C_in, C_out)``."""
     R, cin = x.shape
@@ -86,10 +84,10 @@ def cell_conv(crow, col, val, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = torch.empty((R, cout), dtype=torch.float32, device=x.device)
     if R == 0 or cout == 0:
         return out
-    BP, BO = 32, min(_block(cout), MAX_CHANNELS)
+    BP, BO = 32, channel_block(cout, MAX_CHANNELS)
     _cell_conv_kernel[(triton.cdiv(R, BP), triton.cdiv(cout, BO))](
         crow, col, val, x.contiguous(), w.contiguous(), out, R, cin, cout,
-        BLOCK_P=BP, BLOCK_I=_block(cin), BLOCK_O=BO)
+        BLOCK_P=BP, BLOCK_I=channel_block(cin, MAX_CHANNELS), BLOCK_O=BO)
     return out
 
 
@@ -107,5 +105,5 @@ def cell_weight_grad(crow, col, val, x: torch.Tensor, g: torch.Tensor) -> torch.
     part = torch.empty((chunks, 27 * cin, cout), dtype=torch.float32, device=x.device)
     _cell_weight_grad_kernel[(27, chunks)](
         crow, col, val, x.contiguous(), g.contiguous(), part, R, cin, cout, per_chunk,
-        BLOCK_P=BP, BLOCK_I=_block(cin), BLOCK_O=_block(cout))
+        BLOCK_P=BP, BLOCK_I=channel_block(cin, MAX_CHANNELS), BLOCK_O=channel_block(cout, MAX_CHANNELS))
     return part.sum(0)

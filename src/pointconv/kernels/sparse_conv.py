@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import channel_block
+
 _ACC = {torch.float64: tl.float64}
 
 
@@ -71,10 +73,6 @@ def _pair_gemm_t_kernel(a_rows_ptr, b_rows_ptr, chunk_start_ptr, chunk_end_ptr, 
     tl.store(part_ptr + rows[:, None] * CY + n[None, :], acc, mask=kmask[:, None] & nmask[None, :])
 
 
-def _block(channels: int, cap: int) -> int:
-    return min(max(16, triton.next_power_of_2(channels)), cap)  # tl.dot needs every dimension >= 16
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
@@ -93,10 +91,10 @@ def gather_gemm(table: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.
     if M == 0 or cout == 0:
         return out
     kcap, ncap = _caps(x.dtype)
-    BM, BN = 64, _block(cout, ncap)
+    BM, BN = 64, channel_block(cout, ncap)
     _gather_gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(cout, BN))](
         table, x.contiguous(), w.contiguous(), out, M, cin, cout, V,
-        BLOCK_M=BM, BLOCK_K=_block(cin, kcap), BLOCK_N=BN, ACC=_ACC.get(x.dtype, tl.float32),
+        BLOCK_M=BM, BLOCK_K=channel_block(cin, kcap), BLOCK_N=BN, ACC=_ACC.get(x.dtype, tl.float32),
         PRECISION=_precision(x.dtype))
     return out
 
@@ -111,7 +109,7 @@ def pair_gemm_t(a_rows, b_rows, chunk_start, chunk_end, x: torch.Tensor, y: torc
     if chunks == 0 or cx == 0 or cy == 0:
         return part
     kcap, ncap = _caps(x.dtype)
-    BK, BN = _block(cx, kcap), _block(cy, ncap)
+    BK, BN = channel_block(cx, kcap), channel_block(cy, ncap)
     _pair_gemm_t_kernel[(chunks, triton.cdiv(cx, BK), triton.cdiv(cy, BN))](
         a_rows, b_rows, chunk_start, chunk_end, x.contiguous(), y.contiguous(), part, cx, cy,
         BLOCK_P=32, BLOCK_K=BK, BLOCK_N=BN, ACC=_ACC.get(x.dtype, tl.float32), PRECISION=_precision(x.dtype))

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import channel_block
+
 
 @triton.jit
 def _gather_sum_kernel(w_ptr, f_ptr, idx_ptr, out_ptr, Q, C, K,
@@ -75,17 +77,13 @@ def _segment_sum_kernel(order_ptr, start_ptr, w_ptr, g_ptr, out_ptr, C, K,
     tl.store(out_ptr + target * C + cols, acc, mask=cmask)
 
 
-def _block_c(C: int) -> int:
-    return min(128, max(16, triton.next_power_of_2(C)))
-
-
 def gather_sum(w: torch.Tensor, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     Q, K = idx.shape
     C = f.shape[1]
     out = torch.empty((Q, C), dtype=torch.float32, device=f.device)
     if Q == 0 or C == 0:
         return out.to(f.dtype)
-    BQ, BC = 32, _block_c(C)
+    BQ, BC = 32, channel_block(C, 128)
     _gather_sum_kernel[(triton.cdiv(Q, BQ), triton.cdiv(C, BC))](
         w.contiguous(), f.contiguous(), idx.contiguous(), out, Q, C, K, BLOCK_Q=BQ, BLOCK_C=BC)
     return out.to(f.dtype)
@@ -97,7 +95,7 @@ def pair_dot(g: torch.Tensor, f: torch.Tensor, idx: torch.Tensor) -> torch.Tenso
     out = torch.empty((Q, K), dtype=torch.float32, device=f.device)
     if Q == 0 or K == 0:
         return out.to(g.dtype)
-    BQ, BC = 32, _block_c(C)
+    BQ, BC = 32, channel_block(C, 128)
     _pair_dot_kernel[(triton.cdiv(Q, BQ), K)](
         g.contiguous(), f.contiguous(), idx.contiguous(), out, Q, C, K, BLOCK_Q=BQ, BLOCK_C=BC)
     return out.to(g.dtype)
@@ -113,7 +111,7 @@ def scatter_sum(w: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, num_rows: i
     # Missing neighbors (-1) sort first and fall outside every target's segment.
     sorted_idx, order = torch.sort(flat, stable=True)
     start = torch.searchsorted(sorted_idx, torch.arange(num_rows + 1, device=g.device))
-    BC = _block_c(C)
+    BC = channel_block(C, 128)
     _segment_sum_kernel[(num_rows, triton.cdiv(C, BC))](
         order.contiguous(), start.contiguous(), w.contiguous().reshape(-1), g.contiguous(), out, C, K,
         BLOCK_T=32, BLOCK_C=BC)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._implicit_gemm import conv_tables
+
 
 @dataclass
 class KernelMap:
@@ -45,7 +47,6 @@ class KernelMap:
     def tables(self):
         """The map as the Triton kernels read it (``_implicit_gemm.ConvTables``), built once."""
         if self._tables is None:
-            from ._implicit_gemm import conv_tables
             self._tables = conv_tables(self.in_rows, self.out_rows, self.start, self.in_indices.shape[0],
                                        self.out_indices.shape[0])
         return self._tables
