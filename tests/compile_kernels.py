@@ -13,7 +13,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pointconv.kernels import fps, gaussian, knn, pointwise, sparse_conv, weighted_sum  # noqa: E402
+from pointconv.kernels import fps, gaussian, gaussian_sum, knn, pointwise, sparse_conv, weighted_sum  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -47,6 +47,14 @@ GATHER_GEMM = {"table_ptr": "*i32", "x_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr
                "COUT": "i32", "V": "i32"}
 PAIR_GEMM = {"a_rows_ptr": "*i32", "b_rows_ptr": "*i32", "chunk_start_ptr": "*i64", "chunk_end_ptr": "*i64",
              "x_ptr": "*fp32", "y_ptr": "*fp32", "part_ptr": "*fp32", "CX": "i32", "CY": "i32"}
+GSUM = {"q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32", "f_ptr": "*fp32", "idx_ptr": "*i64",
+        "m_ptr": "*fp32", "out_ptr": "*fp32", "Q": "i32", "P": "i32", "F": "i32", "K": "i32"}
+GSUM_QUERY = {"q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32", "f_ptr": "*fp32",
+              "idx_ptr": "*i64", "w_ptr": "*fp32", "gf_ptr": "*fp32", "gw_ptr": "*fp32", "gm_ptr": "*fp32",
+              "gm_out_ptr": "*fp32", "gq_ptr": "*fp32", "Q": "i32", "P": "i32", "F": "i32", "K": "i32"}
+GSUM_POINT = {"order_ptr": "*i64", "start_ptr": "*i64", "q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32",
+              "r_ptr": "*fp32", "w_ptr": "*fp32", "gm_ptr": "*fp32", "gf_ptr": "*fp32", "gp_ptr": "*fp32",
+              "gs_ptr": "*fp32", "gr_ptr": "*fp32", "gfeat_ptr": "*fp32", "F": "i32", "K": "i32"}
 FPS = {"p_ptr": "*fp32", "len_ptr": "*i64", "start_ptr": "*i64", "mind_ptr": "*fp32", "out_ptr": "*i64",
        "N": "i32", "n_samples": "i32"}
 
@@ -68,6 +76,15 @@ def variants():
         kp = knn._kp(k)
         sig = dict(GAUSS_FUSED, f_ptr=f"*{f_type}")
         yield "aniso_aggregate", gaussian._aniso_aggregate_kernel, sig, dict(K=k, KP=kp, BQ=32 if kp <= 32 else 16, BF=64)
+    # the Gaussian sum over given neighbors and its backward: float32 with bf16 features, float64
+    for coord, feat, acc, flags in [("fp32", "bf16", tl.float32, True), ("fp64", "fp64", tl.float64, False)]:
+        def typed(sig):
+            return {n: t.replace("fp32", feat if n in ("f_ptr", "gf_ptr") else coord) for n, t in sig.items()}
+        yield "gaussian_sum", gaussian_sum._forward_kernel, typed(GSUM), dict(ACC=acc, BQ=32, BF=64)
+        yield "gaussian_sum_query_grad", gaussian_sum._query_grad_kernel, typed(GSUM_QUERY), dict(
+            HAS_GF=True, HAS_GW=flags, HAS_GM=flags, ACC=acc, BQ=32, BF=64)
+        yield "gaussian_sum_point_grad", gaussian_sum._point_grad_kernel, typed(GSUM_POINT), dict(
+            NEED_F=flags, ACC=acc, BT=32, BF=64)
     for dtype in ("fp32", "bf16"):
         half = {name: t.replace("fp32", dtype) if name in ("f_ptr", "g_ptr") else t for name, t in WSUM.items()}
         yield "gather_sum", weighted_sum._gather_sum_kernel, half, dict(BLOCK_Q=32, BLOCK_C=64)

@@ -118,6 +118,16 @@ def gather_sum(w: torch.Tensor, f: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     return _WeightedSum.apply("gather_sum", w, f, idx, None)
 
 
+def scatter_sum(w: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``out[j] = sum_{(q, k): idx[q, k] = j} w[q, k] * g[q]`` for ``w (Q, k)``, ``g (Q, C)`` -> ``(num_rows, C)``."""
+    return _WeightedSum.apply("scatter_sum", w, g, idx, num_rows)
+
+
+def pair_dot(g: torch.Tensor, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``out[q, k] = g[q] . f[idx[q, k]]`` for ``g (Q, C)``, ``f (P, C)`` -> ``(Q, k)``."""
+    return _WeightedSum.apply("pair_dot", g, f, idx, None)
+
+
 def gather_sum_reference(w, f, idx):
     """Plain PyTorch: materializes ``(Q, k, C)``."""
     nbr = f[idx.clamp(min=0)] * (idx >= 0).unsqueeze(-1).to(f.dtype)

@@ -7,13 +7,14 @@ Neighbors: the K smallest m (``select="aniso"``, the original's rule) or the K n
 ascending ``dists`` and int64 indices; missing neighbors (K > P, or beyond ``p_lengths``) have
 ``idx = -1``, weight 0 and ``dists = inf``.
 
-Neighbor selection is piecewise constant and not differentiated; everything after it is built
-from differentiable ops (gathers, the exponent formula, and the weighted sum of
-``pointconv._weighted_sum``), so gradients of every output w.r.t. q, p, f, sigma and R are exact
-to any order. The weighted sum never materializes ``(B, Q, K, F)``. On the Triton backend a
-forward that records no gradient (inference, ``torch.no_grad``) runs as one fused kernel
-(selection, weights and weighted sum; ``kernels/gaussian.py``); its weights and sums agree with
-the differentiable ops' to rounding (the kernel sums without FMA).
+Neighbor selection is piecewise constant and not differentiated; everything after it is exact to
+any order, and ``(B, Q, K, F)`` never exists. The torch backend builds it from differentiable ops
+(gathers, the exponent formula, and the weighted sums of ``pointconv._weighted_sum``). The Triton
+backend runs ``GaussianSum`` (``_kernel_autograd.py``): a kernel forward, a two-kernel backward and
+a double backward in torch ops that calls the backward kernels again. A forward that records no
+gradient (inference, ``torch.no_grad``; ``select="aniso"``, float32) runs as one kernel that also
+selects (``kernels/gaussian.py``). Weights, exponents and indices are bitwise the same on every
+path; the sums agree to rounding (the kernels sum without FMA).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .._weighted_sum import gather_sum
 from ..neighbors import gather, knn
 from ..neighbors._distance import sq_dist
 from ._exponent import gaussian_exponent
+from ._kernel_autograd import GaussianSum
 from ._reference import knn_aggregate_aniso_reference
 from .select import select_aniso
 
@@ -90,16 +92,20 @@ def _aggregate(q, p, f, sigma, R, K, p_lengths, select):
     else:
         idx = knn(q.detach(), p.detach(), K, points_lengths=p_lengths).idx
     valid = idx >= 0
-    pg = gather(p, idx)
-    d = q[:, :, None, :] - pg
-    m = gaussian_exponent(d, gather(sigma, idx), gather(R.reshape(B, P, 9), idx).unflatten(-1, (3, 3)))
-    w = torch.where(valid, torch.exp(-m), torch.zeros_like(m))
+    if backend_for(q.device) == "triton":
+        f_out, w, m = GaussianSum.apply(q, p, f, sigma, R, idx)
+        pg = None if select == "aniso" else gather(p, idx)
+    else:
+        pg = gather(p, idx)
+        d = q[:, :, None, :] - pg
+        m = gaussian_exponent(d, gather(sigma, idx), gather(R.reshape(B, P, 9), idx).unflatten(-1, (3, 3)))
+        w = torch.where(valid, torch.exp(-m), torch.zeros_like(m))
+        offsets = (torch.arange(B, device=q.device) * P)[:, None, None]
+        flat_idx = torch.where(valid, idx + offsets, -1).reshape(B * Q, K)
+        fc = f.to(q.dtype)  # fp16/bf16 features accumulate in the coordinates' precision
+        f_out = gather_sum(w.reshape(B * Q, K), fc.reshape(B * P, F), flat_idx).reshape(B, Q, F)
     key = m if select == "aniso" else sq_dist(q[:, :, None, :], pg)
     dists = torch.where(valid, key, torch.full_like(key, float("inf")))
-    offsets = (torch.arange(B, device=q.device) * P)[:, None, None]
-    flat_idx = torch.where(valid, idx + offsets, -1).reshape(B * Q, K)
-    fc = f.to(q.dtype)  # fp16/bf16 features accumulate in the coordinates' precision
-    f_out = gather_sum(w.reshape(B * Q, K), fc.reshape(B * P, F), flat_idx).reshape(B, Q, F)
     return f_out.to(f.dtype), w, dists, idx
 
 

@@ -1,0 +1,132 @@
+"""knn_aggregate_aniso on the Triton backend (GaussianSum: kernel forward, kernel backward, double
+backward in torch ops) against the torch backend and the reference: on CUDA when there is one, else
+in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py) at small sizes."""
+import pytest
+import torch
+
+import pointconv
+from pointconv.gaussian import knn_aggregate_aniso_reference
+from test_gaussian import make
+
+pytest.importorskip("triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _leaves(*tensors):
+    return [t.to(DEV).clone().requires_grad_() for t in tensors]
+
+
+def _outputs_and_grads(backend, inputs, K, lengths, select, weights):
+    """The op's outputs, and the gradients of every input for a loss on the outputs that
+    ``weights`` (f_out, w, dists) switch on: cotangents of any subset reach the kernels."""
+    leaves = _leaves(*inputs)
+    with pointconv.use_backend(backend):
+        f_out, w, d, idx = pointconv.knn_aggregate_aniso(*leaves, K, p_lengths=lengths, select=select)
+    g = torch.Generator().manual_seed(7)
+    loss = 0
+    for on, out in zip(weights, (f_out, w, d)):
+        if on:
+            cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEV, out.dtype)
+            loss = loss + (torch.where(torch.isfinite(out), out, 0) * cot).sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    return [f_out, w, d, idx], grads
+
+
+@pytest.mark.parametrize("select", ["aniso", "euclidean"])
+@pytest.mark.parametrize("weights", [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outputs_and_gradients_match_the_torch_backend(select, weights, dtype):
+    # second cloud cut to 7 points (K = 9 > 7: padded slots); F = 70: two channel tiles
+    inputs = make(B=2, Q=11, P=13, F=70, dtype=dtype, seed=sum(weights))
+    lengths = torch.tensor([13, 7], device=DEV)
+    ours, ours_g = _outputs_and_grads("triton", inputs, 9, lengths, select, weights)
+    ref, ref_g = _outputs_and_grads("torch", inputs, 9, lengths, select, weights)
+    for a, b in zip(ours[1:], ref[1:]):  # weights, dists, indices: bitwise
+        assert torch.equal(a, b)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ours[0], ref[0], rtol=tol, atol=tol)
+    for a, b in zip(ours_g, ref_g):  # float32: sums of terms in the hundreds, in another order
+        torch.testing.assert_close(a, b, rtol=10 * tol, atol=tol * float(b.abs().max()))
+    reached = {0, 1} | ({3, 4} if select == "aniso" or any(weights[:2]) else set()) | ({2} if weights[0] else set())
+    for i, g in enumerate(ours_g):
+        assert bool((g != 0).any()) == (i in reached)
+
+
+def test_half_features_and_their_gradient():
+    q, p, f, sigma, R = make(B=1, Q=9, P=12, F=6, seed=5)
+    for backend in ("triton", "torch"):
+        leaves = _leaves(q, p, f.half(), sigma, R)
+        with pointconv.use_backend(backend):
+            f_out = pointconv.knn_aggregate_aniso(*leaves, 4)[0]
+        assert f_out.dtype == torch.float16
+        grads = torch.autograd.grad(f_out.float().square().sum(), leaves)
+        if backend == "triton":
+            ours = (f_out, *grads)
+    assert grads[2].dtype == torch.float16
+    for a, b in zip(ours, (f_out, *grads)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_gradcheck_and_gradgradcheck_every_input_and_output():
+    # float64 kernels; K = 5 > P = 4: a padded slot too (its dists are inf: compare the finite ones)
+    q, p, f, sigma, R = make(B=1, Q=3, P=4, F=2, dtype=torch.float64, seed=3)
+    leaves = _leaves(q, p, f, sigma, R)
+
+    def fn(q, p, f, sigma, R):
+        f_out, w, d, _ = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 5)
+        return f_out, w, d[..., :4]
+
+    with pointconv.use_backend("triton"):
+        assert torch.autograd.gradcheck(fn, leaves)
+        assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+def _eikonal_grads(agg, mlp, inputs):
+    from test_gaussian import _sdf_losses
+
+    leaves = _leaves(*inputs)
+    mlp.zero_grad()
+    _sdf_losses(agg, mlp, *leaves).backward()
+    return [t.grad for t in leaves[1:]] + [prm.grad.clone() for prm in mlp.parameters()]
+
+
+def test_eikonal_training_step_matches_the_reference(deterministic_mode):
+    # the kernels are deterministic by construction; the double backward's torch ops (index_select's
+    # backward on CUDA) need deterministic mode for the same bits on every run
+    inputs = make(B=1, Q=30, P=25, F=6, dtype=torch.float64, seed=4)
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Softplus(), torch.nn.Linear(16, 1)).double().to(DEV)
+    with pointconv.use_backend("triton"):
+        ours = _eikonal_grads(pointconv.knn_aggregate_aniso, mlp, inputs)
+        again = _eikonal_grads(pointconv.knn_aggregate_aniso, mlp, inputs)
+    ref = _eikonal_grads(knn_aggregate_aniso_reference, mlp, inputs)
+    for a, b, r in zip(ours, again, ref):
+        assert torch.equal(a, b)  # no atomics: the same bits on every run
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+        assert bool((a != 0).any())
+
+
+def test_third_order_matches_the_torch_backend():
+    # the double backward is made of differentiable ops: differentiate it once more
+    inputs = make(B=1, Q=6, P=8, F=3, dtype=torch.float64, seed=9)
+
+    def third(backend):
+        leaves = _leaves(*inputs)
+        with pointconv.use_backend(backend):
+            f_out, w, d, _ = pointconv.knn_aggregate_aniso(*leaves, 3)
+        (gq,) = torch.autograd.grad((f_out.square().sum(-1) * w.sum(-1)).sum(), leaves[0], create_graph=True)
+        gq2 = torch.autograd.grad(gq.square().sum(), leaves, create_graph=True)
+        return gq2 + torch.autograd.grad(sum(g.square().sum() for g in gq2), leaves)
+
+    for a, b in zip(third("triton"), third("torch")):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_empty_inputs_have_zero_gradients():
+    for Q, P in [(0, 5), (4, 0)]:
+        leaves = _leaves(*make(B=2, Q=Q, P=P, F=3, seed=1))
+        with pointconv.use_backend("triton"):
+            f_out, w, d, idx = pointconv.knn_aggregate_aniso(*leaves, 3)
+        assert bool((idx == -1).all()) and bool(torch.isinf(d).all()) and not bool(f_out.any())
+        grads = torch.autograd.grad(f_out.sum() + w.sum(), leaves, allow_unused=True)
+        assert all(g is None or not bool(g.any()) for g in grads)
