@@ -138,9 +138,12 @@ def double_backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, 
                 if b is not None:
                     g_R = g_R + g_c.unsqueeze(-1) * b.unsqueeze(-2)
             grad["q"] = g_d.sum(2)
-            grad["p"] = -scatter(g_d)
-            grad["sigma"] = scatter(g_s) if g_s is not None else None
-            grad["R"] = scatter(g_R)
+            # one scatter (one sort of the neighbor list) for p, sigma and R
+            per_point = scatter(torch.cat([-g_d, g_s if g_s is not None else torch.zeros_like(g_d),
+                                           g_R.flatten(-2)], dim=-1))
+            grad["p"] = per_point[..., :3]
+            grad["sigma"] = per_point[..., 3:6] if g_s is not None else None
+            grad["R"] = per_point[..., 6:].unflatten(-1, (3, 3))
     if t_dot is not None:
         grad["w"] = add(grad["w"], t_dot)
         grad["g_fout"] = add(grad["g_fout"], gather_sum(w.reshape(B * Q, K), fold(a_f.to(q.dtype)), flat).reshape(B, Q, F))
