@@ -13,7 +13,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pointconv.kernels import fps, gaussian, gaussian_sum, knn, pointwise, sparse_conv, weighted_sum  # noqa: E402
+from pointconv.kernels import fps, gaussian, gaussian_sum, gaussian_sum_double, knn, pointwise, sparse_conv, weighted_sum  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -55,6 +55,14 @@ GSUM_QUERY = {"q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*f
 GSUM_POINT = {"order_ptr": "*i64", "start_ptr": "*i64", "q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32",
               "r_ptr": "*fp32", "w_ptr": "*fp32", "gm_ptr": "*fp32", "gf_ptr": "*fp32", "gp_ptr": "*fp32",
               "gs_ptr": "*fp32", "gr_ptr": "*fp32", "gfeat_ptr": "*fp32", "F": "i32", "K": "i32"}
+GSUM_QUERY2 = dict(GSUM_QUERY, **{name: "*fp32" for name in (
+    "aq_ptr", "ap_ptr", "af_ptr", "as_ptr", "ar_ptr", "wh_out_ptr", "d_q_ptr", "d_gf_ptr", "d_w_ptr", "d_gw_ptr",
+    "d_gm_ptr")})
+del GSUM_QUERY2["gq_ptr"]
+GSUM_POINT2 = {"order_ptr": "*i64", "start_ptr": "*i64", "q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32",
+               "r_ptr": "*fp32", "gm_ptr": "*fp32", "wh_ptr": "*fp32", "gf_ptr": "*fp32", "aq_ptr": "*fp32",
+               "ap_ptr": "*fp32", "as_ptr": "*fp32", "ar_ptr": "*fp32", "d_p_ptr": "*fp32", "d_s_ptr": "*fp32",
+               "d_r_ptr": "*fp32", "d_f_ptr": "*fp32", "F": "i32", "K": "i32"}
 FPS = {"p_ptr": "*fp32", "len_ptr": "*i64", "start_ptr": "*i64", "mind_ptr": "*fp32", "out_ptr": "*i64",
        "N": "i32", "n_samples": "i32"}
 
@@ -79,12 +87,17 @@ def variants():
     # the Gaussian sum over given neighbors and its backward: float32 with bf16 features, float64
     for coord, feat, acc, flags in [("fp32", "bf16", tl.float32, True), ("fp64", "fp64", tl.float64, False)]:
         def typed(sig):
-            return {n: t.replace("fp32", feat if n in ("f_ptr", "gf_ptr") else coord) for n, t in sig.items()}
+            return {n: t.replace("fp32", feat if n in ("f_ptr", "gf_ptr", "af_ptr") else coord) for n, t in sig.items()}
         yield "gaussian_sum", gaussian_sum._forward_kernel, typed(GSUM), dict(ACC=acc, BQ=32, BF=64)
         yield "gaussian_sum_query_grad", gaussian_sum._query_grad_kernel, typed(GSUM_QUERY), dict(
             HAS_GF=True, HAS_GW=flags, HAS_GM=flags, ACC=acc, BQ=32, BF=64)
         yield "gaussian_sum_point_grad", gaussian_sum._point_grad_kernel, typed(GSUM_POINT), dict(
             NEED_F=flags, ACC=acc, BT=32, BF=64)
+        has = dict(HAS_AQ=True, HAS_AP=flags, HAS_AS=flags, HAS_AR=flags)
+        yield "gaussian_sum_double_query", gaussian_sum_double._double_query_kernel, typed(GSUM_QUERY2), dict(
+            K=16, KP=16, HAS_GF=True, HAS_GW=flags, HAS_GM=flags, HAS_AF=flags, **has, ACC=acc, BQ=16, BF=64)
+        yield "gaussian_sum_double_point", gaussian_sum_double._double_point_kernel, typed(GSUM_POINT2), dict(
+            HAS_GF=True, **has, ACC=acc, BT=32, BF=64)
     for dtype in ("fp32", "bf16"):
         half = {name: t.replace("fp32", dtype) if name in ("f_ptr", "g_ptr") else t for name, t in WSUM.items()}
         yield "gather_sum", weighted_sum._gather_sum_kernel, half, dict(BLOCK_Q=32, BLOCK_C=64)

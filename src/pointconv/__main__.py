@@ -64,7 +64,8 @@ _OPS = [
     ("grid_subsample", lambda b, d: "torch (unique + index_put)"),
     ("knn_aggregate_aniso / _iso, float32", lambda b, d: {
         "reference": "reference (dense)",
-        "triton": "triton (one fused kernel without autograd; else selection, weighted-sum and two backward kernels)",
+        "triton": "triton (one fused kernel without autograd; else selection + weighted-sum kernels, "
+                  "2 backward and 2 double-backward kernels)",
     }.get(b, "torch (GEMM-ranked exact selection; kd-tree above 65536 points on CPU; chunked weighted sums)")),
     ("gather", lambda b, d: "torch (indexing)"),
     ("sparse convolution (pointconv.sparse)", lambda b, d: (

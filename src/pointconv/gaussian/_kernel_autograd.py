@@ -8,8 +8,9 @@
   ``m``, bitwise the weights of the torch path.
 * backward: ``GaussianSumGrad``, two kernels (a pass per block of queries, a pass per point over
   its sorted pairs; ``kernels/gaussian_sum.backward``).
-* double backward: ``GaussianSumGrad.backward``, written below in torch ops and the weighted sums
-  of ``pointconv._weighted_sum``, so autograd differentiates it again (third order and beyond).
+* double backward: ``GaussianSumGradGrad``, two kernels (``kernels/gaussian_sum_double.py``) that
+  evaluate ``double_backward`` below; that function, written in torch ops and the weighted sums of
+  ``pointconv._weighted_sum``, is their reference and what a third derivative differentiates.
 
 The double backward. With ``gm = g_m - w (g_w + g_fout . f_j)`` the cotangent reaching ``m`` of a
 pair, the backward is linear in the pair terms, and for cotangents ``a_*`` of its outputs
@@ -66,10 +67,38 @@ class GaussianSumGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, a_q, a_p, a_f, a_s, a_R):
-        saved = ctx.saved_tensors
-        grads = double_backward(*saved, a_q, a_p, a_f if a_f is not None and a_f.numel() else None, a_s, a_R)
+        a_f = a_f if a_f is not None and a_f.numel() else None
+        grads = GaussianSumGradGrad.apply(*ctx.saved_tensors, a_q, a_p, a_f, a_s, a_R)
         # inputs: q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, need_f
         return (*grads[:5], None, *grads[5:], None)
+
+
+class GaussianSumGradGrad(torch.autograd.Function):
+    """``double_backward`` as two kernels (``kernels/gaussian_sum_double.py``); differentiating it
+    again (third order) differentiates the torch-ops ``double_backward``."""
+
+    @staticmethod
+    def forward(ctx, q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, a_s, a_R):
+        from ..kernels import gaussian_sum_double as kernels
+
+        ctx.save_for_backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, a_s, a_R)
+        ctx.set_materialize_grads(False)
+        d_q, d_p, d_f, d_s, d_R, d_w, d_gf, d_gw, d_gm = kernels.double_backward(
+            q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, a_s, a_R)
+        return d_q, d_p, d_f.to(f.dtype), d_s, d_R, d_w, None if d_gf is None else d_gf.to(g_fout.dtype), d_gw, d_gm
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        create_graph = torch.is_grad_enabled()
+        saved = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [None if t is None or i == 5 else t.detach().requires_grad_() for i, t in enumerate(saved)]
+            outs = double_backward(*(saved[5] if i == 5 else t for i, t in enumerate(inputs)))
+            used = [(o, c) for o, c in zip(outs, cotangents) if o is not None and c is not None and o.requires_grad]
+            wrt = [t for t in inputs if t is not None]
+            grads = iter(torch.autograd.grad([o for o, _ in used], wrt, [c for _, c in used], allow_unused=True,
+                                             create_graph=create_graph) if used else [None] * len(wrt))
+        return tuple(None if t is None else next(grads) for t in inputs)
 
 
 def double_backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, a_s, a_R):

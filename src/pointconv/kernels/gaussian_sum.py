@@ -55,6 +55,56 @@ def _geometry(q_ptr, p_ptr, s_ptr, r_ptr, qrow, j, ok, ACC: tl.constexpr):
 
 
 @triton.jit
+def _cotangent_dots(gw_ptr, gf_ptr, f_ptr, af_ptr, slot, qrow, jrow, ok, F, HAS_GW: tl.constexpr,
+                    HAS_GF: tl.constexpr, HAS_AF: tl.constexpr, ACC: tl.constexpr, BQ: tl.constexpr,
+                    BF: tl.constexpr):
+    """Per pair: the cotangent reaching w, ``g_w + g_fout[i] . f_j``, and ``g_fout[i] . a_f[j]``."""
+    ch = tl.arange(0, BF)
+    gw_total = tl.zeros((BQ,), ACC)
+    t_dot = tl.zeros((BQ,), ACC)
+    if HAS_GW:
+        gw_total += tl.load(gw_ptr + slot, mask=ok, other=0.0).to(ACC)
+    if HAS_GF:
+        for f0 in range(0, F, BF):
+            cm = ok[:, None] & (f0 + ch < F)[None, :]
+            gf = tl.load(gf_ptr + qrow[:, None] * F + f0 + ch[None, :], mask=cm, other=0.0).to(ACC)
+            fk = tl.load(f_ptr + jrow[:, None] * F + f0 + ch[None, :], mask=cm, other=0.0).to(ACC)
+            gw_total += tl.sum(gf * fk, axis=1)
+            if HAS_AF:
+                ak = tl.load(af_ptr + jrow[:, None] * F + f0 + ch[None, :], mask=cm, other=0.0).to(ACC)
+                t_dot += tl.sum(gf * ak, axis=1)
+    return gw_total, t_dot
+
+
+@triton.jit
+def _store_sums3(ptr, x, y, z):
+    """``ptr[0:3] = (sum x, sum y, sum z)``: per-lane partial sums reduced in one fixed order."""
+    tl.store(ptr, tl.sum(x, axis=0))
+    tl.store(ptr + 1, tl.sum(y, axis=0))
+    tl.store(ptr + 2, tl.sum(z, axis=0))
+
+
+@triton.jit
+def _segment_rows_sum(order_ptr, s_begin, s_end, weight_ptr, rows_ptr, out_ptr, F, K,
+                      ACC: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr):
+    """``out[0:F] = sum over the pairs t of one point's segment of weight[pos_t] * rows[pos_t // K]``."""
+    lanes = tl.arange(0, BT)
+    ch = tl.arange(0, BF)
+    for f0 in range(0, F, BF):
+        cmask = f0 + ch < F
+        acc = tl.zeros((BF,), ACC)
+        for t0 in range(s_begin, s_end, BT):
+            t = t0 + lanes
+            ok = t < s_end
+            pos = tl.load(order_ptr + t, mask=ok, other=0)
+            wt = tl.load(weight_ptr + pos, mask=ok, other=0.0).to(ACC)
+            rows = tl.load(rows_ptr + (pos // K)[:, None] * F + f0 + ch[None, :], mask=ok[:, None] & cmask[None, :],
+                           other=0.0).to(ACC)
+            acc += tl.sum(wt[:, None] * rows, axis=0)
+        tl.store(out_ptr + f0 + ch, acc, mask=cmask)
+
+
+@triton.jit
 def _forward_kernel(q_ptr, p_ptr, s_ptr, r_ptr, f_ptr, idx_ptr, m_ptr, out_ptr, Q, P, F, K,
                     ACC: tl.constexpr, BQ: tl.constexpr, BF: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
@@ -89,7 +139,6 @@ def _query_grad_kernel(q_ptr, p_ptr, s_ptr, r_ptr, f_ptr, idx_ptr, w_ptr, gf_ptr
     rows = tl.program_id(0) * BQ + tl.arange(0, BQ)
     rmask = rows < Q
     qrow = b * Q + rows.to(tl.int64)
-    ch = tl.arange(0, BF)
     gqx = tl.zeros((BQ,), ACC)
     gqy = tl.zeros((BQ,), ACC)
     gqz = tl.zeros((BQ,), ACC)
@@ -98,16 +147,8 @@ def _query_grad_kernel(q_ptr, p_ptr, s_ptr, r_ptr, f_ptr, idx_ptr, w_ptr, gf_ptr
         j = tl.load(idx_ptr + slot, mask=rmask, other=-1)
         ok = rmask & (j >= 0)
         jrow = b * P + j
-        # the cotangent reaching w: g_w plus g_fout . f_j
-        gw_total = tl.zeros((BQ,), ACC)
-        if HAS_GW:
-            gw_total += tl.load(gw_ptr + slot, mask=ok, other=0.0).to(ACC)
-        if HAS_GF:
-            for f0 in range(0, F, BF):
-                cm = ok[:, None] & (f0 + ch < F)[None, :]
-                gf = tl.load(gf_ptr + qrow[:, None] * F + f0 + ch[None, :], mask=cm, other=0.0).to(ACC)
-                fk = tl.load(f_ptr + jrow[:, None] * F + f0 + ch[None, :], mask=cm, other=0.0).to(ACC)
-                gw_total += tl.sum(gf * fk, axis=1)
+        gw_total = _cotangent_dots(gw_ptr, gf_ptr, f_ptr, f_ptr, slot, qrow, jrow, ok, F, HAS_GW, HAS_GF, False,
+                                   ACC, BQ, BF)[0]
         gm = -tl.load(w_ptr + slot, mask=ok, other=0.0).to(ACC) * gw_total
         if HAS_GM:
             gm += tl.load(gm_ptr + slot, mask=ok, other=0.0).to(ACC)
@@ -174,39 +215,35 @@ def _point_grad_kernel(order_ptr, start_ptr, q_ptr, p_ptr, s_ptr, r_ptr, w_ptr, 
         ar20 += t2_ * g[0]
         ar21 += t2_ * g[1]
         ar22 += t2_ * g[2]
-    tl.store(gp_ptr + jrow * 3, tl.sum(ap0, axis=0))
-    tl.store(gp_ptr + jrow * 3 + 1, tl.sum(ap1, axis=0))
-    tl.store(gp_ptr + jrow * 3 + 2, tl.sum(ap2, axis=0))
-    tl.store(gs_ptr + jrow * 3, tl.sum(as0, axis=0))
-    tl.store(gs_ptr + jrow * 3 + 1, tl.sum(as1, axis=0))
-    tl.store(gs_ptr + jrow * 3 + 2, tl.sum(as2, axis=0))
-    tl.store(gr_ptr + jrow * 9, tl.sum(ar00, axis=0))
-    tl.store(gr_ptr + jrow * 9 + 1, tl.sum(ar01, axis=0))
-    tl.store(gr_ptr + jrow * 9 + 2, tl.sum(ar02, axis=0))
-    tl.store(gr_ptr + jrow * 9 + 3, tl.sum(ar10, axis=0))
-    tl.store(gr_ptr + jrow * 9 + 4, tl.sum(ar11, axis=0))
-    tl.store(gr_ptr + jrow * 9 + 5, tl.sum(ar12, axis=0))
-    tl.store(gr_ptr + jrow * 9 + 6, tl.sum(ar20, axis=0))
-    tl.store(gr_ptr + jrow * 9 + 7, tl.sum(ar21, axis=0))
-    tl.store(gr_ptr + jrow * 9 + 8, tl.sum(ar22, axis=0))
+    _store_sums3(gp_ptr + jrow * 3, ap0, ap1, ap2)
+    _store_sums3(gs_ptr + jrow * 3, as0, as1, as2)
+    _store_sums3(gr_ptr + jrow * 9, ar00, ar01, ar02)
+    _store_sums3(gr_ptr + jrow * 9 + 3, ar10, ar11, ar12)
+    _store_sums3(gr_ptr + jrow * 9 + 6, ar20, ar21, ar22)
     if NEED_F:  # g_f[j] = sum over j's pairs of w * g_fout[query]
-        ch = tl.arange(0, BF)
-        for f0 in range(0, F, BF):
-            cmask = f0 + ch < F
-            acc = tl.zeros((BF,), ACC)
-            for t0 in range(s_begin, s_end, BT):
-                t = t0 + lanes
-                ok = t < s_end
-                pos = tl.load(order_ptr + t, mask=ok, other=0)
-                w = tl.load(w_ptr + pos, mask=ok, other=0.0).to(ACC)
-                gf = tl.load(gf_ptr + (pos // K)[:, None] * F + f0 + ch[None, :], mask=ok[:, None] & cmask[None, :],
-                             other=0.0).to(ACC)
-                acc += tl.sum(w[:, None] * gf, axis=0)
-            tl.store(gfeat_ptr + jrow * F + f0 + ch, acc, mask=cmask)
+        _segment_rows_sum(order_ptr, s_begin, s_end, w_ptr, gf_ptr, gfeat_ptr + jrow * F, F, K, ACC, BT, BF)
 
 
 def _acc(dtype: torch.dtype):
     return _ACC.get(dtype, tl.float32)
+
+
+def point_segments(idx: torch.Tensor, P: int):
+    """``(order, start)``: the flat (query row, slot) positions of the pairs sorted by point (a stable
+    sort, so each point's pairs keep their order), and where each of the ``B * P`` points' segments
+    starts (``B * P + 1`` entries). Missing neighbors sort first, outside every segment."""
+    B = idx.shape[0]
+    flat = torch.where(idx >= 0, idx + (torch.arange(B, device=idx.device) * P)[:, None, None], -1).reshape(-1)
+    sorted_rows, order = torch.sort(flat, stable=True)
+    return order, torch.searchsorted(sorted_rows, torch.arange(B * P + 1, device=idx.device))
+
+
+def zero_grads(q, P: int, F: int):
+    """Zero ``(B, Q, 3)``, ``(B, P, 3)``, ``(B, P, F)``, ``(B, P, 3)`` and ``(B, P, 3, 3)`` in q's dtype:
+    the gradients of q, p, f, sigma and R."""
+    B, Q = q.shape[:2]
+    return tuple(torch.zeros(shape, dtype=q.dtype, device=q.device)
+                 for shape in ((B, Q, 3), (B, P, 3), (B, P, F), (B, P, 3), (B, P, 3, 3)))
 
 
 def forward(q, p, f, sigma, R, idx):
@@ -230,11 +267,8 @@ def backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, need_f: bool):
     B, Q, K = idx.shape
     P, F = p.shape[1], f.shape[2]
     dev, dt = q.device, q.dtype
-    g_q = torch.zeros((B, Q, 3), dtype=dt, device=dev)
-    g_p = torch.zeros((B, P, 3), dtype=dt, device=dev)
-    g_s = torch.zeros((B, P, 3), dtype=dt, device=dev)
-    g_R = torch.zeros((B, P, 3, 3), dtype=dt, device=dev)
-    g_f = torch.zeros((B, P, F), dtype=dt, device=dev) if need_f else None
+    g_q, g_p, g_f, g_s, g_R = zero_grads(q, P, F)
+    g_f = g_f if need_f else None
     if B * Q == 0 or B * P == 0 or K == 0:
         return g_q, g_p, g_f, g_s, g_R
     q, p, sigma, R, f, idx, w = (t.contiguous() for t in (q, p, sigma, R, f, idx, w))
@@ -247,10 +281,7 @@ def backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, need_f: bool):
         dummy if g_m is None else g_m.contiguous(), gm, g_q, Q, P, F, K,
         HAS_GF=g_fout is not None, HAS_GW=g_w is not None, HAS_GM=g_m is not None,
         ACC=_acc(dt), BQ=BQ, BF=BF, enable_fp_fusion=False)
-    # the pairs of each point, in (query row, slot) order; missing neighbors sort first, outside every segment
-    flat = torch.where(idx >= 0, idx + (torch.arange(B, device=dev) * P)[:, None, None], -1).reshape(-1)
-    sorted_rows, order = torch.sort(flat, stable=True)
-    start = torch.searchsorted(sorted_rows, torch.arange(B * P + 1, device=dev))
+    order, start = point_segments(idx, P)
     need_f = need_f and g_fout is not None and F > 0
     _point_grad_kernel[(B * P,)](
         order, start, q, p, sigma, R, w, gm, dummy if g_fout is None else g_fout.contiguous(),
