@@ -26,7 +26,10 @@ import pointconv
 from pointconv._timing import provenance
 from pointconv.gaussian import knn_aggregate_aniso_reference
 
-METHODS = {"reference": knn_aggregate_aniso_reference, "pointconv": pointconv.knn_aggregate_aniso}
+METHODS = {"reference": knn_aggregate_aniso_reference, "pointconv": pointconv.knn_aggregate_aniso,
+           # CUDA only: the same op on the torch backend (torch ops and no Triton kernels), to measure the
+           # kernels' gain in the same run
+           "torch-ops": pointconv.knn_aggregate_aniso}
 TASKS = ("forward", "backward", "2nd order")
 
 
@@ -59,6 +62,8 @@ def worker(args):
     device = torch.device(args.device)
     inputs = make_inputs(args.B, args.Q, args.P, args.F, device)
     fn = METHODS[args.method]
+    if args.method == "torch-ops":
+        pointconv.use_backend("torch").__enter__()  # for the whole process: forward and backward
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run_task(fn, inputs, args.K, args.task)  # warm-up (and the peak-memory run on CPU)
     sync()
@@ -109,11 +114,14 @@ def main(argv=None):
     print(f"> B={args.B} Q={args.Q} P={args.P} F={args.F} K={args.K}, float32, median of {args.repeat} runs "
           f"(reference: {args.ref_repeat}); peak memory above the inputs")
     print()
-    print("| task | reference ms | pointconv ms | speed-up | reference peak MiB | pointconv peak MiB | memory ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    methods = ["reference", "pointconv"] + (["torch-ops"] if args.device.startswith("cuda") else [])
+    extra = " torch-ops ms | kernels' gain |" if "torch-ops" in methods else ""
+    print("| task | reference ms | pointconv ms | speed-up | reference peak MiB | pointconv peak MiB | memory ratio |"
+          + extra)
+    print("|---|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * bool(extra))
     for task in TASKS:
         res = {}
-        for method in METHODS:
+        for method in methods:
             cmd = [sys.executable, __file__, "--device", args.device, "--B", str(args.B), "--Q", str(args.Q),
                    "--P", str(args.P), "--F", str(args.F), "--K", str(args.K),
                    "--repeat", str(args.ref_repeat if method == "reference" else args.repeat),
@@ -123,8 +131,12 @@ def main(argv=None):
                 sys.exit(f"{method} {task} failed:\n{out.stderr[-3000:]}")
             res[method] = json.loads(out.stdout.strip().splitlines()[-1])
         r, c = res["reference"], res["pointconv"]
-        print(f"| {task} | {r['ms']:.1f} | {c['ms']:.1f} | {r['ms'] / c['ms']:.1f}x | {r['peak_mb']:.0f} | "
-              f"{c['peak_mb']:.0f} | {r['peak_mb'] / max(c['peak_mb'], 1e-9):.1f}x |", flush=True)
+        row = (f"| {task} | {r['ms']:.1f} | {c['ms']:.2f} | {r['ms'] / c['ms']:.1f}x | {r['peak_mb']:.0f} | "
+               f"{c['peak_mb']:.0f} | {r['peak_mb'] / max(c['peak_mb'], 1e-9):.1f}x |")
+        if extra:
+            t = res["torch-ops"]
+            row += f" {t['ms']:.2f} | {t['ms'] / c['ms']:.1f}x |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
