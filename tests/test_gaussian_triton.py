@@ -106,19 +106,20 @@ def test_eikonal_training_step_matches_the_reference(deterministic_mode):
         assert bool((a != 0).any())
 
 
-def test_third_order_matches_the_torch_backend():
-    # the double backward is made of differentiable ops: differentiate it once more
+def test_third_and_fourth_order_match_the_torch_backend():
+    # a third derivative differentiates the double backward's torch ops, a fourth differentiates those again
     inputs = make(B=1, Q=6, P=8, F=3, dtype=torch.float64, seed=9)
 
-    def third(backend):
+    def derivatives(backend):
         leaves = _leaves(*inputs)
         with pointconv.use_backend(backend):
             f_out, w, d, _ = pointconv.knn_aggregate_aniso(*leaves, 3)
         (gq,) = torch.autograd.grad((f_out.square().sum(-1) * w.sum(-1)).sum(), leaves[0], create_graph=True)
-        gq2 = torch.autograd.grad(gq.square().sum(), leaves, create_graph=True)
-        return gq2 + torch.autograd.grad(sum(g.square().sum() for g in gq2), leaves)
+        second = torch.autograd.grad(gq.square().sum(), leaves, create_graph=True)
+        third = torch.autograd.grad(sum(g.square().sum() for g in second), leaves, create_graph=True)
+        return second + third + torch.autograd.grad(sum(g.square().sum() for g in third), leaves)
 
-    for a, b in zip(third("triton"), third("torch")):
+    for a, b in zip(derivatives("triton"), derivatives("torch")):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 

@@ -92,7 +92,10 @@ class GaussianSumGradGrad(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         saved = ctx.saved_tensors
         with torch.enable_grad():
-            inputs = [None if t is None or i == 5 else t.detach().requires_grad_() for i, t in enumerate(saved)]
+            # partial derivatives w.r.t. each input: fresh nodes (w depends on q, p, ..., but its alias
+            # does not), still attached to the inputs' graphs so that a fourth derivative reaches them
+            inputs = [None if t is None or i == 5 else t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+                      for i, t in enumerate(saved)]
             outs = double_backward(*(saved[5] if i == 5 else t for i, t in enumerate(inputs)))
             used = [(o, c) for o, c in zip(outs, cotangents) if o is not None and c is not None and o.requires_grad]
             wrt = [t for t in inputs if t is not None]

@@ -20,9 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import channel_block
-
-_ACC = {torch.float64: tl.float64}
+from . import accumulator, channel_block
 
 
 @triton.jit
@@ -52,6 +50,16 @@ def _geometry(q_ptr, p_ptr, s_ptr, r_ptr, qrow, j, ok, ACC: tl.constexpr):
     u2 = r20 * dx + r21 * dy + r22 * dz
     m = s0 * (u0 * u0) + s1 * (u1 * u1) + s2 * (u2 * u2)
     return dx, dy, dz, u0, u1, u2, s0, s1, s2, r00, r01, r02, r10, r11, r12, r20, r21, r22, m
+
+
+@triton.jit
+def _dm_dd(g):
+    """From ``_geometry``'s ``g``: ``t = 2 sigma * u`` and ``dm/dd = R^T t``."""
+    t0 = 2 * g[6] * g[3]
+    t1 = 2 * g[7] * g[4]
+    t2 = 2 * g[8] * g[5]
+    return (t0, t1, t2, g[9] * t0 + g[12] * t1 + g[15] * t2, g[10] * t0 + g[13] * t1 + g[16] * t2,
+            g[11] * t0 + g[14] * t1 + g[17] * t2)
 
 
 @triton.jit
@@ -155,13 +163,10 @@ def _query_grad_kernel(q_ptr, p_ptr, s_ptr, r_ptr, f_ptr, idx_ptr, w_ptr, gf_ptr
         gm = tl.where(ok, gm, 0.0)
         tl.store(gm_out_ptr + slot, gm, mask=rmask)
         g = _geometry(q_ptr, p_ptr, s_ptr, r_ptr, qrow, jrow, ok, ACC)
-        # dm/dd = 2 R^T (sigma * u)
-        t0 = 2 * g[6] * g[3]
-        t1 = 2 * g[7] * g[4]
-        t2 = 2 * g[8] * g[5]
-        gqx += gm * (g[9] * t0 + g[12] * t1 + g[15] * t2)
-        gqy += gm * (g[10] * t0 + g[13] * t1 + g[16] * t2)
-        gqz += gm * (g[11] * t0 + g[14] * t1 + g[17] * t2)
+        v = _dm_dd(g)
+        gqx += gm * v[3]
+        gqy += gm * v[4]
+        gqz += gm * v[5]
     tl.store(gq_ptr + qrow * 3, gqx, mask=rmask)
     tl.store(gq_ptr + qrow * 3 + 1, gqy, mask=rmask)
     tl.store(gq_ptr + qrow * 3 + 2, gqz, mask=rmask)
@@ -197,24 +202,22 @@ def _point_grad_kernel(order_ptr, start_ptr, q_ptr, p_ptr, s_ptr, r_ptr, w_ptr, 
         pos = tl.load(order_ptr + t, mask=ok, other=0)  # flat (query row, slot) position
         gm = tl.load(gm_ptr + pos, mask=ok, other=0.0).to(ACC)
         g = _geometry(q_ptr, p_ptr, s_ptr, r_ptr, pos // K, jrow + 0 * pos, ok, ACC)
-        t0_ = 2 * g[6] * g[3] * gm
-        t1_ = 2 * g[7] * g[4] * gm
-        t2_ = 2 * g[8] * g[5] * gm
-        ap0 -= g[9] * t0_ + g[12] * t1_ + g[15] * t2_
-        ap1 -= g[10] * t0_ + g[13] * t1_ + g[16] * t2_
-        ap2 -= g[11] * t0_ + g[14] * t1_ + g[17] * t2_
+        v = _dm_dd(g)  # dm/dR = t d^T
+        ap0 -= gm * v[3]
+        ap1 -= gm * v[4]
+        ap2 -= gm * v[5]
         as0 += gm * (g[3] * g[3])
         as1 += gm * (g[4] * g[4])
         as2 += gm * (g[5] * g[5])
-        ar00 += t0_ * g[0]
-        ar01 += t0_ * g[1]
-        ar02 += t0_ * g[2]
-        ar10 += t1_ * g[0]
-        ar11 += t1_ * g[1]
-        ar12 += t1_ * g[2]
-        ar20 += t2_ * g[0]
-        ar21 += t2_ * g[1]
-        ar22 += t2_ * g[2]
+        ar00 += gm * v[0] * g[0]
+        ar01 += gm * v[0] * g[1]
+        ar02 += gm * v[0] * g[2]
+        ar10 += gm * v[1] * g[0]
+        ar11 += gm * v[1] * g[1]
+        ar12 += gm * v[1] * g[2]
+        ar20 += gm * v[2] * g[0]
+        ar21 += gm * v[2] * g[1]
+        ar22 += gm * v[2] * g[2]
     _store_sums3(gp_ptr + jrow * 3, ap0, ap1, ap2)
     _store_sums3(gs_ptr + jrow * 3, as0, as1, as2)
     _store_sums3(gr_ptr + jrow * 9, ar00, ar01, ar02)
@@ -224,8 +227,10 @@ def _point_grad_kernel(order_ptr, start_ptr, q_ptr, p_ptr, s_ptr, r_ptr, w_ptr, 
         _segment_rows_sum(order_ptr, s_begin, s_end, w_ptr, gf_ptr, gfeat_ptr + jrow * F, F, K, ACC, BT, BF)
 
 
-def _acc(dtype: torch.dtype):
-    return _ACC.get(dtype, tl.float32)
+def pointer(t, stand_in):
+    """``t`` contiguous, or ``stand_in`` for an absent tensor (a kernel switched off at compile time
+    never reads it)."""
+    return stand_in if t is None else t.contiguous()
 
 
 def point_segments(idx: torch.Tensor, P: int):
@@ -257,7 +262,7 @@ def forward(q, p, f, sigma, R, idx):
     BQ = 32
     _forward_kernel[(triton.cdiv(Q, BQ), B)](
         q.contiguous(), p.contiguous(), sigma.contiguous(), R.contiguous(), f.contiguous(), idx.contiguous(),
-        m, out, Q, P, F, K, ACC=_acc(q.dtype), BQ=BQ, BF=channel_block(F, 64), enable_fp_fusion=False)
+        m, out, Q, P, F, K, ACC=accumulator(q.dtype), BQ=BQ, BF=channel_block(F, 64), enable_fp_fusion=False)
     return out, m
 
 
@@ -272,19 +277,17 @@ def backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, need_f: bool):
     if B * Q == 0 or B * P == 0 or K == 0:
         return g_q, g_p, g_f, g_s, g_R
     q, p, sigma, R, f, idx, w = (t.contiguous() for t in (q, p, sigma, R, f, idx, w))
-    dummy = w  # stands for an absent cotangent; never read
     gm = torch.empty((B, Q, K), dtype=dt, device=dev)
     BQ, BF = 32, channel_block(F, 64)
     _query_grad_kernel[(triton.cdiv(Q, BQ), B)](
         q, p, sigma, R, f, idx, w,
-        dummy if g_fout is None else g_fout.contiguous(), dummy if g_w is None else g_w.contiguous(),
-        dummy if g_m is None else g_m.contiguous(), gm, g_q, Q, P, F, K,
+        pointer(g_fout, w), pointer(g_w, w), pointer(g_m, w), gm, g_q, Q, P, F, K,
         HAS_GF=g_fout is not None, HAS_GW=g_w is not None, HAS_GM=g_m is not None,
-        ACC=_acc(dt), BQ=BQ, BF=BF, enable_fp_fusion=False)
+        ACC=accumulator(dt), BQ=BQ, BF=BF, enable_fp_fusion=False)
     order, start = point_segments(idx, P)
     need_f = need_f and g_fout is not None and F > 0
     _point_grad_kernel[(B * P,)](
-        order, start, q, p, sigma, R, w, gm, dummy if g_fout is None else g_fout.contiguous(),
-        g_p, g_s, g_R, g_f if need_f else dummy, F, K, NEED_F=need_f, ACC=_acc(dt), BT=32, BF=BF,
+        order, start, q, p, sigma, R, w, gm, pointer(g_fout, w),
+        g_p, g_s, g_R, g_f if need_f else w, F, K, NEED_F=need_f, ACC=accumulator(dt), BT=32, BF=BF,
         enable_fp_fusion=False)
     return g_q, g_p, g_f, g_s, g_R

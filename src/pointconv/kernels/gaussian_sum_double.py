@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import channel_block
-from .gaussian_sum import _acc, _cotangent_dots, _geometry, _segment_rows_sum, _store_sums3, point_segments, zero_grads
+from . import accumulator, channel_block
+from .gaussian_sum import (_cotangent_dots, _geometry, _segment_rows_sum, _store_sums3, point_segments, pointer,
+                           zero_grads)
 
 
 @triton.jit
@@ -208,10 +209,8 @@ def double_backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, 
         return out
     if a_f is not None and g_fout is None:
         a_f = None  # a_f only meets g_fout
-    dummy = w.contiguous()
-
     def ptr(t):
-        return dummy if t is None else t.contiguous()
+        return pointer(t, w)
 
     gm = torch.empty((B, Q, K), dtype=dt, device=dev)
     wh = torch.empty((B, Q, K), dtype=dt, device=dev)
@@ -221,10 +220,10 @@ def double_backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, 
         ptr(q), ptr(p), ptr(sigma), ptr(R), ptr(f), ptr(idx), ptr(w), ptr(g_fout), ptr(g_w), ptr(g_m),
         ptr(a_q), ptr(a_p), ptr(a_f), ptr(a_s), ptr(a_R), gm, wh, d_q, ptr(d_gf), d_w, ptr(d_gw), ptr(d_gm),
         Q, P, F, K=K, KP=_kp(K), HAS_GF=g_fout is not None, HAS_GW=g_w is not None, HAS_GM=g_m is not None,
-        HAS_AF=a_f is not None, **flags, ACC=_acc(dt), BQ=BQ, BF=BF, enable_fp_fusion=False)
+        HAS_AF=a_f is not None, **flags, ACC=accumulator(dt), BQ=BQ, BF=BF, enable_fp_fusion=False)
     order, start = point_segments(idx, P)
     _double_point_kernel[(B * P,)](
         order, start, ptr(q), ptr(p), ptr(sigma), ptr(R), gm, wh, ptr(g_fout), ptr(a_q), ptr(a_p), ptr(a_s),
-        ptr(a_R), d_p, d_s, d_R, d_f, F, K, HAS_GF=g_fout is not None, **flags, ACC=_acc(dt), BT=32, BF=BF,
+        ptr(a_R), d_p, d_s, d_R, d_f, F, K, HAS_GF=g_fout is not None, **flags, ACC=accumulator(dt), BT=32, BF=BF,
         enable_fp_fusion=False)
     return out

@@ -17,9 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import channel_block
-
-_ACC = {torch.float64: tl.float64}
+from . import accumulator, channel_block
 
 
 @triton.jit
@@ -94,7 +92,7 @@ def gather_gemm(table: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.
     BM, BN = 64, channel_block(cout, ncap)
     _gather_gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(cout, BN))](
         table, x.contiguous(), w.contiguous(), out, M, cin, cout, V,
-        BLOCK_M=BM, BLOCK_K=channel_block(cin, kcap), BLOCK_N=BN, ACC=_ACC.get(x.dtype, tl.float32),
+        BLOCK_M=BM, BLOCK_K=channel_block(cin, kcap), BLOCK_N=BN, ACC=accumulator(x.dtype),
         PRECISION=_precision(x.dtype))
     return out
 
@@ -112,5 +110,5 @@ def pair_gemm_t(a_rows, b_rows, chunk_start, chunk_end, x: torch.Tensor, y: torc
     BK, BN = channel_block(cx, kcap), channel_block(cy, ncap)
     _pair_gemm_t_kernel[(chunks, triton.cdiv(cx, BK), triton.cdiv(cy, BN))](
         a_rows, b_rows, chunk_start, chunk_end, x.contiguous(), y.contiguous(), part, cx, cy,
-        BLOCK_P=32, BLOCK_K=BK, BLOCK_N=BN, ACC=_ACC.get(x.dtype, tl.float32), PRECISION=_precision(x.dtype))
+        BLOCK_P=32, BLOCK_K=BK, BLOCK_N=BN, ACC=accumulator(x.dtype), PRECISION=_precision(x.dtype))
     return part
