@@ -105,6 +105,27 @@ def test_module_shares_one_neighbor_structure():
         layer(pts, feats, neighbors=[nbrs])
 
 
+def test_the_adjoint_matrix_is_built_only_for_a_feature_gradient():
+    """A first layer (input coordinates, no gradient) never builds the scatter matrix; a feature
+    gradient builds it once and matches the reference's."""
+    pts = cloud("uniform", N=80, seed=4)
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(1, 80, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 3, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    nbrs = pointwise_neighbors(pts, 0.15, 2)
+    out = pointconv.pointwise_conv(pts, feats.detach(), weight, 0.15, 2, neighbors=nbrs)
+    (gw,) = torch.autograd.grad(out.square().sum(), weight)
+    assert nbrs._scatter is None
+    out = pointconv.pointwise_conv(pts, feats, weight, 0.15, 2, neighbors=nbrs)
+    gf, gw2 = torch.autograd.grad(out.square().sum(), (feats, weight))
+    assert nbrs._scatter is not None
+    ref = pointwise_conv_reference(pts, feats, weight, 0.15, 2)
+    rf, rw = torch.autograd.grad(ref.square().sum(), (feats, weight))
+    torch.testing.assert_close(gf, rf)
+    torch.testing.assert_close(gw, rw)
+    torch.testing.assert_close(gw2, rw)
+
+
 def test_deterministic_outputs_and_gradients(monkeypatch, deterministic_mode):
     monkeypatch.setattr(_cell_means, "_BLOCK_ELEMENTS", 27 * 8 * 16)
     pts = cloud("uniform", N=200, seed=9).float()

@@ -36,14 +36,18 @@ def clouds(seed):
 def test_grid_search_finds_exactly_the_dense_pairs(s, dense_table, monkeypatch):
     if not dense_table:
         monkeypatch.setattr(kernel_map, "_DENSE_TABLE_MAX_CELLS", 0)  # the sorted-key search
-    monkeypatch.setattr(pairs, "_CHUNK", 97)  # many chunks
+    monkeypatch.setattr(pairs, "_CHUNK", 97)  # many chunks of candidates
+    monkeypatch.setattr(pairs, "_CENTERS", 13)  # and of centers
     for seed in range(3):
         kinds, batch = clouds(seed)
         for x, vs in kinds:
             U = quantize(x, vs)
             ci, cj, cc = neighbor_pairs(U, batch, s)
-            got = sorted(zip(ci.tolist(), cj.tolist(), cc.tolist()))
-            assert got == dense_pairs(U, batch, s)
+            got = list(zip(ci.tolist(), cj.tolist(), cc.tolist()))
+            assert sorted(got) == dense_pairs(U, batch, s)
+            # the order the sparse matrices are built in: by center, then cell (then neighbor, s >= 2)
+            order = sorted(got, key=lambda t: (t[0], t[2], t[1]) if s > 1 else (t[0], t[2]))
+            assert got == order
 
 
 def test_the_integer_rule_is_the_literal_rule():

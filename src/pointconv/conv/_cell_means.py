@@ -140,34 +140,40 @@ def _conv_grads(x, w, g, At: CellMeans):
     return gx, gw.view(cin, 27, cout).transpose(0, 1).reshape(27 * cin, cout)
 
 
-def pointwise_linear(x, w, A: CellMeans, At: CellMeans):
-    """``(A x).view(R, 27 C_in) @ w``, differentiable to any order; ``At`` is ``A``'s partner."""
-    return _Bilinear.apply("conv", x, w, A, At)
+def pointwise_linear(x, w, mats):
+    """``(A x).view(R, 27 C_in) @ w`` with ``A = mats.gather``, differentiable to any order; the
+    adjoint ``mats.scatter`` is read only when a derivative needs it (it may be built lazily)."""
+    return _Bilinear.apply("conv", x, w, mats, False)
+
+
+def _matrix(mats, adjoint: bool) -> CellMeans:
+    return mats.scatter if adjoint else mats.gather
 
 
 class _Bilinear(torch.autograd.Function):
     """The two bilinear maps, ``"conv"``: ``(x, w) -> (A x) w`` and ``"weight_grad"``: ``(x, g) ->
-    sum_i (A x)_i (x) g_i`` ``(27 C_in, C_out)``. Every derivative of either is again one of them."""
+    sum_i (A x)_i (x) g_i`` ``(27 C_in, C_out)``, with ``A`` = ``mats.gather``, or ``mats.scatter``
+    when ``adjoint``. Every derivative of either is again one of them."""
 
     @staticmethod
-    def forward(ctx, mode, x, y, A, At):
+    def forward(ctx, mode, x, y, mats, adjoint):
         ctx.save_for_backward(x, y)
-        ctx.mode, ctx.mats = mode, (A, At)
+        ctx.mode, ctx.mats, ctx.adjoint = mode, mats, adjoint
         compute = _conv if mode == "conv" else _weight_grad
-        return compute(x.contiguous(), y.contiguous(), A)
+        return compute(x.contiguous(), y.contiguous(), _matrix(mats, adjoint))
 
     @staticmethod
     def backward(ctx, grad):
         x, y = ctx.saved_tensors
-        A, At = ctx.mats
+        mats, same, other = ctx.mats, ctx.adjoint, not ctx.adjoint
         need_x, need_y = ctx.needs_input_grad[1:3]
         cin = x.shape[1]
         if ctx.mode == "conv":  # y = w, grad = g
             if need_x and need_y and not torch.is_grad_enabled() and not _use_triton(x, cin, y.shape[1]):
-                return (None, *_conv_grads(x, y, grad.contiguous(), At), None, None)  # first order: one pass
-            gx = _Bilinear.apply("conv", grad, _swap_channels(y, cin), At, A) if need_x else None
-            gy = _Bilinear.apply("weight_grad", x, grad, A, At) if need_y else None
+                return (None, *_conv_grads(x, y, grad.contiguous(), _matrix(mats, other)), None, None)  # one pass
+            gx = _Bilinear.apply("conv", grad, _swap_channels(y, cin), mats, other) if need_x else None
+            gy = _Bilinear.apply("weight_grad", x, grad, mats, same) if need_y else None
         else:  # y = g, grad = h (a weight's shape)
-            gx = _Bilinear.apply("conv", y, _swap_channels(grad, cin), At, A) if need_x else None
-            gy = _Bilinear.apply("conv", x, grad, A, At) if need_y else None
+            gx = _Bilinear.apply("conv", y, _swap_channels(grad, cin), mats, other) if need_x else None
+            gy = _Bilinear.apply("conv", x, grad, mats, same) if need_y else None
         return None, gx, gy, None, None

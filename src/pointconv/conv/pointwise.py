@@ -7,9 +7,9 @@ per axis is ``c = min(F - 1, floor((x_j - lo) / vs))``; ``c % s != 0`` is a hole
 cell is ``c // s`` in {0, 1, 2}. ``out_i[o] = sum_cells sum_cin W[o, cin, cx, cy, cz] * mean_{j in cell} f_j[cin]``;
 empty cells add nothing. Coordinates are not differentiated; features and weights are, to any order.
 
-Every path snaps coordinates to 2^-20 of a cell and evaluates these rules exactly in integers
+Every path snaps coordinates to 2^-19 of a cell and evaluates these rules exactly in integers
 (``_pointwise_pairs``), so all agree bit for bit on which neighbor falls in which cell; the literal
-float loops (``pointwise_reference_loops``) agree wherever no point lies within 2^-20 cells of a
+float loops (``pointwise_reference_loops``) agree wherever no point lies within 2^-19 cells of a
 border that it is not on.
 
 Fast path: the neighbor pairs and their cells are found once per cloud (``pointwise_neighbors``,
@@ -20,8 +20,6 @@ inner size 27 x Cin, in row blocks (``_cell_means``). The reference evaluates th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
 from .. import _checks
@@ -30,22 +28,38 @@ from ._cell_means import CellMeans, pointwise_linear, weight_matrix
 from ._pointwise_pairs import _take, cell_of, neighbor_pairs, quantize
 
 
-@dataclass
 class PointwiseNeighbors:
     """The kept pairs (center i, neighbor j, cell c) over the flattened valid points ``b * N + i``,
     as two ``CellMeans`` matrices with weights ``1 / count(i, c)`` (the mean's denominator):
     ``gather`` (row ``i * 27 + c``, column j) computes the per-cell means of the forward,
-    ``scatter`` (row ``j * 27 + c``, column i) those of its adjoint (the feature gradient)."""
+    ``scatter`` (row ``j * 27 + c``, column i) those of its adjoint (the feature gradient). The
+    scatter matrix is built on first use: a layer whose input needs no gradient never builds it."""
 
-    gather: CellMeans
-    scatter: CellMeans
-    num_rows: int
-    cell_size: float
-    dilation: int
+    def __init__(self, gather: CellMeans, scatter_rows: torch.Tensor, cell_size: float, dilation: int):
+        self.gather = gather
+        self.num_rows = gather.num_rows
+        self.cell_size = cell_size
+        self.dilation = dilation
+        self._scatter_rows = scatter_rows  # per gather entry: its scatter row j * 27 + c
+        self._scatter = None
 
     @property
     def num_pairs(self) -> int:
         return self.gather.nnz
+
+    @property
+    def scatter(self) -> CellMeans:
+        if self._scatter is None:
+            # gather's entries are in center order, so a stable sort by scatter row keeps the centers
+            # ascending within each row (int32 keys sort about twice as fast as int64)
+            row = self._scatter_rows
+            order = torch.argsort(row.int() if 27 * self.num_rows < 1 << 31 else row, stable=True)
+            center = torch.repeat_interleave(torch.arange(27 * self.num_rows, device=row.device) // 27,
+                                             torch.diff(self.gather.crow.long()))
+            self._scatter = CellMeans.from_sorted(torch.bincount(row, minlength=27 * self.num_rows),
+                                                  _take(center, order), _take(self.gather.count, order))
+            self._scatter_rows = None
+        return self._scatter
 
 
 def _check(points, features, cell_size, dilation, lengths):
@@ -71,7 +85,7 @@ def _check_weight(weight, cin):
 def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> PointwiseNeighbors:
     """The neighbor pairs and cells of every valid point (build once, reuse across layers).
 
-    Coordinates are snapped to 2^-20 of a cell and the rule is evaluated in integers (see
+    Coordinates are snapped to 2^-19 of a cell and the rule is evaluated in integers (see
     ``_pointwise_pairs``); the search visits only the grid cells that can hold kept neighbors."""
     _checks.coords("points", points, ndim=3, dim=3)
     cell_size = _checks.positive_float("cell_size", cell_size)
@@ -90,22 +104,13 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> Point
         quantized = quantize(points.reshape(R, 3)[rows], cell_size)
         center, neighbor, cell = neighbor_pairs(quantized, rows // max(N, 1), dilation)
         center, neighbor = _take(rows, center), _take(rows, neighbor)
-    # gather: entries (center * 27 + cell, neighbor), sorted as packed int64 keys and decoded (one
-    # sort, no permutation gathers)
-    key = torch.sort((center * 27 + cell) * R + neighbor).values
-    segment = key // max(R, 1)
-    neighbor = key - segment * R
-    per_segment = torch.bincount(segment, minlength=27 * R)
-    count = _take(per_segment, segment)  # pairs sharing (center, cell): the mean's denominator
-    gather = CellMeans.from_sorted(per_segment, neighbor, count)
-    # scatter: entries (neighbor * 27 + cell, center), the same weights; the entries are in center
-    # order, so a stable sort by row keeps the centers ascending within each row (int32 keys sort
-    # about twice as fast as int64)
-    row = neighbor * 27 + segment % 27
-    order = torch.argsort(row.int() if 27 * R < 1 << 31 else row, stable=True)
-    scatter = CellMeans.from_sorted(torch.bincount(row, minlength=27 * R), _take(segment // 27, order),
-                                    _take(count, order))
-    return PointwiseNeighbors(gather, scatter, R, cell_size, dilation)
+    # gather: entries (center * 27 + cell, neighbor), which neighbor_pairs returns sorted
+    row = center * 27 + cell
+    segments, per_segment = torch.unique_consecutive(row, return_counts=True)
+    row_counts = torch.zeros(27 * R, dtype=torch.int64, device=points.device).index_put_((segments,), per_segment)
+    count = torch.repeat_interleave(per_segment, per_segment)  # pairs sharing (center, cell): the mean's denominator
+    gather = CellMeans.from_sorted(row_counts, neighbor, count)
+    return PointwiseNeighbors(gather, neighbor * 27 + cell, cell_size, dilation)
 
 
 def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=None, bias=None, neighbors=None):
@@ -137,7 +142,7 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
     dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
     f = features.reshape(B * N, cin).to(dtype)
     W = weight_matrix(weight.to(dtype))
-    out = pointwise_linear(f, W, neighbors.gather, neighbors.scatter).to(features.dtype)
+    out = pointwise_linear(f, W, neighbors).to(features.dtype)
     if bias is not None:
         out = out + bias
     valid = (torch.arange(N, device=points.device)[None, :] < lengths[:, None]).reshape(-1, 1)
