@@ -35,12 +35,13 @@ class PointwiseNeighbors:
     ``scatter`` (row ``j * 27 + c``, column i) those of its adjoint (the feature gradient). The
     scatter matrix is built on first use: a layer whose input needs no gradient never builds it."""
 
-    def __init__(self, gather: CellMeans, scatter_rows: torch.Tensor, cell_size: float, dilation: int):
+    def __init__(self, gather: CellMeans, centers: torch.Tensor, scatter_rows: torch.Tensor, cell_size: float,
+                 dilation: int):
         self.gather = gather
         self.num_rows = gather.num_rows
         self.cell_size = cell_size
         self.dilation = dilation
-        self._scatter_rows = scatter_rows  # per gather entry: its scatter row j * 27 + c
+        self._centers, self._scatter_rows = centers, scatter_rows  # per gather entry: i and j * 27 + c
         self._scatter = None
 
     @property
@@ -51,15 +52,19 @@ class PointwiseNeighbors:
     def scatter(self) -> CellMeans:
         if self._scatter is None:
             # gather's entries are in center order, so a stable sort by scatter row keeps the centers
-            # ascending within each row (int32 keys sort about twice as fast as int64)
-            row = self._scatter_rows
-            order = torch.argsort(row.int() if 27 * self.num_rows < 1 << 31 else row, stable=True)
-            center = torch.repeat_interleave(torch.arange(27 * self.num_rows, device=row.device) // 27,
-                                             torch.diff(self.gather.crow.long()))
-            self._scatter = CellMeans.from_sorted(torch.bincount(row, minlength=27 * self.num_rows),
-                                                  _take(center, order), _take(self.gather.count, order))
-            self._scatter_rows = None
+            # ascending within each row
+            rows, order = torch.sort(self._scatter_rows, stable=True)
+            row_counts, _ = _row_counts(rows, 27 * self.num_rows)
+            self._scatter = CellMeans.from_sorted(row_counts, _take(self._centers, order), _take(self.gather.count, order))
+            self._centers = self._scatter_rows = None
         return self._scatter
+
+
+def _row_counts(rows: torch.Tensor, num_rows: int):
+    """Sorted row indices -> entries per row ``(num_rows,)`` and the size of each entry's row."""
+    segments, per_segment = torch.unique_consecutive(rows, return_counts=True)
+    counts = torch.zeros(num_rows, dtype=torch.int64, device=rows.device).index_put_((segments.long(),), per_segment)
+    return counts, torch.repeat_interleave(per_segment, per_segment)
 
 
 def _check(points, features, cell_size, dilation, lengths):
@@ -104,13 +109,12 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> Point
         quantized = quantize(points.reshape(R, 3)[rows], cell_size)
         center, neighbor, cell = neighbor_pairs(quantized, rows // max(N, 1), dilation)
         center, neighbor = _take(rows, center), _take(rows, neighbor)
-    # gather: entries (center * 27 + cell, neighbor), which neighbor_pairs returns sorted
-    row = center * 27 + cell
-    segments, per_segment = torch.unique_consecutive(row, return_counts=True)
-    row_counts = torch.zeros(27 * R, dtype=torch.int64, device=points.device).index_put_((segments,), per_segment)
-    count = torch.repeat_interleave(per_segment, per_segment)  # pairs sharing (center, cell): the mean's denominator
+    # gather: entries (center * 27 + cell, neighbor), which neighbor_pairs returns sorted; each
+    # entry's row size is its mean's denominator. int32 rows where they fit: they sort faster
+    itype = torch.int32 if 27 * R < 1 << 31 else torch.int64
+    row_counts, count = _row_counts((center * 27 + cell).to(itype), 27 * R)
     gather = CellMeans.from_sorted(row_counts, neighbor, count)
-    return PointwiseNeighbors(gather, neighbor * 27 + cell, cell_size, dilation)
+    return PointwiseNeighbors(gather, center.to(itype), (neighbor * 27 + cell).to(itype), cell_size, dilation)
 
 
 def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=None, bias=None, neighbors=None):
