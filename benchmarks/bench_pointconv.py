@@ -6,8 +6,11 @@ ModelNet40 clouds (``pointconv.demos.shapes``),
 coordinates as input features; forward and backward of a cross-entropy loss. Rows:
 
 - neighbors: building the four neighbor structures (once per batch of clouds; the authors rebuild
-  them inside every forward and backward);
+  them inside every forward and backward); their adjoint matrices are left to the first backward
+  that needs them (the first layer's input needs no gradient, so its adjoint is never built);
 - forward, backward: with the structures built; forward + neighbors: a forward that builds them;
+- training step: what a step on a new batch costs, neighbors + forward + backward (the paper's
+  figure: its forward + backward, which rebuild the structures themselves);
 - reference: ``pointconv.use_backend("reference")`` (dense (N, N, 27) membership per cloud), run
   on ``--ref-clouds`` clouds and scaled linearly to the batch (its cost is per cloud); its outputs
   on those clouds are compared with pointconv's in the same run.
@@ -72,6 +75,9 @@ def main(argv=None):
 
     backward()
     bwd_ms = sorted(backward() for _ in range(args.repeat))[args.repeat // 2]
+    # a training step on a new batch: its neighbor structures (the adjoint matrices included, which
+    # the backward builds on first use), forward, backward
+    step_ms, _ = timed(lambda: loss_of(points, labels, model.neighbors(points)).backward())
     pairs = sum(n.num_pairs for n in nbrs)
 
     # the reference on a few clouds, scaled to the batch; and the agreement of the outputs there
@@ -94,7 +100,9 @@ def main(argv=None):
     rows = [("neighbors (4 structures)", build_ms, None, None),
             ("forward", fwd_ms, ref_fwd_ms * scale, PAPER_MS["forward"]),
             ("forward + neighbors", fwd_build_ms, ref_fwd_ms * scale, PAPER_MS["forward"]),
-            ("backward", bwd_ms, ref_bwd_ms * scale, PAPER_MS["backward"])]
+            ("backward", bwd_ms, ref_bwd_ms * scale, PAPER_MS["backward"]),
+            ("training step (neighbors + forward + backward)", step_ms, (ref_fwd_ms + ref_bwd_ms) * scale,
+             PAPER_MS["forward"] + PAPER_MS["backward"])]
     if (args.batch, args.points) != (128, 2048):  # the paper's figures are for that batch only
         rows = [(task, ms, ref, None) for task, ms, ref, _ in rows]
     for task, ms, ref, paper in rows:
