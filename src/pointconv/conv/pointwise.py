@@ -20,6 +20,7 @@ inner size 27 x Cin, in row blocks (``_cell_means``). The reference evaluates th
 from __future__ import annotations
 
 import math
+
 import torch
 
 from .. import _checks
