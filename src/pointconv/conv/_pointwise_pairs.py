@@ -89,18 +89,20 @@ def _cell_code(flags: torch.Tensor) -> torch.Tensor:
 
 
 def _slots(s: int):
-    """Per window a center visits: its offset from the anchor, the cell it fills (-1 for s = 1,
-    where the flags decide), top-face bits ``t`` (low bit per field) and ``sigma`` (guard bits)."""
+    """Per window a center visits: its offset from the anchor, the cell it fills (for s = 1 the
+    base ``2 sigma`` per axis, to which the corner and flags add), top-face bits ``t`` (low bit
+    per field) and ``sigma`` (guard bits; 0 for s >= 2)."""
+    def packed(bits):
+        return sum(b << sh for b, sh in zip(bits, _SHIFTS))
+
     slots = []
-    if s == 1:
-        for sigma in _CORNERS:
-            slots.append(([2 * a - 1 for a in sigma], sum(w * 2 * a for w, a in zip(_CELL_WEIGHTS, sigma)),
-                          _pack(torch.tensor(sigma)).item(), _pack(torch.tensor(sigma)).item() << (FRAC_BITS + 1)))
-    else:
-        for kappa in itertools.product(range(3), repeat=3):
-            top = [int(k == 2) for k in kappa]
-            slots.append(([(k - 1) * s for k in kappa], sum(w * k for w, k in zip(_CELL_WEIGHTS, kappa)),
-                          _pack(torch.tensor(top)).item(), 0))
+    for k in (_CORNERS if s == 1 else itertools.product(range(3), repeat=3)):
+        if s == 1:  # k = sigma: the lower or upper pair of the 4 x 4 x 4 grid cells, per axis
+            slots.append(([2 * a - 1 for a in k], sum(w * 2 * a for w, a in zip(_CELL_WEIGHTS, k)),
+                          packed(k), packed(k) << (FRAC_BITS + 1)))
+        else:  # k = kappa: the kept cell k s per axis
+            slots.append(([(a - 1) * s for a in k], sum(w * a for w, a in zip(_CELL_WEIGHTS, k)),
+                          packed([int(a == 2) for a in k]), 0))
     return [torch.tensor(list(x)) for x in zip(*slots)]
 
 
@@ -115,8 +117,6 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int):
     empty = torch.zeros(0, dtype=torch.int64, device=dev)
     if M == 0:
         return empty, empty, empty
-    if 27 * M * M >= 1 << 62:
-        raise ValueError(f"{M} points are too many for one neighbor search (at most 4e8)")
     L = U - ONE // 2
     A, phi = L >> FRAC_BITS, L & (ONE - 1)
     G, frac = U >> FRAC_BITS, U & (ONE - 1)

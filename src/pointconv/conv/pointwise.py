@@ -99,8 +99,6 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> Point
     lengths = _checks.lengths("lengths", lengths, points.shape[0], points.shape[1], points.device)
     B, N, _ = points.shape
     R = B * N
-    if 27 * R * R >= 1 << 62:
-        raise ValueError(f"points: {R} rows (B * N) are too many for one neighbor structure (at most 4e8)")
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
     if bool(valid.all()):
         quantized = quantize(points.reshape(R, 3), cell_size)
