@@ -22,7 +22,8 @@ indexes *windows*: 2 x 2 x 2 blocks of grid cells keyed by their lowest cell, ea
 points (every point is in 8 windows) in ascending order with their corner ``b``. Each center
 visits 27 windows (s >= 2: one per kept cell, whatever the dilation, never the holes) or 8
 (s = 1: the 4 x 4 x 4 cells around it), centers in order, so for s >= 2 the pairs come out
-sorted by (center, cell, neighbor) with no sort at all.
+sorted by (center, cell, neighbor) with no sort at all; for s = 1 each chunk of whole centers
+is sorted by (center, cell) on its own (small sorts in cache, not one of every pair).
 
 The three per-axis flag tests of a candidate are one int64 subtraction: three 21-bit fields of
 doubled offsets, each with a guard bit that holds the comparison ``2 f + 1 - b <= 2 phi - 1 + t``
@@ -160,7 +161,10 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int):
         work = torch.cumsum(row_count, 0)
         total = int(work[-1]) if work.numel() else 0
         marks = torch.arange(_CHUNK, max(total, _CHUNK), _CHUNK, device=dev, dtype=torch.int64)
-        cuts = torch.searchsorted(work, marks, right=True).tolist()
+        cuts = torch.searchsorted(work, marks, right=True)
+        if s == 1:  # chunks of whole centers: each is then sorted by (center, cell) on its own
+            cuts = torch.searchsorted(row_center, _take(row_center, cuts))
+        cuts = cuts.tolist()
         for r0, r1 in zip([0] + cuts, cuts + [rows.numel()]):
             if r1 > r0:
                 parts.append(_pairs_of_rows(
@@ -168,13 +172,7 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int):
                     entry, entry_point, slot_cell, slot_sigma, s))
     if not parts:
         return empty, empty, empty
-    center, neighbor, cell = (torch.cat(x) for x in zip(*parts))
-    if s == 1:  # the flags spread a window over cells: a stable sort by (center, cell)
-        row = center * 27 + cell
-        row, order = torch.sort(row.int() if 27 * M < 1 << 31 else row, stable=True)  # int32 sorts faster
-        row = row.long()
-        center, cell, neighbor = row // 27, row % 27, _take(neighbor, order)
-    return center, neighbor, cell
+    return tuple(torch.cat(x) for x in zip(*parts))
 
 
 def _pairs_of_rows(center, slot, value, start, count, entry, entry_point, slot_cell, slot_sigma, s):
@@ -192,6 +190,11 @@ def _pairs_of_rows(center, slot, value, start, count, entry, entry_point, slot_c
     kept = torch.nonzero(mismatch == 0).squeeze(1)
     rows = _take(cand_row, kept)
     cell = _take(_take(slot_cell, slot), rows)
-    if s == 1:  # c = 2 sigma + b - flag per axis
+    neighbor = _take(entry_point, _take(cand_entry, kept))
+    if s == 1:  # c = 2 sigma + b - flag per axis; the flags spread a window over cells, so the
+        # rows' pairs (whole centers) are sorted by (center, cell), stably: small int32 keys sort fast
         cell = cell + _cell_code(_take(e, kept)) - _cell_code(_take(x, kept))
-    return _take(center, rows), _take(entry_point, _take(cand_entry, kept)), cell
+        local = _take(center, rows) - center[0]
+        _, order = torch.sort((local * 27 + cell).int(), stable=True)
+        rows, cell, neighbor = _take(rows, order), _take(cell, order), _take(neighbor, order)
+    return _take(center, rows), neighbor, cell
