@@ -126,6 +126,30 @@ def test_the_adjoint_matrix_is_built_only_for_a_feature_gradient():
     torch.testing.assert_close(gw2, rw)
 
 
+def test_several_dilations_share_one_grid():
+    """A sequence of dilations gives the structures of one call per dilation (the windows built for
+    the largest serve the smaller ones), padded clouds included."""
+    g = torch.Generator().manual_seed(14)
+    pts = torch.cat([cloud("uniform", N=70, seed=14), cloud("lattice", N=70, seed=15) * 0.5])
+    lengths = torch.tensor([70, 41])
+    several = pointwise_neighbors(pts, 0.125, [3, 1, 2], lengths=lengths)
+    assert [n.dilation for n in several] == [3, 1, 2]
+    for nbrs in several:
+        one = pointwise_neighbors(pts, 0.125, nbrs.dilation, lengths=lengths)
+        assert one.num_pairs > 0
+        for a, b in [(nbrs.gather.crow, one.gather.crow), (nbrs.gather.col, one.gather.col),
+                     (nbrs.gather.count, one.gather.count), (nbrs.scatter.col, one.scatter.col)]:
+            assert torch.equal(a, b)
+    feats = torch.randn(2, 70, 3, generator=g, dtype=torch.float64)
+    weight = torch.randn(2, 3, 3, 3, 3, generator=g, dtype=torch.float64)
+    out = pointconv.pointwise_conv(pts, feats, weight, 0.125, 2, lengths=lengths, neighbors=several[2])
+    torch.testing.assert_close(out, pointwise_conv_reference(pts, feats, weight, 0.125, 2, lengths=lengths))
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        pointwise_neighbors(pts, 0.125, [])
+    with pytest.raises(TypeError, match="dilation must be an int"):
+        pointwise_neighbors(pts, 0.125, [1, 2.0])
+
+
 def test_deterministic_outputs_and_gradients(monkeypatch, deterministic_mode):
     monkeypatch.setattr(_cell_means, "_BLOCK_ELEMENTS", 27 * 8 * 16)
     pts = cloud("uniform", N=200, seed=9).float()

@@ -45,6 +45,9 @@ def test_grid_search_finds_exactly_the_dense_pairs(s, dense_table, monkeypatch):
             ci, cj, cc = neighbor_pairs(U, batch, s)
             got = list(zip(ci.tolist(), cj.tolist(), cc.tolist()))
             assert sorted(got) == dense_pairs(U, batch, s)
+            # windows built for a larger dilation serve this one alike
+            shared = neighbor_pairs(U, batch, s, pairs.Windows(U, batch, 5))
+            assert list(zip(*(t.tolist() for t in shared))) == got
             # the order the sparse matrices are built in: by center, then cell (then neighbor, s >= 2)
             order = sorted(got, key=lambda t: (t[0], t[2], t[1]) if s > 1 else (t[0], t[2]))
             assert got == order
@@ -84,6 +87,13 @@ def test_snapping_gives_exact_arithmetic_on_decimal_inputs(s):
     assert torch.equal(cell_of(U[:, None], U[None], s), exact)
     ci, cj, cc = neighbor_pairs(U, torch.zeros(300, dtype=torch.int64), s)
     assert torch.equal(exact[ci, cj], cc) and ci.numel() == int((exact >= 0).sum())
+
+
+def test_windows_must_reach_the_dilation():
+    U = quantize(torch.rand(20, 3, dtype=torch.float64), 0.1)
+    batch = torch.zeros(20, dtype=torch.int64)
+    with pytest.raises(ValueError, match="windows reach dilation 2, not 3"):
+        neighbor_pairs(U, batch, 3, pairs.Windows(U, batch, 2))
 
 
 def test_empty_and_out_of_range():

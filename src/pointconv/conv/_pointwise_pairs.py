@@ -107,57 +107,74 @@ def _slots(s: int):
     return [torch.tensor(list(x)) for x in zip(*slots)]
 
 
-def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int):
+class Windows:
+    """The 2 x 2 x 2 windows of grid cells over quantized points ``U (M, 3)`` of clouds ``batch``
+    (see the module docstring), with what every center needs to visit them. They depend on the
+    points only: one ``Windows`` serves the searches of every dilation up to ``reach``."""
+
+    def __init__(self, U: torch.Tensor, batch: torch.Tensor, reach: int):
+        dev = U.device
+        self.reach = reach
+        L = U - ONE // 2
+        self.anchor, phi = L >> FRAC_BITS, L & (ONE - 1)  # A and phi of every center
+        G, frac = U >> FRAC_BITS, U & (ONE - 1)
+        # the grid covers the points' cells and every window a center visits at dilations <= reach
+        self.lo = torch.minimum(G.min(0).values - 1, self.anchor.min(0).values - reach)
+        hi = torch.maximum(G.max(0).values, self.anchor.max(0).values + reach)
+        self.ext = (hi - self.lo + 1).tolist()
+        nb = int(batch.max()) + 1
+        if math.prod(self.ext) * nb >= 1 << 62:
+            raise ValueError("points span too many cells of cell_size for one grid (more than 2^62 in all)")
+        # every point in the 8 windows whose lowest cell is G - b; generated point-major, so a
+        # stable sort by window lists each window's points in ascending order
+        corners = torch.tensor(_CORNERS, device=dev)
+        origin = ((G - self.lo)[:, None, :] - corners).reshape(-1, 3)
+        wkey = linearize(batch.repeat_interleave(8), origin, self.ext)
+        order = torch.argsort(wkey, stable=True)
+        self.count = torch.unique_consecutive(_take(wkey, order), return_counts=True)[1]
+        self.start = torch.cumsum(self.count, 0) - self.count
+        first = _take(order, self.start)
+        self.index = SiteIndex(torch.cat([batch[first // 8, None], origin[first]], 1), self.ext, nb)
+        self.entry_point = order // 8
+        # per entry: doubled offsets 2 f + 1 - b in the fields, b in the guard bits (see the docstring)
+        corner_low, corner_guard = _pack(corners), _pack(corners) << (FRAC_BITS + 1)
+        corner = order % 8
+        self.entry = (_take(_pack(2 * frac + 1), self.entry_point) - _take(corner_low, corner)
+                      + _take(corner_guard, corner))
+        # per center: 2^20 + 2 phi - 1 in the fields (+ t per window)
+        self.center_base = _pack(2 * phi + (2 * ONE - 1))
+
+
+def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int, windows: Windows | None = None):
     """All kept (center, neighbor, cell) triples among the quantized points ``U (M, 3)`` of clouds
-    ``batch (M,)`` (points of different clouds never pair). Returns three int64 ``(P,)`` tensors,
-    rows into ``U``, sorted by center, then cell; within a (center, cell) the neighbors ascend for
-    s >= 2 and come in the fixed order of the 8 windows for s = 1."""
+    ``batch (M,)`` (points of different clouds never pair). Returns three ``(P,)`` tensors (int32
+    when ``27 M < 2^31``, else int64), rows into ``U``, sorted by center, then cell; within a (center, cell) the neighbors ascend for
+    s >= 2 and come in the fixed order of the 8 windows for s = 1. ``windows``: a ``Windows`` of
+    these points with ``reach >= dilation``, to share between dilations (built here if None)."""
     s = dilation
     dev = U.device
     M = U.shape[0]
-    empty = torch.zeros(0, dtype=torch.int64, device=dev)
+    itype = torch.int32 if 27 * M < 1 << 31 else torch.int64
+    empty = torch.zeros(0, dtype=itype, device=dev)
     if M == 0:
         return empty, empty, empty
-    L = U - ONE // 2
-    A, phi = L >> FRAC_BITS, L & (ONE - 1)
-    G, frac = U >> FRAC_BITS, U & (ONE - 1)
+    if windows is None:
+        windows = Windows(U, batch, s)
+    elif windows.reach < s:
+        raise ValueError(f"windows reach dilation {windows.reach}, not {s}")
+    w = windows
     offset, slot_cell, slot_top, slot_sigma = (x.to(dev) for x in _slots(s))
-    lo = torch.minimum(G.min(0).values - 1, A.min(0).values + offset.min(0).values)
-    hi = torch.maximum(G.max(0).values, A.max(0).values + offset.max(0).values)
-    ext = (hi - lo + 1).tolist()
-    nb = int(batch.max()) + 1
-    if math.prod(ext) * nb >= 1 << 62:
-        raise ValueError("points span too many cells of cell_size for one grid (more than 2^62 in all)")
-
-    # windows: every point in the 8 windows whose lowest cell is G - b; generated point-major, so a
-    # stable sort by window lists each window's points in ascending order
-    corners = torch.tensor(_CORNERS, device=dev)
-    origin = ((G - lo)[:, None, :] - corners).reshape(-1, 3)
-    wkey = linearize(batch.repeat_interleave(8), origin, ext)
-    order = torch.argsort(wkey, stable=True)
-    win_count = torch.unique_consecutive(_take(wkey, order), return_counts=True)[1]
-    win_start = torch.cumsum(win_count, 0) - win_count
-    first = _take(order, win_start)
-    windows = SiteIndex(torch.cat([batch[first // 8, None], origin[first]], 1), ext, nb)
-    entry_point = order // 8
-    # per entry: doubled offsets 2 f + 1 - b in the fields, b in the guard bits (see the docstring)
-    corner_low, corner_guard = _pack(corners), _pack(corners) << (FRAC_BITS + 1)
-    corner = order % 8
-    entry = _take(_pack(2 * frac + 1), entry_point) - _take(corner_low, corner) + _take(corner_guard, corner)
-    # per center: 2^20 + 2 phi - 1 in the fields (+ t per window)
-    center_base = _pack(2 * phi + (2 * ONE - 1))
-
     parts = []
     nslots = offset.shape[0]
     for c0 in range(0, M, _CENTERS):
         c1 = min(M, c0 + _CENTERS)
-        keys = linearize(batch[c0:c1, None].expand(-1, nslots), A[c0:c1, None, :] - lo + offset, ext).reshape(-1)
-        found = windows.lookup(keys, torch.ones_like(keys, dtype=torch.bool))
+        keys = linearize(batch[c0:c1, None].expand(-1, nslots), w.anchor[c0:c1, None, :] - w.lo + offset, w.ext)
+        found = w.index.lookup(keys.reshape(-1), torch.ones(keys.numel(), dtype=torch.bool, device=dev))
         rows = torch.nonzero(found >= 0).squeeze(1)  # (center, slot), centers ascending, slots in cell order
         win = _take(found, rows)
         row_center, row_slot = rows // nslots + c0, rows % nslots
-        row_value = _take(center_base, row_center) + _take(slot_top, row_slot)
-        row_count, row_start = _take(win_count, win), _take(win_start, win)
+        row_value = _take(w.center_base, row_center) + _take(slot_top, row_slot)
+        row_count, row_start = _take(w.count, win), _take(w.start, win)
         work = torch.cumsum(row_count, 0)
         total = int(work[-1]) if work.numel() else 0
         marks = torch.arange(_CHUNK, max(total, _CHUNK), _CHUNK, device=dev, dtype=torch.int64)
@@ -169,15 +186,15 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int):
             if r1 > r0:
                 parts.append(_pairs_of_rows(
                     row_center[r0:r1], row_slot[r0:r1], row_value[r0:r1], row_start[r0:r1], row_count[r0:r1],
-                    entry, entry_point, slot_cell, slot_sigma, s))
+                    w.entry, w.entry_point, slot_cell, slot_sigma, s, itype))
     if not parts:
         return empty, empty, empty
     return tuple(torch.cat(x) for x in zip(*parts))
 
 
-def _pairs_of_rows(center, slot, value, start, count, entry, entry_point, slot_cell, slot_sigma, s):
+def _pairs_of_rows(center, slot, value, start, count, entry, entry_point, slot_cell, slot_sigma, s, itype):
     """The kept pairs of rows (one center, one window): every candidate is tested by one subtraction
-    of packed offsets. Returns (center, neighbor, cell), in row order and the window's order."""
+    of packed offsets. Returns (center, neighbor, cell) as ``itype``, in row order and the window's order."""
     cand_row = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)
     shift = start - (torch.cumsum(count, 0) - count)
     cand_entry = torch.arange(cand_row.numel(), device=count.device) + _take(shift, cand_row)
@@ -197,4 +214,4 @@ def _pairs_of_rows(center, slot, value, start, count, entry, entry_point, slot_c
         local = _take(center, rows) - center[0]
         _, order = torch.sort((local * 27 + cell).int(), stable=True)
         rows, cell, neighbor = _take(rows, order), _take(cell, order), _take(neighbor, order)
-    return _take(center, rows), neighbor, cell
+    return _take(center, rows).to(itype), neighbor.to(itype), cell.to(itype)

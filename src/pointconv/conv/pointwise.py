@@ -26,7 +26,7 @@ import torch
 from .. import _checks
 from .._backend import backend_for
 from ._cell_means import CellMeans, pointwise_linear, weight_matrix
-from ._pointwise_pairs import _take, cell_of, neighbor_pairs, quantize
+from ._pointwise_pairs import Windows, _take, cell_of, neighbor_pairs, quantize
 
 
 class PointwiseNeighbors:
@@ -55,17 +55,10 @@ class PointwiseNeighbors:
             # gather's entries are in center order, so a stable sort by scatter row keeps the centers
             # ascending within each row
             rows, order = torch.sort(self._scatter_rows, stable=True)
-            row_counts, _ = _row_counts(rows, 27 * self.num_rows)
+            row_counts = torch.bincount(rows, minlength=27 * self.num_rows)
             self._scatter = CellMeans.from_sorted(row_counts, _take(self._centers, order), _take(self.gather.count, order))
             self._centers = self._scatter_rows = None
         return self._scatter
-
-
-def _row_counts(rows: torch.Tensor, num_rows: int):
-    """Sorted row indices -> entries per row ``(num_rows,)`` and the size of each entry's row."""
-    segments, per_segment = torch.unique_consecutive(rows, return_counts=True)
-    counts = torch.zeros(num_rows, dtype=torch.int64, device=rows.device).index_put_((segments.long(),), per_segment)
-    return counts, torch.repeat_interleave(per_segment, per_segment)
 
 
 def _check(points, features, cell_size, dilation, lengths):
@@ -88,32 +81,50 @@ def _check_weight(weight, cin):
         raise ValueError(f"weight must have shape (C_out, {cin}, 3, 3, 3), got {tuple(weight.shape)}")
 
 
-def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None) -> PointwiseNeighbors:
+def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
     """The neighbor pairs and cells of every valid point (build once, reuse across layers).
 
     Coordinates are snapped to 2^-19 of a cell and the rule is evaluated in integers (see
-    ``_pointwise_pairs``); the search visits only the grid cells that can hold kept neighbors."""
+    ``_pointwise_pairs``); the search visits only the grid cells that can hold kept neighbors.
+
+    Args:
+        points: ``(B, N, 3)``; cell_size: ``vs`` (> 0); lengths: optional ``(B,)``.
+        dilation: an int (>= 1), or a sequence of them: then a list with one structure per
+            dilation, built from one snapping and one grid of the points (faster than one call each).
+
+    Returns:
+        a ``PointwiseNeighbors``, or a list of them (one per dilation).
+    """
     _checks.coords("points", points, ndim=3, dim=3)
     cell_size = _checks.positive_float("cell_size", cell_size)
-    dilation = _checks.positive_int("dilation", dilation)
+    several = isinstance(dilation, (list, tuple))
+    if several and not dilation:
+        raise ValueError("dilation must be an int or a non-empty sequence of ints, got an empty sequence")
+    dilations = [_checks.positive_int("dilation", d) for d in (dilation if several else [dilation])]
     lengths = _checks.lengths("lengths", lengths, points.shape[0], points.shape[1], points.device)
     B, N, _ = points.shape
     R = B * N
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
-    if bool(valid.all()):
-        quantized = quantize(points.reshape(R, 3), cell_size)
-        center, neighbor, cell = neighbor_pairs(quantized, torch.arange(R, device=points.device) // max(N, 1), dilation)
-    else:
-        rows = torch.nonzero(valid.reshape(-1)).squeeze(1)  # flattened b * N + i, sorted by cloud
-        quantized = quantize(points.reshape(R, 3)[rows], cell_size)
-        center, neighbor, cell = neighbor_pairs(quantized, rows // max(N, 1), dilation)
-        center, neighbor = _take(rows, center), _take(rows, neighbor)
-    # gather: entries (center * 27 + cell, neighbor), which neighbor_pairs returns sorted; each
-    # entry's row size is its mean's denominator. int32 rows where they fit: they sort faster
+    rows = None if bool(valid.all()) else torch.nonzero(valid.reshape(-1)).squeeze(1)  # b * N + i, by cloud
+    flat = points.reshape(R, 3)
+    quantized = quantize(flat if rows is None else flat[rows], cell_size)
+    batch = (torch.arange(R, device=points.device) if rows is None else rows) // max(N, 1)
+    windows = Windows(quantized, batch, max(dilations)) if quantized.shape[0] else None
+    # int32 indices where they fit: less memory traffic, and their sorts are faster
     itype = torch.int32 if 27 * R < 1 << 31 else torch.int64
-    row_counts, count = _row_counts((center * 27 + cell).to(itype), 27 * R)
-    gather = CellMeans.from_sorted(row_counts, neighbor, count)
-    return PointwiseNeighbors(gather, center.to(itype), (neighbor * 27 + cell).to(itype), cell_size, dilation)
+    structures = []
+    for s in dilations:
+        center, neighbor, cell = neighbor_pairs(quantized, batch, s, windows)
+        if rows is not None:
+            center, neighbor = rows.index_select(0, center), rows.index_select(0, neighbor)
+        center, neighbor, cell = center.to(itype), neighbor.to(itype), cell.to(itype)
+        # gather: entries (center * 27 + cell, neighbor), which neighbor_pairs returns sorted; each
+        # entry's row size is its mean's denominator
+        row = center * 27 + cell
+        row_counts = torch.bincount(row, minlength=27 * R)
+        gather = CellMeans.from_sorted(row_counts, neighbor, row_counts.index_select(0, row))
+        structures.append(PointwiseNeighbors(gather, center, neighbor * 27 + cell, cell_size, s))
+    return structures if several else structures[0]
 
 
 def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=None, bias=None, neighbors=None):

@@ -36,8 +36,15 @@ class PointwiseCNN(nn.Module):
         self.head = nn.Sequential(nn.Linear(width, hidden), nn.SELU(), nn.Linear(hidden, num_classes))
 
     def neighbors(self, points: torch.Tensor, lengths=None) -> list[PointwiseNeighbors]:
-        """One neighbor structure per convolution, for these clouds."""
-        return [pointwise_neighbors(points, conv.cell_size, conv.dilation, lengths=lengths) for conv in self.convs]
+        """One neighbor structure per convolution, for these clouds (the convolutions that share a
+        cell size share one grid of the points)."""
+        out = [None] * len(self.convs)
+        for cell_size in dict.fromkeys(conv.cell_size for conv in self.convs):
+            at = [k for k, conv in enumerate(self.convs) if conv.cell_size == cell_size]
+            built = pointwise_neighbors(points, cell_size, [self.convs[k].dilation for k in at], lengths=lengths)
+            for k, nbrs in zip(at, built):
+                out[k] = nbrs
+        return out
 
     def forward(self, points, features=None, lengths=None, neighbors=None):
         x = points if features is None else features
