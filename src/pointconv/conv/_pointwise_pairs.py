@@ -19,7 +19,8 @@ the points of a kept cell ``k s`` (k in {0, 1, 2}) lie in the two grid cells ``A
 with ``b = flag``, and for s = 1 the four grid cells ``A_i - 1 .. A_i + 2`` hold every neighbor,
 ``c = 2 sigma + b - flag`` in the grid cell ``A_i + 2 sigma - 1 + b``. The search therefore
 indexes *windows*: 2 x 2 x 2 blocks of grid cells keyed by their lowest cell, each listing its
-points (every point is in 8 windows) in ascending order with their corner ``b``. Each center
+points (every point is in 8 windows) in ascending order with their corner ``b``; they depend on
+the points only, so one ``Windows`` serves the searches of several dilations. Each center
 visits 27 windows (s >= 2: one per kept cell, whatever the dilation, never the holes) or 8
 (s = 1: the 4 x 4 x 4 cells around it), centers in order, so for s >= 2 the pairs come out
 sorted by (center, cell, neighbor) with no sort at all; for s = 1 each chunk of whole centers
@@ -80,27 +81,35 @@ def _take(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(values, 0, idx)
 
 
-def _guard_bits(flags: torch.Tensor, axis: int) -> torch.Tensor:
-    return (flags >> (FRAC_BITS + 1 + _SHIFTS[axis])) & 1
+def _guard_code(q: torch.Tensor) -> torch.Tensor:
+    """The guard bits of packed values as a 3-bit number, x the high bit."""
+    g = FRAC_BITS + 1
+    return ((q >> (g + _SHIFTS[0] - 2)) & 4) | ((q >> (g + _SHIFTS[1] - 1)) & 2) | ((q >> g) & 1)
 
 
-def _cell_code(flags: torch.Tensor) -> torch.Tensor:
-    """``9 g_x + 3 g_y + g_z`` of the guard bits ``g`` of packed values."""
-    return _guard_bits(flags, 0) * 9 + _guard_bits(flags, 1) * 3 + _guard_bits(flags, 2)
+def _s1_cells() -> torch.Tensor:
+    """For s = 1, the cell at index ``8 sigma + q`` (sigma: the window's 3 bits, q: the axes whose
+    flag differs from the corner b, as ``_guard_code`` numbers them): per axis ``c = 2 sigma + b -
+    flag``, which is the middle cell 1 where flag != b (only possible where b != sigma: the other
+    axes are tested for flag == b) and ``2 sigma`` elsewhere."""
+    cells = []
+    for sigma in _CORNERS:
+        for q in _CORNERS:
+            cells.append(sum(w * (1 if qa else 2 * sa) for w, sa, qa in zip(_CELL_WEIGHTS, sigma, q)))
+    return torch.tensor(cells, dtype=torch.int32)
 
 
 def _slots(s: int):
-    """Per window a center visits: its offset from the anchor, the cell it fills (for s = 1 the
-    base ``2 sigma`` per axis, to which the corner and flags add), top-face bits ``t`` (low bit
-    per field) and ``sigma`` (guard bits; 0 for s >= 2)."""
+    """Per window a center visits: its offset from the anchor, the cell it fills (for s = 1, where
+    the flags pick the cell, its index base ``8 sigma`` into ``_s1_cells``), top-face bits ``t``
+    (low bit per field) and ``sigma`` (guard bits; 0 for s >= 2)."""
     def packed(bits):
         return sum(b << sh for b, sh in zip(bits, _SHIFTS))
 
     slots = []
     for k in (_CORNERS if s == 1 else itertools.product(range(3), repeat=3)):
         if s == 1:  # k = sigma: the lower or upper pair of the 4 x 4 x 4 grid cells, per axis
-            slots.append(([2 * a - 1 for a in k], sum(w * 2 * a for w, a in zip(_CELL_WEIGHTS, k)),
-                          packed(k), packed(k) << (FRAC_BITS + 1)))
+            slots.append(([2 * a - 1 for a in k], 8 * _CORNERS.index(k), packed(k), packed(k) << (FRAC_BITS + 1)))
         else:  # k = kappa: the kept cell k s per axis
             slots.append(([(a - 1) * s for a in k], sum(w * a for w, a in zip(_CELL_WEIGHTS, k)),
                           packed([int(a == 2) for a in k]), 0))
@@ -164,6 +173,8 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int, windows:
         raise ValueError(f"windows reach dilation {windows.reach}, not {s}")
     w = windows
     offset, slot_cell, slot_top, slot_sigma = (x.to(dev) for x in _slots(s))
+    slot_cell = slot_cell.int()
+    s1_cells = _s1_cells().to(dev) if s == 1 else None
     parts = []
     nslots = offset.shape[0]
     for c0 in range(0, M, _CENTERS):
@@ -175,6 +186,7 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int, windows:
         row_center, row_slot = rows // nslots + c0, rows % nslots
         row_value = _take(w.center_base, row_center) + _take(slot_top, row_slot)
         row_count, row_start = _take(w.count, win), _take(w.start, win)
+        row_cell, row_sigma = _take(slot_cell, row_slot), _take(slot_sigma, row_slot)
         work = torch.cumsum(row_count, 0)
         total = int(work[-1]) if work.numel() else 0
         marks = torch.arange(_CHUNK, max(total, _CHUNK), _CHUNK, device=dev, dtype=torch.int64)
@@ -182,36 +194,46 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int, windows:
         if s == 1:  # chunks of whole centers: each is then sorted by (center, cell) on its own
             cuts = torch.searchsorted(row_center, _take(row_center, cuts))
         cuts = cuts.tolist()
+        row_center = row_center.to(itype)
         for r0, r1 in zip([0] + cuts, cuts + [rows.numel()]):
             if r1 > r0:
                 parts.append(_pairs_of_rows(
-                    row_center[r0:r1], row_slot[r0:r1], row_value[r0:r1], row_start[r0:r1], row_count[r0:r1],
-                    w.entry, w.entry_point, slot_cell, slot_sigma, s, itype))
+                    row_center[r0:r1], row_value[r0:r1], row_start[r0:r1], row_count[r0:r1], row_cell[r0:r1],
+                    row_sigma[r0:r1], w.entry, w.entry_point, s1_cells, itype))
     if not parts:
         return empty, empty, empty
     return tuple(torch.cat(x) for x in zip(*parts))
 
 
-def _pairs_of_rows(center, slot, value, start, count, entry, entry_point, slot_cell, slot_sigma, s, itype):
-    """The kept pairs of rows (one center, one window): every candidate is tested by one subtraction
-    of packed offsets. Returns (center, neighbor, cell) as ``itype``, in row order and the window's order."""
-    cand_row = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)
-    shift = start - (torch.cumsum(count, 0) - count)
-    cand_entry = torch.arange(cand_row.numel(), device=count.device) + _take(shift, cand_row)
-    e = _take(entry, cand_entry)
+def _pairs_of_rows(center, value, start, count, cell, sigma, entry, entry_point, s1_cells, itype):
+    """The kept pairs of rows (one center, one window; per row its center, packed ``2^20 + 2 phi - 1
+    + t``, window entries ``start`` and ``count``, cell (s >= 2) or index base into ``s1_cells``
+    (s = 1, ``s1_cells`` given), sigma bits): every candidate is tested by one subtraction of packed
+    offsets. Returns (center, neighbor, cell) as ``itype``, in row order and the window's order;
+    for s = 1 sorted by (center, cell) (the rows must hold whole centers)."""
+    dev = count.device
+    ends = torch.cumsum(count, 0)
+    num = int(ends[-1])
+    # per candidate its row (a running count of row starts; every window holds a point) and its
+    # entry (consecutive from the row's start): int32 where it fits, which gathers faster
+    etype = torch.int32 if entry.numel() < 1 << 31 else torch.int64
+    row_starts = torch.zeros(num, dtype=torch.int32, device=dev).index_fill_(0, ends[:-1], 1)
+    cand_row = torch.cumsum(row_starts, 0, dtype=torch.int32)
+    cand_entry = torch.arange(num, dtype=etype, device=dev) + (start - ends + count).to(etype).index_select(0, cand_row)
+    e = entry.index_select(0, cand_entry)
     # the guard bits of x hold the flags, those of e the corner b: a mismatch is (x ^ e) & guards
-    x = _take(value, cand_row) - (e & ~_GUARDS)
-    mismatch = (x ^ e) & _GUARDS
-    if s == 1:  # only axes with b == sigma are tested (the outer grid cells of the 4 x 4 x 4 block)
-        mismatch &= ~(e ^ _take(_take(slot_sigma, slot), cand_row))
+    x = value.index_select(0, cand_row) - (e & ~_GUARDS)
+    differ = (x ^ e) & _GUARDS
+    if s1_cells is None:
+        mismatch = differ
+    else:  # only axes with b == sigma are tested (the outer grid cells of the 4 x 4 x 4 block)
+        mismatch = differ & ~(e ^ sigma.index_select(0, cand_row))
     kept = torch.nonzero(mismatch == 0).squeeze(1)
-    rows = _take(cand_row, kept)
-    cell = _take(_take(slot_cell, slot), rows)
-    neighbor = _take(entry_point, _take(cand_entry, kept))
-    if s == 1:  # c = 2 sigma + b - flag per axis; the flags spread a window over cells, so the
-        # rows' pairs (whole centers) are sorted by (center, cell), stably: small int32 keys sort fast
-        cell = cell + _cell_code(_take(e, kept)) - _cell_code(_take(x, kept))
-        local = _take(center, rows) - center[0]
-        _, order = torch.sort((local * 27 + cell).int(), stable=True)
-        rows, cell, neighbor = _take(rows, order), _take(cell, order), _take(neighbor, order)
-    return _take(center, rows).to(itype), neighbor.to(itype), cell.to(itype)
+    rows = cand_row.index_select(0, kept)
+    neighbor = entry_point.index_select(0, cand_entry.index_select(0, kept))
+    if s1_cells is None:
+        return center.index_select(0, rows), neighbor.to(itype), cell.index_select(0, rows).to(itype)
+    cell = s1_cells.index_select(0, cell.index_select(0, rows) + _guard_code(differ.index_select(0, kept)).int())
+    # the flags spread a window over cells: a stable sort by (center, cell), on small int32 keys
+    key, order = torch.sort((center.index_select(0, rows) - center[0]).int() * 27 + cell, stable=True)
+    return (key // 27).to(itype) + center[0], neighbor.index_select(0, order).to(itype), (key % 27).to(itype)
