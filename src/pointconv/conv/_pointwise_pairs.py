@@ -177,10 +177,13 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int, windows:
     s1_cells = _s1_cells().to(dev) if s == 1 else None
     parts = []
     nslots = offset.shape[0]
+    # window keys are linear in the cell: a center's anchor key plus a key offset per slot (the grid
+    # has room for every offset, so no key wraps into another row)
+    anchor_key = linearize(batch, w.anchor - w.lo, w.ext)
+    slot_key = linearize(torch.zeros_like(offset[:, 0]), offset, w.ext)
     for c0 in range(0, M, _CENTERS):
         c1 = min(M, c0 + _CENTERS)
-        keys = linearize(batch[c0:c1, None].expand(-1, nslots), w.anchor[c0:c1, None, :] - w.lo + offset, w.ext)
-        found = w.index.lookup(keys.reshape(-1), torch.ones(keys.numel(), dtype=torch.bool, device=dev))
+        found = w.index.lookup((anchor_key[c0:c1, None] + slot_key).reshape(-1))
         rows = torch.nonzero(found >= 0).squeeze(1)  # (center, slot), centers ascending, slots in cell order
         win = _take(found, rows)
         row_center, row_slot = rows // nslots + c0, rows % nslots

@@ -96,15 +96,19 @@ class SiteIndex:
         if keys.numel() > 1 and bool((self.sorted_keys[1:] == self.sorted_keys[:-1]).any()):
             raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
 
-    def lookup(self, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Row of each key, or -1 (also where ``valid`` is False)."""
+    def lookup(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Row of each key, or -1 (also where ``valid`` is False; None: every key is a cell of the grid)."""
         if self.table is not None:
+            if valid is None:
+                return self.table.index_select(0, keys.reshape(-1)).view(keys.shape).long()
             rows = self.table[torch.where(valid, keys, 0)].long()
             return torch.where(valid, rows, -1)
         if self.sorted_keys.numel() == 0:
             return torch.full_like(keys, -1)
         pos = torch.searchsorted(self.sorted_keys, keys).clamp(max=self.sorted_keys.numel() - 1)
-        found = valid & (self.sorted_keys[pos] == keys)
+        found = self.sorted_keys[pos] == keys
+        if valid is not None:
+            found &= valid
         return torch.where(found, self.order[pos], -1)
 
 
