@@ -50,14 +50,16 @@ class CellMeans:
     _values: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
-    def from_sorted(row_counts: torch.Tensor, col: torch.Tensor, count: torch.Tensor) -> "CellMeans":
-        """Entries sorted by row (``point * 27 + cell``) and column: ``row_counts (27 R,)`` entries
-        per row, their columns ``col`` and denominators ``count``."""
-        num_rows = row_counts.numel() // 27
-        crow = torch.zeros(27 * num_rows + 1, dtype=torch.int64, device=col.device)
-        torch.cumsum(row_counts, 0, out=crow[1:])
+    def from_sorted(rows: torch.Tensor, col: torch.Tensor, num_rows: int, count: torch.Tensor | None = None) -> "CellMeans":
+        """Entries sorted by row (``point * 27 + cell``, ``(nnz,)``), then column: their rows,
+        columns and mean denominators ``count`` (None: the size of each entry's own row)."""
         itype = torch.int32 if max(col.numel(), 27 * num_rows) <= _INT32_MAX else torch.int64
-        return CellMeans(crow.to(itype), col.to(itype), count.to(torch.int32), num_rows)
+        # row pointers of sorted row indices: the conversion torch's own to_sparse_csr runs (one pass,
+        # no (27 R,) histogram in int64)
+        crow = torch._convert_indices_from_coo_to_csr(rows, 27 * num_rows, out_int32=itype == torch.int32)
+        if count is None:
+            count = (crow[1:] - crow[:-1]).index_select(0, rows)
+        return CellMeans(crow, col.to(itype), count.to(torch.int32), num_rows)
 
     @property
     def nnz(self) -> int:

@@ -55,8 +55,8 @@ class PointwiseNeighbors:
             # gather's entries are in center order, so a stable sort by scatter row keeps the centers
             # ascending within each row
             rows, order = torch.sort(self._scatter_rows, stable=True)
-            row_counts = torch.bincount(rows, minlength=27 * self.num_rows)
-            self._scatter = CellMeans.from_sorted(row_counts, _take(self._centers, order), _take(self.gather.count, order))
+            self._scatter = CellMeans.from_sorted(rows, _take(self._centers, order), self.num_rows,
+                                                  _take(self.gather.count, order))
             self._centers = self._scatter_rows = None
         return self._scatter
 
@@ -120,9 +120,7 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
         center, neighbor, cell = center.to(itype), neighbor.to(itype), cell.to(itype)
         # gather: entries (center * 27 + cell, neighbor), which neighbor_pairs returns sorted; each
         # entry's row size is its mean's denominator
-        row = center * 27 + cell
-        row_counts = torch.bincount(row, minlength=27 * R)
-        gather = CellMeans.from_sorted(row_counts, neighbor, row_counts.index_select(0, row))
+        gather = CellMeans.from_sorted(center * 27 + cell, neighbor, R)
         structures.append(PointwiseNeighbors(gather, center, neighbor * 27 + cell, cell_size, s))
     return structures if several else structures[0]
 
