@@ -71,18 +71,25 @@ class CellMeans:
             self._values[dtype] = torch.reciprocal(self.count.to(dtype))
         return self._values[dtype]
 
-    def blocks(self, dtype: torch.dtype, channels: int):
-        """``(r0, r1, A[27 r0 : 27 r1])`` over consecutive row blocks, as CSR tensors of ``dtype``."""
+    def block_means(self, x: torch.Tensor):
+        """``(r0, r1, (A x)[27 r0 : 27 r1].view(r1 - r0, 27 C))`` over consecutive row blocks. Every
+        block is computed into one buffer, valid until the next block: ``A @ x`` would allocate,
+        zero and copy a fresh result per block, which costs more than the product itself."""
+        channels = x.shape[1]
         cap = _BLOCK_ELEMENTS_CUDA if self.crow.is_cuda else _BLOCK_ELEMENTS
         step = max(1, cap // (27 * max(channels, 1)))
-        values = self.values(dtype)
+        values = self.values(x.dtype)
         bounds = self.crow[:: 27 * step].tolist() + [int(self.crow[-1])]
+        buffer = x.new_empty((27 * min(step, self.num_rows), channels))
         for k, r0 in enumerate(range(0, self.num_rows, step)):
             r1 = min(self.num_rows, r0 + step)
             a, b = bounds[k], bounds[k + 1]
             crow = self.crow[27 * r0: 27 * r1 + 1] - a
-            yield r0, r1, torch.sparse_csr_tensor(crow, self.col[a:b], values[a:b], (27 * (r1 - r0), self.num_rows),
-                                                  check_invariants=False)
+            S = torch.sparse_csr_tensor(crow, self.col[a:b], values[a:b], (27 * (r1 - r0), self.num_rows),
+                                        check_invariants=False)
+            means = buffer[: 27 * (r1 - r0)]
+            torch.addmm(means, S, x, beta=0, out=means)
+            yield r0, r1, means.view(r1 - r0, 27 * channels)
 
 
 def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -112,9 +119,17 @@ def _conv(x, w, A: CellMeans):
         from ..kernels.pointwise import cell_conv
         return cell_conv(A.crow, A.col, A.values(torch.float32), x, w)
     out = x.new_empty((A.num_rows, w.shape[1]))
-    for r0, r1, S in A.blocks(x.dtype, cin):
-        torch.mm((S @ x).view(r1 - r0, 27 * cin), w, out=out[r0:r1])
+    w = _column_major(w)
+    for r0, r1, means in A.block_means(x):
+        torch.mm(means, w, out=out[r0:r1])
     return out
+
+
+def _column_major(w: torch.Tensor) -> torch.Tensor:
+    """``w`` with the same values stored column by column. The right factor of the row-block GEMMs
+    is narrow (C_out columns): MKL multiplies by it 2-3x faster in this layout (measured on
+    (4315, 243) x (243, 9): 0.81 ms row-major, 0.35 ms column-major)."""
+    return w.t().contiguous().t()
 
 
 def _weight_grad(x, g, A: CellMeans):
@@ -122,21 +137,22 @@ def _weight_grad(x, g, A: CellMeans):
     if _use_triton(x, cin, g.shape[1]):
         from ..kernels.pointwise import cell_weight_grad
         return cell_weight_grad(A.crow, A.col, A.values(torch.float32), x, g)
-    out = x.new_zeros((27 * cin, g.shape[1]))
-    for r0, r1, S in A.blocks(x.dtype, cin):
-        out.addmm_((S @ x).view(r1 - r0, 27 * cin).t(), g[r0:r1])  # blocks in order: deterministic
-    return out
+    # accumulated transposed, (C_out, 27 C_in): g^T M runs several times faster than M^T g (the
+    # same narrow-factor effect as in _conv)
+    out_t = x.new_zeros((g.shape[1], 27 * cin))
+    for r0, r1, means in A.block_means(x):
+        out_t.addmm_(g[r0:r1].t(), means)  # blocks in order: deterministic
+    return out_t.t().contiguous()
 
 
 def _conv_grads(x, w, g, At: CellMeans):
     """Both gradients of ``conv(x, w; A)`` from one pass over the adjoint's means ``T = At g``:
     ``grad x = conv(g, w~; At)`` and ``grad w = sum_j x_j (x) T_j`` (rearranged per cell)."""
     cin, cout = x.shape[1], g.shape[1]
-    w_adj = _swap_channels(w, cin)
+    w_adj = _column_major(_swap_channels(w, cin))
     gx = x.new_empty(x.shape)
     gw = x.new_zeros((cin, 27 * cout))
-    for r0, r1, S in At.blocks(g.dtype, cout):
-        T = (S @ g).view(r1 - r0, 27 * cout)
+    for r0, r1, T in At.block_means(g):
         torch.mm(T, w_adj, out=gx[r0:r1])
         gw.addmm_(x[r0:r1].t(), T)
     return gx, gw.view(cin, 27, cout).transpose(0, 1).reshape(27 * cin, cout)
