@@ -50,7 +50,8 @@ class CellMeans:
     _values: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
-    def from_sorted(rows: torch.Tensor, col: torch.Tensor, num_rows: int, count: torch.Tensor | None = None) -> "CellMeans":
+    def from_sorted(rows: torch.Tensor, col: torch.Tensor, num_rows: int,
+                    count: torch.Tensor | None = None) -> "CellMeans":
         """Entries sorted by row (``point * 27 + cell``, ``(nnz,)``), then column: their rows,
         columns and mean denominators ``count`` (None: the size of each entry's own row)."""
         itype = torch.int32 if max(col.numel(), 27 * num_rows) <= _INT32_MAX else torch.int64

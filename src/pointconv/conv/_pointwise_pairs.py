@@ -157,9 +157,10 @@ class Windows:
 def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int, windows: Windows | None = None):
     """All kept (center, neighbor, cell) triples among the quantized points ``U (M, 3)`` of clouds
     ``batch (M,)`` (points of different clouds never pair). Returns three ``(P,)`` tensors (int32
-    when ``27 M < 2^31``, else int64), rows into ``U``, sorted by center, then cell; within a (center, cell) the neighbors ascend for
-    s >= 2 and come in the fixed order of the 8 windows for s = 1. ``windows``: a ``Windows`` of
-    these points with ``reach >= dilation``, to share between dilations (built here if None)."""
+    when ``27 M < 2^31``, else int64), rows into ``U``, sorted by center, then cell; within a
+    (center, cell) the neighbors ascend for s >= 2 and come in the fixed order of the 8 windows for
+    s = 1. ``windows``: a ``Windows`` of these points with ``reach >= dilation``, to share between
+    dilations (built here if None)."""
     s = dilation
     dev = U.device
     M = U.shape[0]
@@ -222,7 +223,8 @@ def _pairs_of_rows(center, value, start, count, cell, sigma, entry, entry_point,
     etype = torch.int32 if entry.numel() < 1 << 31 else torch.int64
     row_starts = torch.zeros(num, dtype=torch.int32, device=dev).index_fill_(0, ends[:-1], 1)
     cand_row = torch.cumsum(row_starts, 0, dtype=torch.int32)
-    cand_entry = torch.arange(num, dtype=etype, device=dev) + (start - ends + count).to(etype).index_select(0, cand_row)
+    first_entry = (start - ends + count).to(etype)  # the row's first entry minus its first candidate
+    cand_entry = torch.arange(num, dtype=etype, device=dev) + first_entry.index_select(0, cand_row)
     e = entry.index_select(0, cand_entry)
     # the guard bits of x hold the flags, those of e the corner b: a mismatch is (x ^ e) & guards
     x = value.index_select(0, cand_row) - (e & ~_GUARDS)
