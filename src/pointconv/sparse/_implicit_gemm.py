@@ -1,16 +1,9 @@
 """Sparse convolution on the Triton backend: implicit GEMM over kernel-map tables.
 
-``conv(x, w; T)[m] = sum_o x[T.gather[o, m]] @ w[o]`` with ``w (V, C_in, C_out)`` is bilinear in
-(x, w), and so is its weight gradient ``wgrad(x, g; T)[o] = sum_{pairs (i, m) of o} x[i]^T g[m]``.
-Every derivative of either is again one of the two, on the map or on its transpose ``T'`` (the
-same pairs read from the input side, ``T'.gather[o, i] = m``):
-
-    conv:   d/dx = conv(g, w^T; T'),   d/dw = wgrad(x, g; T)
-    wgrad:  d/dx = conv(g, h^T; T'),   d/dg = conv(x, h; T)        (h: the cotangent, w's shape)
-
-so one autograd Function that calls itself in backward is exact to any order. The kernels
-(``pointconv.kernels.sparse_conv``) write every output row from one program and sum the weight
-gradient's chunks in a fixed order: deterministic without atomics.
+``ConvTables`` holds a kernel map as the kernels read it and computes the two bilinear products of
+``_bilinear`` with them: ``conv`` (``gather_gemm``: each output row gathers its inputs, one program
+per row block) and ``weight_grad`` (``pair_gemm_t``: per chunk of pairs, then the chunks of each
+offset summed in a fixed order). Deterministic without atomics.
 """
 from __future__ import annotations
 
@@ -19,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._backend import backend_for
+from ._bilinear import bilinear_conv
 
 _TARGET_CHUNKS = 16  # per offset, for the weight gradient's parallelism
 _PAIR_BLOCK = 32  # the pair kernel's BLOCK_P: chunks are whole blocks
@@ -41,6 +35,20 @@ class ConvTables:
     chunk_end: torch.Tensor
     chunk_table: torch.Tensor
     transposed: "ConvTables | None" = field(default=None, repr=False, compare=False)
+
+    def conv(self, x, w):
+        from ..kernels.sparse_conv import gather_gemm
+        return gather_gemm(self.gather, x, w)
+
+    def weight_grad(self, x, g):
+        from ..kernels.sparse_conv import pair_gemm_t
+        part = pair_gemm_t(self.in_rows, self.out_rows, self.chunk_start, self.chunk_end, x, g)
+        # each offset's chunks added in order (a zero row stands in for the -1 pads)
+        part = torch.cat([part, part.new_zeros((1, *part.shape[1:]))])
+        out = part[self.chunk_table[:, 0]]
+        for c in range(1, self.chunk_table.shape[1]):
+            out = out + part[self.chunk_table[:, c]]
+        return out.to(x.dtype)
 
 
 def _table(dst_rows, src_rows, offset_of_pair, V, n_dst):
@@ -87,48 +95,7 @@ def use_triton(features: torch.Tensor, groups: int) -> bool:
     return backend_for(features.device) == "triton" and groups == 1 and features.dtype in _DTYPES
 
 
-def _conv(x, w, T: ConvTables):
-    from ..kernels.sparse_conv import gather_gemm
-    return gather_gemm(T.gather, x, w)
-
-
-def _weight_grad(x, g, T: ConvTables):
-    from ..kernels.sparse_conv import pair_gemm_t
-    part = pair_gemm_t(T.in_rows, T.out_rows, T.chunk_start, T.chunk_end, x, g)
-    # each offset's chunks added in order (a zero row stands in for the -1 pads)
-    part = torch.cat([part, part.new_zeros((1, *part.shape[1:]))])
-    out = part[T.chunk_table[:, 0]]
-    for c in range(1, T.chunk_table.shape[1]):
-        out = out + part[T.chunk_table[:, c]]
-    return out.to(x.dtype)
-
-
 def implicit_gemm_conv(x, w, T: ConvTables):
     """``(M_out, C_out)``: ``sum_o x[T.gather[o]] @ w[o]``, differentiable to any order in x and w
     ``(V, C_in, C_out)``."""
-    return _Bilinear.apply("conv", x, w, T)
-
-
-class _Bilinear(torch.autograd.Function):
-    """``"conv"``: ``(x, w) -> conv(x, w; T)``; ``"weight_grad"``: ``(x, g) -> wgrad(x, g; T)``."""
-
-    @staticmethod
-    def forward(ctx, mode, x, y, T):
-        ctx.save_for_backward(x, y)
-        ctx.mode, ctx.tables = mode, T
-        compute = _conv if mode == "conv" else _weight_grad
-        return compute(x.contiguous(), y.contiguous(), T)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, y = ctx.saved_tensors
-        T = ctx.tables
-        need_x, need_y = ctx.needs_input_grad[1:3]
-        grad = grad.contiguous()
-        if ctx.mode == "conv":  # y = w, grad = g
-            gx = _Bilinear.apply("conv", grad, y.transpose(1, 2), T.transposed) if need_x else None
-            gy = _Bilinear.apply("weight_grad", x, grad, T) if need_y else None
-        else:  # y = g, grad = h (w's shape)
-            gx = _Bilinear.apply("conv", y, grad.transpose(1, 2), T.transposed) if need_x else None
-            gy = _Bilinear.apply("conv", x, grad, T) if need_y else None
-        return None, gx, gy, None
+    return bilinear_conv(x, w, T)

@@ -1,12 +1,13 @@
 """Sparse convolutions with spconv 2.x's API and the dense convolution's math (DESIGN.md 5.3).
 
-On the torch backend (CPU) features move by gather -> GEMM -> scatter per kernel offset:
-``out[out_rows] += x[in_rows] @ W[o]^T``, plain differentiable torch ops (index_select, matmul,
-index_add / index_put with accumulation), so gradients w.r.t. features and weights are exact to any
-order; the scatter is sequential on CPU. On the Triton backend (CUDA) an implicit GEMM over the
-kernel map's tables (``_implicit_gemm``) writes each output row from one program: deterministic,
-any order of derivatives; grouped convolutions stay on the torch ops (``index_put_(accumulate=True)``
-on CUDA, deterministic under ``torch.use_deterministic_algorithms``).
+A convolution is ``out[out_rows] += x[in_rows] @ W[o]^T`` over the pairs of each kernel offset o.
+On CPU (torch backend) the chunked pair products of ``_pair_gemm`` compute it, on CUDA (Triton
+backend) the implicit GEMM of ``_implicit_gemm`` (each output row written by one program); both
+through the bilinear autograd Function of ``_bilinear``: exact gradients w.r.t. features and
+weights to any order, deterministic. Grouped convolutions, CUDA's torch backend and the reference
+backend run ``apply_kernel_map_ops``: plain differentiable torch ops per offset (index_select,
+matmul, ``index_add_`` on CPU, ``index_put_(accumulate=True)`` on CUDA, deterministic under
+``torch.use_deterministic_algorithms``), the reference the fast paths are tested against.
 Under ``torch.autocast`` the layers compute in the region's dtype, fp16 or bf16 (spconv always
 casts to fp16), summing over kernel offsets in float32.
 
@@ -22,7 +23,9 @@ import torch
 from torch import nn
 
 from .. import _checks
-from ._implicit_gemm import implicit_gemm_conv, use_triton
+from .._backend import backend_for
+from ._bilinear import bilinear_conv
+from ._implicit_gemm import use_triton
 from .kernel_map import KernelMap, build_conv, build_subm, build_transposed, inverse_of
 from .modules import SparseModule
 from .tensor import SparseConvTensor
@@ -57,16 +60,23 @@ def apply_kernel_map(features, weight, kmap: KernelMap, groups: int = 1) -> torc
     Computes in ``features``' dtype; fp16/bf16 products are summed over kernel offsets in float32
     and rounded once at the end.
     """
-    out_ch = weight.shape[0]
-    in_g = weight.shape[-1]
-    kvol = len(kmap.start) - 1
-    W = weight.reshape(out_ch, kvol, in_g)
+    W = weight.reshape(weight.shape[0], len(kmap.start) - 1, weight.shape[-1])
     if use_triton(features, groups):
-        return implicit_gemm_conv(features, W.permute(1, 2, 0), kmap.tables())
+        return bilinear_conv(features, W.permute(1, 2, 0), kmap.tables())
+    if groups == 1 and features.device.type == "cpu" and backend_for(features.device) == "torch":
+        return bilinear_conv(features, W.permute(1, 2, 0), kmap.pair_tables())
+    return apply_kernel_map_ops(features, W, kmap, groups)
+
+
+def apply_kernel_map_ops(features, W, kmap: KernelMap, groups: int = 1) -> torch.Tensor:
+    """The reference: per kernel offset, gather -> GEMM -> scatter with plain differentiable torch
+    ops (``W (out, V, in / groups)``); the path of grouped convolutions, of CUDA's torch backend
+    and of the reference backend."""
+    out_ch, kvol = W.shape[:2]
     low = features.dtype in (torch.float16, torch.bfloat16)
     out = features.new_zeros((kmap.out_indices.shape[0], out_ch), dtype=torch.float32 if low else None)
     # A submanifold kernel's center reads each site itself: one dense GEMM, no gather or scatter.
-    center = kvol // 2 if kmap.subm and all(k % 2 for k in kmap.kernel_size) else None
+    center = kmap.identity_offset()
     for o in range(kvol):
         a, b = kmap.start[o], kmap.start[o + 1]
         if a == b:

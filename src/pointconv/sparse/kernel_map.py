@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._implicit_gemm import conv_tables
+from ._pair_gemm import PairTables
 
 
 @dataclass
@@ -43,6 +44,7 @@ class KernelMap:
     dilation: tuple
     subm: bool
     _tables: object = field(default=None, repr=False, compare=False)
+    _pair_tables: object = field(default=None, repr=False, compare=False)
 
     def tables(self):
         """The map as the Triton kernels read it (``_implicit_gemm.ConvTables``), built once."""
@@ -50,6 +52,19 @@ class KernelMap:
             self._tables = conv_tables(self.in_rows, self.out_rows, self.start, self.in_indices.shape[0],
                                        self.out_indices.shape[0])
         return self._tables
+
+    def pair_tables(self) -> PairTables:
+        """The map as the CPU's chunked pair products read it (``_pair_gemm.PairTables``), built once."""
+        if self._pair_tables is None:
+            self._pair_tables = PairTables(self.in_rows, self.out_rows, self.start, self.in_indices.shape[0],
+                                           self.out_indices.shape[0], self.identity_offset())
+        return self._pair_tables
+
+    def identity_offset(self):
+        """The offset that pairs every site with itself (a submanifold kernel's odd center), or None."""
+        if self.subm and all(k % 2 for k in self.kernel_size):
+            return (len(self.start) - 1) // 2
+        return None
 
 
 def linearize(batch: torch.Tensor, coords: torch.Tensor, shape) -> torch.Tensor:

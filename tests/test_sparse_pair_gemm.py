@@ -1,0 +1,85 @@
+"""The CPU path of sparse convolution (chunked pair products, ``pointconv.sparse._pair_gemm``) against
+the per-offset torch ops of the reference backend, in float64, with chunks of a few rows."""
+import pytest
+import torch
+
+import pointconv
+import pointconv.sparse as spconv
+from pointconv.sparse import _pair_gemm
+from pointconv.sparse.conv import apply_kernel_map
+from pointconv.sparse.kernel_map import build_conv, build_subm, build_transposed, inverse_of
+from test_sparse_conv import random_sparse
+
+MAPS = {
+    "subm": lambda x: build_subm(x.indices, x.spatial_shape, (3, 3, 3), (1, 1, 1)),
+    "subm dilated, mixed sizes": lambda x: build_subm(x.indices, x.spatial_shape, (3, 1, 5), (2, 1, 1)),
+    "subm even": lambda x: build_subm(x.indices, x.spatial_shape, (2, 3, 2), (1, 1, 2)),
+    "strided": lambda x: build_conv(x.indices, x.spatial_shape, (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)),
+    "transposed": lambda x: build_transposed(x.indices, x.spatial_shape, (2, 2, 2), (2, 2, 2), (0, 0, 0),
+                                             (1, 1, 1), (0, 0, 0)),
+    "inverse": lambda x: inverse_of(build_conv(x.indices, x.spatial_shape, (3, 3, 3), (2, 2, 2), (1, 1, 1),
+                                               (1, 1, 1))),
+}
+
+
+def _forward_and_grads(features, weight, kmap, backend):
+    f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    with pointconv.use_backend(backend):
+        y = apply_kernel_map(f, w, kmap)
+        gf, gw = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(), (f, w))
+    return y, gf, gw
+
+
+@pytest.mark.parametrize("kind", list(MAPS))
+def test_chunked_products_equal_the_torch_ops(kind, monkeypatch):
+    monkeypatch.setattr(_pair_gemm, "_CHUNK_ELEMENTS", 7)  # one or two rows per chunk
+    x = random_sparse(3, 2, 3, density=0.4, seed=7)
+    kmap = MAPS[kind](x)
+    features = x.features if kind != "inverse" else torch.randn(kmap.in_indices.shape[0], 3, dtype=torch.float64)
+    weight = torch.randn(4, *kmap.kernel_size, 3, dtype=torch.float64)
+    got = _forward_and_grads(features, weight, kmap, "torch")
+    want = _forward_and_grads(features, weight, kmap, "reference")
+    assert kmap.in_rows.numel() > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["subm", "strided"])
+def test_chunked_products_are_exact_to_second_order(kind, monkeypatch):
+    monkeypatch.setattr(_pair_gemm, "_CHUNK_ELEMENTS", 8)  # chunks of 4 rows
+    x = random_sparse(3, 1, 2, density=0.15, seed=8)
+    kmap = MAPS[kind](x)
+    weight = torch.randn(2, 3, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    features = x.features.clone().requires_grad_()
+    fn = lambda f, w: apply_kernel_map(f, w, kmap)  # noqa: E731
+    torch.autograd.gradcheck(fn, (features, weight))
+    torch.autograd.gradgradcheck(fn, (features, weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_products_are_summed_in_float32(dtype):
+    """Each pair's product rounded to ``dtype``, the sum over offsets in float32 and rounded once:
+    what the torch ops compute."""
+    x = random_sparse(3, 2, 16, density=0.5, seed=9, dtype=torch.float32)
+    kmap = MAPS["subm"](x)
+    weight = torch.randn(8, 3, 3, 3, 16) / 8
+    got = apply_kernel_map(x.features.to(dtype), weight.to(dtype), kmap)
+    with pointconv.use_backend("reference"):
+        want = apply_kernel_map(x.features.to(dtype), weight.to(dtype), kmap)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    exact = apply_kernel_map(x.features.to(dtype).double(), weight.to(dtype).double(), kmap)
+    assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() * 1.5 + 1e-3
+
+
+def test_empty_input_and_no_pairs():
+    empty = spconv.SparseConvTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32), [5, 5, 5], 1)
+    kmap = MAPS["subm"](empty)
+    w = torch.randn(4, 3, 3, 3, 3, requires_grad=True)
+    y = apply_kernel_map(empty.features, w, kmap)
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    lone = spconv.SparseConvTensor(torch.ones(1, 3), torch.zeros(1, 4, dtype=torch.int32), [5, 5, 5], 1)
+    y = apply_kernel_map(lone.features, w, MAPS["subm"](lone))  # only the center pair
+    torch.testing.assert_close(y, lone.features @ w[:, 1, 1, 1].t())
