@@ -70,7 +70,7 @@ def test_sparse_conv_equals_dense_conv(ndim, k, s, p, d):
 
 
 @pytest.mark.parametrize("ndim", [1, 2, 3, 4])
-@pytest.mark.parametrize("k,d", [(1, 1), (3, 1), (3, 2), (5, 1)])
+@pytest.mark.parametrize("k,d", [(1, 1), (2, 1), (3, 1), (3, 2), (4, 2), (5, 1)])
 def test_subm_conv_equals_dense_conv_at_the_input_sites(ndim, k, d):
     x = random_sparse(ndim, 2, 3, seed=ndim + k + d)
     conv = SUBM[ndim](3, 5, k, dilation=d).double()

@@ -1,8 +1,10 @@
 """Kernel maps of sparse convolutions: which input row feeds which output row through which weight.
 
-Sites are linearized as ``batch * prod(shape) + row-major(coords)`` (int64) and looked up in the
-sorted input keys with ``searchsorted``: vectorized over all kernel offsets at once, on any
-device. Kernel offsets are enumerated row-major over the kernel window (offset 0 is the corner
+Sites are linearized as ``batch * prod(shape) + row-major(coords)`` (int64) and looked up in a
+dense table of rows (grids up to 2^25 cells) or the sorted input keys (``searchsorted``):
+vectorized over all kernel offsets at once, on any device. A submanifold map pads the grid by
+the kernel's reach (no bounds tests) and, for odd kernels, looks up half the offsets: the other
+half are the same pairs read the other way. Kernel offsets are enumerated row-major over the kernel window (offset 0 is the corner
 ``(0, ..., 0)``), the order of spconv's ``(out, k0, ..., k_{n-1}, in)`` weights.
 
 Index semantics (dense math, torch's formulas):
@@ -94,11 +96,21 @@ _DENSE_TABLE_MAX_CELLS = 1 << 25  # up to 32M sites (128 MiB of int32): look row
 
 class SiteIndex:
     """Row of each site key: a dense int32 table over all cells when the grid is small enough, else
-    the sorted keys and ``searchsorted``. Raises on duplicate sites."""
+    the sorted keys and ``searchsorted``. Raises on duplicate sites.
 
-    def __init__(self, indices: torch.Tensor, shape, batch_size: int):
-        keys = linearize(indices[:, 0], indices[:, 1:], shape)
-        self.cells = batch_size * math.prod(shape)
+    ``margin`` (cells per axis, default 0) widens the grid on both sides: keys are then linear in
+    the padded grid (``self.shape``), and any site plus an offset of at most ``margin`` per axis
+    has a key of its own (a cell of the margin, which holds no site), so neighbor lookups need no
+    bounds test. ``self.keys``: the key of every site, in row order."""
+
+    def __init__(self, indices: torch.Tensor, shape, batch_size: int, margin=None):
+        margin = [0] * len(shape) if margin is None else list(margin)
+        self.shape = [n + 2 * m for n, m in zip(shape, margin)]
+        coords = indices[:, 1:].long()
+        if any(margin):
+            coords = coords + torch.tensor(margin, device=indices.device)
+        self.keys = keys = linearize(indices[:, 0], coords, self.shape)
+        self.cells = batch_size * math.prod(self.shape)
         if self.cells <= _DENSE_TABLE_MAX_CELLS:
             self.table = torch.full((self.cells,), -1, dtype=torch.int32, device=indices.device)
             rows = torch.arange(keys.shape[0], dtype=torch.int32, device=indices.device)
@@ -151,32 +163,39 @@ def output_shape(in_shape, kernel_size, stride, padding, dilation):
     return out
 
 
-def _in_bounds(coords: torch.Tensor, off: torch.Tensor, shape) -> torch.Tensor:
-    """``(kvol, N)``: whether ``coords + off[o]`` lies in the grid, one axis at a time (no (kvol, N, ndim) temporary)."""
-    valid = None
-    for d, size in enumerate(shape):
-        c = coords[:, d][None] + off[:, d, None]
-        ok = (c >= 0) & (c < size)
-        valid = ok if valid is None else valid & ok
-    return valid
-
-
 def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
-    sites = SiteIndex(indices, shape, _batch_size(indices))
     n = indices.shape[0]
     dev = indices.device
-    coords = indices[:, 1:].long()
-    center = torch.tensor([k // 2 for k in kernel_size], device=dev)
-    off = (kernel_offsets(kernel_size, dev) - center) * torch.tensor(dilation, device=dev)
-    valid = _in_bounds(coords, off, shape)
-    # linear keys are additive: key(site + off) = key(site) + key(off) wherever site + off is in the grid
-    keys = linearize(indices[:, 0], coords, shape)[None] + linearize(torch.zeros_like(off[:, 0]), off, shape)[:, None]
-    in_rows = sites.lookup(keys, valid)
-    out_rows = torch.arange(n, device=dev)[None].expand_as(in_rows)
-    ir, orow, start = _group_by_offset(in_rows, out_rows)
-    return KernelMap(ir, orow, start, indices, list(shape), indices, list(shape), tuple(kernel_size),
-                     (1,) * len(shape), tuple(k // 2 * d for k, d in zip(kernel_size, dilation)),
-                     tuple(dilation), True)
+    reach = [k // 2 * d for k, d in zip(kernel_size, dilation)]
+    # a margin as wide as the kernel's reach: every neighbor key is a cell of the padded grid
+    sites = SiteIndex(indices, shape, _batch_size(indices), margin=reach)
+    off = (kernel_offsets(kernel_size, dev) - torch.tensor([k // 2 for k in kernel_size], device=dev)) \
+        * torch.tensor(dilation, device=dev)
+    V = off.shape[0]
+    # an odd kernel is point-symmetric: offset V - 1 - o is -off[o], whose pairs are those of o read
+    # the other way, and the center V // 2 pairs every site with itself; look up the first half only
+    odd = all(k % 2 for k in kernel_size)
+    looked = V // 2 if odd else V
+    # linear keys are additive: key(site + off) = key(site) + key(off) inside the padded grid
+    off_keys = linearize(torch.zeros_like(off[:looked, 0]), off[:looked], sites.shape)
+    found = sites.lookup(sites.keys[None] + off_keys[:, None])  # (looked, n) rows or -1
+    flat = torch.nonzero(found.view(-1) >= 0).squeeze(1)  # offset-major, sites ascending
+    in_rows, out_rows = found.view(-1).index_select(0, flat), flat % max(n, 1)
+    counts = torch.bincount(flat // max(n, 1), minlength=looked).tolist() if n else [0] * looked
+    start = [0]
+    for c in counts:
+        start.append(start[-1] + c)
+    if odd:
+        # the mirrored offsets V // 2 + 1, ..., V - 1 are offsets V // 2 - 1, ..., 0 swapped
+        mirror = torch.cat([torch.arange(a, b, device=dev) for a, b in zip(start[-2::-1], start[:0:-1])]
+                           + [flat.new_zeros(0)])
+        ident = torch.arange(n, device=dev)
+        in_rows, out_rows = (torch.cat([in_rows, ident, out_rows.index_select(0, mirror)]),
+                             torch.cat([out_rows, ident, in_rows.index_select(0, mirror)]))
+        for c in [n] + counts[::-1]:
+            start.append(start[-1] + c)
+    return KernelMap(in_rows, out_rows, start, indices, list(shape), indices, list(shape), tuple(kernel_size),
+                     (1,) * len(shape), tuple(reach), tuple(dilation), True)
 
 
 def _map_to_targets(indices, shape, y, valid, out_shape, kernel_size, stride, padding, dilation) -> KernelMap:
