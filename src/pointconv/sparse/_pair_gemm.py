@@ -30,7 +30,15 @@ class PairTables:
         self.in_rows = in_rows.to(torch.int32 if n_in < 1 << 31 else torch.int64)
         self.out_rows = out_rows.long()
         self.start, self.n_in, self.n_out, self.identity = start, n_in, n_out, identity
-        self.transposed = transposed or PairTables(out_rows, in_rows, start, n_out, n_in, identity, self)
+        self._pairs, self._transposed = (in_rows, out_rows), transposed
+
+    @property
+    def transposed(self) -> "PairTables":
+        """Built on first use: a forward that needs no feature gradient never builds it."""
+        if self._transposed is None:
+            in_rows, out_rows = self._pairs
+            self._transposed = PairTables(out_rows, in_rows, self.start, self.n_out, self.n_in, self.identity, self)
+        return self._transposed
 
     def _chunks(self, o: int, channels: int):
         step = max(1, _CHUNK_ELEMENTS // max(channels, 1))

@@ -4,8 +4,9 @@ Sites are linearized as ``batch * prod(shape) + row-major(coords)`` (int64) and 
 dense table of rows (grids up to 2^25 cells) or the sorted input keys (``searchsorted``):
 vectorized over all kernel offsets at once, on any device. A submanifold map pads the grid by
 the kernel's reach (no bounds tests) and, for odd kernels, looks up half the offsets: the other
-half are the same pairs read the other way. Kernel offsets are enumerated row-major over the kernel window (offset 0 is the corner
-``(0, ..., 0)``), the order of spconv's ``(out, k0, ..., k_{n-1}, in)`` weights.
+half are the same pairs read the other way. Kernel offsets are enumerated row-major over the
+kernel window (offset 0 is the corner ``(0, ..., 0)``), the order of spconv's
+``(out, k0, ..., k_{n-1}, in)`` weights.
 
 Index semantics (dense math, torch's formulas):
   regular / strided conv: output y reads input ``x = y * stride - padding + o * dilation``; the
