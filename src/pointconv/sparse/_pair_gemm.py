@@ -19,6 +19,11 @@ import torch
 _CHUNK_ELEMENTS = 1 << 19  # rows per chunk times the wider channel count: 2 MiB of float32
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where products of ``dtype`` are summed: float32 for fp16 / bf16, else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 class PairTables:
     """The pairs ``in_rows -> out_rows`` of a kernel map grouped by offset (``start``, as in
     ``KernelMap``), onto ``n_out`` output rows; ``identity``: the offset whose pairs are (i, i) for
@@ -49,8 +54,7 @@ class PairTables:
 
     def conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``(n_out, C_out)`` from ``x (n_in, C_in)`` and ``w (V, C_in, C_out)``."""
-        low = x.dtype in (torch.float16, torch.bfloat16)
-        acc = torch.float32 if low else x.dtype
+        acc = accumulation_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             out = x.new_zeros((self.n_out, w.shape[2]), dtype=acc)
             for o in range(w.shape[0]):
@@ -63,8 +67,7 @@ class PairTables:
 
     def weight_grad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``(V, C_in, C_out)`` from ``x (n_in, C_in)`` and ``g (n_out, C_out)``."""
-        low = x.dtype in (torch.float16, torch.bfloat16)
-        acc = torch.float32 if low else x.dtype
+        acc = accumulation_dtype(x.dtype)
         V = len(self.start) - 1
         with torch.autocast(x.device.type, enabled=False):
             out = x.new_zeros((V, x.shape[1], g.shape[1]), dtype=acc)

@@ -26,6 +26,7 @@ from .. import _checks
 from .._backend import backend_for
 from ._bilinear import bilinear_conv
 from ._implicit_gemm import use_triton
+from ._pair_gemm import accumulation_dtype
 from .kernel_map import KernelMap, build_conv, build_subm, build_transposed, inverse_of
 from .modules import SparseModule
 from .tensor import SparseConvTensor
@@ -73,8 +74,7 @@ def apply_kernel_map_ops(features, W, kmap: KernelMap, groups: int = 1) -> torch
     ops (``W (out, V, in / groups)``); the path of grouped convolutions, of CUDA's torch backend
     and of the reference backend."""
     out_ch, kvol = W.shape[:2]
-    low = features.dtype in (torch.float16, torch.bfloat16)
-    out = features.new_zeros((kmap.out_indices.shape[0], out_ch), dtype=torch.float32 if low else None)
+    out = features.new_zeros((kmap.out_indices.shape[0], out_ch), dtype=accumulation_dtype(features.dtype))
     # A submanifold kernel's center reads each site itself: one dense GEMM, no gather or scatter.
     center = kmap.identity_offset()
     for o in range(kvol):
