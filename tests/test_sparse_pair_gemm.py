@@ -30,10 +30,21 @@ def _forward_and_grads(features, weight, kmap, backend):
     return y, gf, gw
 
 
+def _sorted_sites(x):
+    """``x`` with its sites in ascending (batch, coordinates) order."""
+    key = x.indices.long() @ torch.tensor([4096 ** 3, 4096 ** 2, 4096, 1])
+    order = torch.argsort(key)
+    return spconv.SparseConvTensor(x.features[order], x.indices[order], x.spatial_shape, x.batch_size)
+
+
+@pytest.mark.parametrize("order", ["random", "sorted"])
 @pytest.mark.parametrize("kind", list(MAPS))
-def test_chunked_products_equal_the_torch_ops(kind, monkeypatch):
+def test_chunked_products_equal_the_torch_ops(kind, order, monkeypatch):
+    """Tiles of two output rows; sites in random order leave some offsets' pairs unsorted (cut
+    into equal pieces), sorted sites sort them all (cut at the tiles)."""
     monkeypatch.setattr(_pair_gemm, "_CHUNK_ELEMENTS", 7)  # one or two rows per chunk
     x = random_sparse(3, 2, 3, density=0.4, seed=7)
+    x = _sorted_sites(x) if order == "sorted" else x
     kmap = MAPS[kind](x)
     features = x.features if kind != "inverse" else torch.randn(kmap.in_indices.shape[0], 3, dtype=torch.float64)
     weight = torch.randn(4, *kmap.kernel_size, 3, dtype=torch.float64)
@@ -42,6 +53,30 @@ def test_chunked_products_equal_the_torch_ops(kind, monkeypatch):
     assert kmap.in_rows.numel() > 0
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_pieces_of_sorted_sites_follow_the_output_tiles(monkeypatch):
+    """With sorted sites every offset's pairs ascend by output row, so each tile's pieces write
+    only into that tile (the output stays in cache); in random order some offsets do not."""
+    monkeypatch.setattr(_pair_gemm, "_CHUNK_ELEMENTS", 12)  # tiles of 4 rows at 3 channels
+    x = random_sparse(3, 2, 3, density=0.4, seed=7)
+    shuffled = MAPS["subm"](x).pair_tables()
+    assert not all(shuffled._sorted)
+    tables = MAPS["subm"](_sorted_sites(x)).pair_tables()
+    assert all(tables._sorted)
+    pieces = tables._pieces(3)
+    covered = torch.zeros(tables.out_rows.numel(), dtype=torch.int64)
+    last_tile = -1
+    for o, a, b in pieces:
+        assert tables.start[o] <= a < b <= tables.start[o + 1] and o != tables.identity
+        tile = {int(r) // 4 for r in tables.out_rows[a:b]}
+        assert len(tile) == 1 and min(tile) >= last_tile  # one tile, tiles in order
+        last_tile = min(tile)
+        covered[a:b] += 1
+    center = slice(tables.start[tables.identity], tables.start[tables.identity + 1])
+    assert covered[center].eq(0).all()
+    covered[center] = 1
+    assert covered.eq(1).all()  # every pair in exactly one piece
 
 
 @pytest.mark.parametrize("kind", ["subm", "strided"])
