@@ -188,11 +188,10 @@ def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
         start.append(start[-1] + c)
     if odd:
         # the mirrored offsets V // 2 + 1, ..., V - 1 are offsets V // 2 - 1, ..., 0 swapped
-        mirror = torch.cat([torch.arange(a, b, device=dev) for a, b in zip(start[-2::-1], start[:0:-1])]
-                           + [flat.new_zeros(0)])
+        mirrored = list(zip(start[-2::-1], start[:0:-1]))
         ident = torch.arange(n, device=dev)
-        in_rows, out_rows = (torch.cat([in_rows, ident, out_rows.index_select(0, mirror)]),
-                             torch.cat([out_rows, ident, in_rows.index_select(0, mirror)]))
+        in_rows, out_rows = (torch.cat([in_rows, ident] + [out_rows[a:b] for a, b in mirrored]),
+                             torch.cat([out_rows, ident] + [in_rows[a:b] for a, b in mirrored]))
         for c in [n] + counts[::-1]:
             start.append(start[-1] + c)
     return KernelMap(in_rows, out_rows, start, indices, list(shape), indices, list(shape), tuple(kernel_size),
