@@ -18,6 +18,9 @@ default, results vary) and with one thread (correct); pointconv uses all threads
 deterministic. spconv 2.3.8's backward fails with a CPU-only torch (it asks for a CUDA stream),
 so on CPU only the forward is compared with it.
 
+The methods of a row group run in turns (one run of each per round, the median over rounds): on a
+machine whose load drifts during the run, all of them see the same drift.
+
     python benchmarks/bench_sparse.py --device cpu
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 import pointconv
 import pointconv.sparse as ours
-from pointconv._timing import provenance, timed_ms
+from pointconv._timing import provenance, timed_ms_alternating
 
 
 def sphere_shell(radius=120.0, size=256, device="cpu"):
@@ -84,8 +87,12 @@ def print_header(label, device, detail):
     print()
 
 
-def timed(fn, device, repeat):
-    return timed_ms(fn, device, repeat, warmup=1)[0]
+def with_backend(name, fn):
+    """``fn`` run under ``pointconv.use_backend(name)``."""
+    def call():
+        with pointconv.use_backend(name):
+            return fn()
+    return call
 
 
 def main(argv=None):
@@ -106,7 +113,7 @@ def main(argv=None):
     feats = torch.randn(len(idx), 64, generator=g).to(device)
     conv_ours = ours.SubMConv3d(64, 64, 3, bias=False).to(device)
     print_header("(a)", device, f"SubMConv3d 64 -> 64, k = 3, {len(idx):,} voxels of a sphere shell in a 256^3 grid, "
-                 f"float32, kernel-map build included in every run, median of {args.repeat}")
+                 f"float32, kernel-map build included in every run, median of {args.repeat}, methods timed in turns")
     print("| task | method | threads | ms | ms / pointconv ms |")
     print("|---|---|---:|---:|---:|")
 
@@ -118,30 +125,33 @@ def main(argv=None):
                 y.features.square().sum().backward()
         return step
 
+    threads0 = torch.get_num_threads()
+
+    def with_threads(threads, fn):
+        def call():
+            torch.set_num_threads(threads)
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(threads0)
+        return call
+
+    conv_sp = None
+    if spconv is not None:
+        conv_sp = spconv.SubMConv3d(64, 64, 3, bias=False).to(device)
+        conv_sp.load_state_dict(conv_ours.state_dict())
     for task, backward in (("forward", False), ("forward + backward", True)):
-        rows = [("pointconv.sparse", torch.get_num_threads(), timed(run(conv_ours, ours, backward), device, args.repeat))]
+        # (method, threads) -> step, timed in turns
+        steps = {("pointconv.sparse", threads0): run(conv_ours, ours, backward)}
         if device.type == "cuda":
-            with pointconv.use_backend("torch"):
-                rows.append(("pointconv (torch ops)", torch.get_num_threads(),
-                             timed(run(conv_ours, ours, backward), device, args.repeat)))
-        if spconv is not None:
-            conv_sp = spconv.SubMConv3d(64, 64, 3, bias=False).to(device)
-            conv_sp.load_state_dict(conv_ours.state_dict())
-            thread_counts = [torch.get_num_threads()]
-            if device.type == "cpu" and torch.get_num_threads() > 1:
-                thread_counts.append(1)
-            threads0 = torch.get_num_threads()
-            for threads in thread_counts:
-                torch.set_num_threads(threads)
-                try:
-                    rows.append(("spconv 2.3.8", threads, timed(run(conv_sp, spconv, backward), device, args.repeat)))
-                except (AssertionError, RuntimeError) as e:
-                    rows.append(("spconv 2.3.8", threads, f"fails: {str(e).splitlines()[0][:60]}"))
-                finally:
-                    torch.set_num_threads(threads0)
-        base = rows[0][2]
-        for method, threads, ms in rows:
-            cell = f"{ms:.1f} | {ms / base:.2f}x" if isinstance(ms, float) else f"{ms} | "
+            steps[("pointconv (torch ops)", threads0)] = with_backend("torch", run(conv_ours, ours, backward))
+        if conv_sp is not None:
+            for threads in [threads0] + ([1] if device.type == "cpu" and threads0 > 1 else []):
+                steps[("spconv 2.3.8", threads)] = with_threads(threads, run(conv_sp, spconv, backward))
+        times = timed_ms_alternating(steps, device, args.repeat)
+        base = times[("pointconv.sparse", threads0)]
+        for (method, threads), ms in times.items():
+            cell = f"{ms:.1f} | {ms / base:.2f}x" if isinstance(ms, float) else f"fails: {str(ms).splitlines()[0][:60]} | "
             print(f"| {task} | {method} | {threads} | {cell} |", flush=True)
     if spconv is None:
         print("\n(spconv is not installed: pip install spconv==2.3.8 for the baseline)")
@@ -157,7 +167,7 @@ def main_net(args):
     feats = torch.randn(len(idx), 3, generator=torch.Generator().manual_seed(1)).to(device)
     net_ours = benchmark_net(ours).to(device)
     print_header("(b)", device, f"spconv's benchmark network (14 SubMConv3d, 6 SparseMaxPool3d), {len(idx):,} voxels "
-                 f"in [80, 1600, 1600], batch 1, median of {args.repeat}")
+                 f"in [80, 1600, 1600], batch 1, median of {args.repeat}, methods timed in turns")
     print("| dtype | task | method | ms | ms / pointconv ms |")
     print("|---|---|---|---:|---:|")
     dtypes = [("float32", torch.float32)]
@@ -174,24 +184,22 @@ def main_net(args):
         return run
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
+    net_sp = None
+    if spconv is not None:
+        net_sp = benchmark_net(spconv).to(device)
+        net_sp.load_state_dict(net_ours.state_dict())
     for label, dtype in dtypes:
         torch.backends.cuda.matmul.allow_tf32 = label == "tf32"
         for task, backward in (("forward", False), ("forward + backward", True)):
-            rows = [("pointconv.sparse", timed(step(net_ours, ours, dtype, backward), device, args.repeat))]
+            steps = {"pointconv.sparse": step(net_ours, ours, dtype, backward)}  # timed in turns
             if device.type == "cuda":
-                with pointconv.use_backend("torch"):
-                    rows.append(("pointconv (torch ops)", timed(step(net_ours, ours, dtype, backward), device,
-                                                                args.repeat)))
-            if spconv is not None:
-                net_sp = benchmark_net(spconv).to(device)
-                net_sp.load_state_dict(net_ours.state_dict())
-                try:
-                    rows.append(("spconv 2.3.8", timed(step(net_sp, spconv, dtype, backward), device, args.repeat)))
-                except (AssertionError, RuntimeError) as e:
-                    rows.append(("spconv 2.3.8", f"fails: {str(e).splitlines()[0][:60]}"))
-            base = rows[0][1]
-            for method, ms in rows:
-                cell = f"{ms:.1f} | {ms / base:.2f}x" if isinstance(ms, float) else f"{ms} | "
+                steps["pointconv (torch ops)"] = with_backend("torch", step(net_ours, ours, dtype, backward))
+            if net_sp is not None:
+                steps["spconv 2.3.8"] = step(net_sp, spconv, dtype, backward)
+            times = timed_ms_alternating(steps, device, args.repeat)
+            base = times["pointconv.sparse"]
+            for method, ms in times.items():
+                cell = f"{ms:.1f} | {ms / base:.2f}x" if isinstance(ms, float) else f"fails: {str(ms).splitlines()[0][:60]} | "
                 print(f"| {label} | {task} | {method} | {cell} |", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = tf32
 

@@ -25,6 +25,26 @@ def timed_ms(fn, device, repeat: int = 1, warmup: int = 0):
     return statistics.median(times), out
 
 
+def timed_ms_alternating(fns: dict, device, repeat: int = 1, warmup: int = 1) -> dict:
+    """``{name: median milliseconds}`` of several callables timed in turns (one run of each per
+    round), so that a machine whose load drifts during the benchmark slows them all alike. A
+    callable that raises in its warmup gets the exception (the first line) instead of a time."""
+    device = torch.device(device)
+    results, live = {}, {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            live[name] = []
+        except (AssertionError, RuntimeError) as e:
+            results[name] = e
+    for _ in range(repeat):
+        for name in live:
+            live[name].append(timed_ms(fns[name], device, 1)[0])
+    results.update({name: statistics.median(times) for name, times in live.items()})
+    return {name: results[name] for name in fns}
+
+
 def provenance(script: str, device) -> str:
     """The first line of a benchmark table: script, device, torch, threads, commit and date."""
     import subprocess
