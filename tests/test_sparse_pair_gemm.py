@@ -1,5 +1,5 @@
-"""The CPU path of sparse convolution (chunked pair products, ``pointconv.sparse._pair_gemm``) against
-the per-offset torch ops of the reference backend, in float64, with chunks of a few rows."""
+"""The CPU path of sparse convolution (tiled pair products, ``pointconv.sparse._pair_gemm``) against
+the per-offset torch ops of the reference backend, in float64, with tiles of a few rows."""
 import pytest
 import torch
 

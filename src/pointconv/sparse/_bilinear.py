@@ -10,7 +10,7 @@ x[i]^T g[m]``. Every derivative of either is again one of the two, on the map or
 
 so one Function that calls itself in backward is exact to any order. ``T`` is any object with
 ``conv(x, w)``, ``weight_grad(x, g)`` and ``transposed``: the Triton tables of ``_implicit_gemm``
-(CUDA) or the chunked pair products of ``_pair_gemm`` (CPU).
+(CUDA) or the tiled pair products of ``_pair_gemm`` (CPU).
 """
 from __future__ import annotations
 

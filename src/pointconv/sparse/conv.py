@@ -1,7 +1,7 @@
 """Sparse convolutions with spconv 2.x's API and the dense convolution's math (DESIGN.md 5.3).
 
 A convolution is ``out[out_rows] += x[in_rows] @ W[o]^T`` over the pairs of each kernel offset o.
-On CPU (torch backend) the chunked pair products of ``_pair_gemm`` compute it, on CUDA (Triton
+On CPU (torch backend) the tiled pair products of ``_pair_gemm`` compute it, on CUDA (Triton
 backend) the implicit GEMM of ``_implicit_gemm`` (each output row written by one program); both
 through the bilinear autograd Function of ``_bilinear``: exact gradients w.r.t. features and
 weights to any order, deterministic. Grouped convolutions, CUDA's torch backend and the reference

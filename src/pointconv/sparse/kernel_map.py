@@ -57,7 +57,7 @@ class KernelMap:
         return self._tables
 
     def pair_tables(self) -> PairTables:
-        """The map as the CPU's chunked pair products read it (``_pair_gemm.PairTables``), built once."""
+        """The map as the CPU's tiled pair products read it (``_pair_gemm.PairTables``), built once."""
         if self._pair_tables is None:
             self._pair_tables = PairTables(self.in_rows, self.out_rows, self.start, self.in_indices.shape[0],
                                            self.out_indices.shape[0], self.identity_offset())
