@@ -52,6 +52,7 @@ def plot_confusion(cm, path, accuracy):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cm = cm.numpy()  # matplotlib reads tensors through a deprecated numpy path
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.imshow(cm, cmap="Blues")
     for i in range(len(CLASSES)):

@@ -133,7 +133,8 @@ def plot(model, scene, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
     for ax, (title, c) in zip(axes, [("ground truth", lab), ("prediction", pred)]):
         order = torch.argsort(pts[:, 2])  # draw the tops last
-        ax.scatter(pts[order, 0], pts[order, 1], c=c[order], s=1, cmap="viridis", vmin=0, vmax=2)
+        xy, c = pts[order, :2].numpy(), c[order].numpy()  # matplotlib reads tensors through a deprecated numpy path
+        ax.scatter(xy[:, 0], xy[:, 1], c=c, s=1, cmap="viridis", vmin=0, vmax=2)
         ax.set_title(f"{title}: ground / boxes / spheres")
         ax.set_aspect("equal")
     fig.tight_layout()
