@@ -39,10 +39,10 @@ def _sorted_sites(x):
 
 @pytest.mark.parametrize("order", ["random", "sorted"])
 @pytest.mark.parametrize("kind", list(MAPS))
-def test_chunked_products_equal_the_torch_ops(kind, order, monkeypatch):
+def test_tiled_products_equal_the_torch_ops(kind, order, monkeypatch):
     """Tiles of two output rows; sites in random order leave some offsets' pairs unsorted (cut
     into equal pieces), sorted sites sort them all (cut at the tiles)."""
-    monkeypatch.setattr(_pair_gemm, "_CHUNK_ELEMENTS", 7)  # one or two rows per chunk
+    monkeypatch.setattr(_pair_gemm, "_TILE_ELEMENTS", 7)  # tiles of two rows at 3 channels
     x = random_sparse(3, 2, 3, density=0.4, seed=7)
     x = _sorted_sites(x) if order == "sorted" else x
     kmap = MAPS[kind](x)
@@ -58,7 +58,7 @@ def test_chunked_products_equal_the_torch_ops(kind, order, monkeypatch):
 def test_pieces_of_sorted_sites_follow_the_output_tiles(monkeypatch):
     """With sorted sites every offset's pairs ascend by output row, so each tile's pieces write
     only into that tile (the output stays in cache); in random order some offsets do not."""
-    monkeypatch.setattr(_pair_gemm, "_CHUNK_ELEMENTS", 12)  # tiles of 4 rows at 3 channels
+    monkeypatch.setattr(_pair_gemm, "_TILE_ELEMENTS", 12)  # tiles of 4 rows at 3 channels
     x = random_sparse(3, 2, 3, density=0.4, seed=7)
     shuffled = MAPS["subm"](x).pair_tables()
     assert not all(shuffled._sorted)
@@ -80,8 +80,8 @@ def test_pieces_of_sorted_sites_follow_the_output_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["subm", "strided"])
-def test_chunked_products_are_exact_to_second_order(kind, monkeypatch):
-    monkeypatch.setattr(_pair_gemm, "_CHUNK_ELEMENTS", 8)  # chunks of 4 rows
+def test_tiled_products_are_exact_to_second_order(kind, monkeypatch):
+    monkeypatch.setattr(_pair_gemm, "_TILE_ELEMENTS", 8)  # tiles of 4 rows at 2 channels
     x = random_sparse(3, 1, 2, density=0.15, seed=8)
     kmap = MAPS[kind](x)
     weight = torch.randn(2, 3, 3, 3, 2, dtype=torch.float64, requires_grad=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK_ELEMENTS = 1 << 19  # tile rows times the wider channel count: 2 MiB of float32
+_TILE_ELEMENTS = 1 << 19  # tile rows times the wider channel count: 2 MiB of float32
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,7 +72,7 @@ class PairTables:
         """Per tile of output rows, ``(offset, begin, end)`` ranges of pairs: for a sorted offset its
         pairs writing into the tile, for another an equal share of its pairs (at most a tile)."""
         if channels not in self._pieces_cache:
-            rows = max(1, _CHUNK_ELEMENTS // max(channels, 1))
+            rows = max(1, _TILE_ELEMENTS // max(channels, 1))
             n_tiles = max(1, -(-self.n_out // rows))
             bounds = torch.arange(1, n_tiles, device=self.out_rows.device) * rows
             tiles = [[] for _ in range(n_tiles)]
