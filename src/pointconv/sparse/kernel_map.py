@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._index1d import flatnonzero
 from ._implicit_gemm import conv_tables
 from ._pair_gemm import PairTables
 
@@ -110,11 +111,22 @@ class SiteIndex:
         coords = indices[:, 1:].long()
         if any(margin):
             coords = coords + torch.tensor(margin, device=indices.device)
-        self.keys = keys = linearize(indices[:, 0], coords, self.shape)
+        self._index(linearize(indices[:, 0], coords, self.shape), batch_size)
+
+    @classmethod
+    def from_keys(cls, keys: torch.Tensor, shape, batch_size: int) -> "SiteIndex":
+        """The index of sites given by their linear keys in ``shape`` (no margin)."""
+        index = cls.__new__(cls)
+        index.shape = list(shape)
+        index._index(keys.long(), batch_size)
+        return index
+
+    def _index(self, keys: torch.Tensor, batch_size: int):
+        self.keys = keys
         self.cells = batch_size * math.prod(self.shape)
         if self.cells <= _DENSE_TABLE_MAX_CELLS:
-            self.table = torch.full((self.cells,), -1, dtype=torch.int32, device=indices.device)
-            rows = torch.arange(keys.shape[0], dtype=torch.int32, device=indices.device)
+            self.table = torch.full((self.cells,), -1, dtype=torch.int32, device=keys.device)
+            rows = torch.arange(keys.shape[0], dtype=torch.int32, device=keys.device)
             self.table[keys] = rows
             if not torch.equal(self.table[keys], rows):  # a later duplicate overwrote an earlier row
                 raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
@@ -180,7 +192,7 @@ def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
     # linear keys are additive: key(site + off) = key(site) + key(off) inside the padded grid
     off_keys = linearize(torch.zeros_like(off[:looked, 0]), off[:looked], sites.shape)
     found = sites.lookup(sites.keys[None] + off_keys[:, None])  # (looked, n) rows or -1
-    flat = torch.nonzero(found.view(-1) >= 0).squeeze(1)  # offset-major, sites ascending
+    flat = flatnonzero(found.view(-1) >= 0)  # offset-major, sites ascending
     in_rows, out_rows = found.view(-1).index_select(0, flat), flat % max(n, 1)
     counts = torch.bincount(flat // max(n, 1), minlength=looked).tolist() if n else [0] * looked
     start = [0]

@@ -1,0 +1,23 @@
+"""1-D index operations on the hot paths of the CPU neighbor builds, in their fastest CPU form.
+
+- ``take(values, idx)``: ``values[idx]``, through ``gather`` (about twice as fast as indexing on CPU).
+- ``flatnonzero(mask)``: the positions of the True entries of a 1-D bool mask, ascending, int64.
+  On CPU through numpy, whose bool ``nonzero`` is several times faster than ``torch.nonzero`` on
+  one thread: the neighbor builds compact tens of millions of candidates.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def take(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``values[idx]`` for 1-D tensors."""
+    return torch.gather(values, 0, idx)
+
+
+def flatnonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of the True entries of a 1-D bool ``mask``, ascending, as int64."""
+    if mask.device.type != "cpu":
+        return torch.nonzero(mask).squeeze(1)
+    return torch.from_numpy(np.flatnonzero(mask.contiguous().numpy()))

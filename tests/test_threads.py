@@ -1,0 +1,55 @@
+"""map_ordered: results in input order, every torch thread used on CPU, torch's thread count restored."""
+import threading
+import time
+
+import pytest
+import torch
+
+from pointconv._threads import map_ordered
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_results_keep_the_input_order_across_threads(two_threads):
+    ran_on, inner_threads = set(), set()
+
+    def work(k):
+        time.sleep(0.02 * (k % 3))  # later items finish first on the other thread
+        ran_on.add(threading.get_ident())
+        inner_threads.add(torch.get_num_threads())
+        return torch.full((k + 1,), k).sum().item()
+
+    assert map_ordered(work, range(8), torch.device("cpu")) == [k * (k + 1) for k in range(8)]
+    assert len(ran_on) == 2 and threading.get_ident() not in ran_on
+    assert inner_threads == {1}  # one torch thread per worker
+    assert torch.get_num_threads() == 2
+
+
+def test_one_thread_or_one_item_runs_inline():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ran_on = []
+        assert map_ordered(lambda k: ran_on.append(threading.get_ident()) or -k, [1, 2, 3],
+                           torch.device("cpu")) == [-1, -2, -3]
+        assert set(ran_on) == {threading.get_ident()}
+    finally:
+        torch.set_num_threads(before)
+    assert map_ordered(lambda k: threading.get_ident(), [0], torch.device("cpu")) == [threading.get_ident()]
+
+
+def test_errors_propagate_and_the_thread_count_is_restored(two_threads):
+    def work(k):
+        if k == 3:
+            raise ValueError("item 3")
+        return k
+
+    with pytest.raises(ValueError, match="item 3"):
+        map_ordered(work, range(6), torch.device("cpu"))
+    assert torch.get_num_threads() == 2
