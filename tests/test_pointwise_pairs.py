@@ -1,11 +1,13 @@
 """The grid search of Pointwise-convolution pairs against the dense integer rule, and the rule
 against the literal float semantics."""
+from collections import Counter
+
 import pytest
 import torch
 
 import pointconv.conv._pointwise_pairs as pairs
 import pointconv.sparse.kernel_map as kernel_map
-from pointconv.conv._pointwise_pairs import cell_of, neighbor_pairs, quantize
+from pointconv.conv._pointwise_pairs import cell_of, neighbor_entries, neighbor_pairs, quantize
 
 
 def dense_pairs(U, batch, s):
@@ -51,6 +53,12 @@ def test_grid_search_finds_exactly_the_dense_pairs(s, dense_table, monkeypatch):
             # the order the sparse matrices are built in: by center, then cell (then neighbor, s >= 2)
             order = sorted(got, key=lambda t: (t[0], t[2], t[1]) if s > 1 else (t[0], t[2]))
             assert got == order
+            # the matrix entries: rows center * 27 + cell, and each (center, cell)'s size (the
+            # pieces of candidates split no (center, cell), however small they are)
+            rows, neighbor, count = neighbor_entries(U, batch, s)
+            assert torch.equal(rows, ci * 27 + cc) and torch.equal(neighbor, cj)
+            sizes = Counter(rows.tolist())
+            assert count.tolist() == [sizes[r] for r in rows.tolist()]
 
 
 def test_the_integer_rule_is_the_literal_rule():

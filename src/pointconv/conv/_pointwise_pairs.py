@@ -37,6 +37,8 @@ import math
 
 import torch
 
+from .._index1d import flatnonzero, take
+from .._threads import map_ordered
 from ..sparse.kernel_map import SiteIndex, linearize
 
 FRAC_BITS = 19
@@ -74,11 +76,6 @@ def cell_of(ui: torch.Tensor, uj: torch.Tensor, s: int) -> torch.Tensor:
 def _pack(fields: torch.Tensor) -> torch.Tensor:
     """``(..., 3)`` values in [0, 2^21) -> one int64 with x, y, z in their fields."""
     return (fields[..., 0] << _SHIFTS[0]) | (fields[..., 1] << _SHIFTS[1]) | fields[..., 2]
-
-
-def _take(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``values[idx]`` for 1-D tensors (``gather`` is about twice as fast as indexing on CPU)."""
-    return torch.gather(values, 0, idx)
 
 
 def _guard_code(q: torch.Tensor) -> torch.Tensor:
@@ -135,21 +132,21 @@ class Windows:
         if math.prod(self.ext) * nb >= 1 << 62:
             raise ValueError("points span too many cells of cell_size for one grid (more than 2^62 in all)")
         # every point in the 8 windows whose lowest cell is G - b; generated point-major, so a
-        # stable sort by window lists each window's points in ascending order
+        # stable sort by window lists each window's points in ascending order. Linear keys are
+        # additive (G - b stays inside the grid): a window's key is its point's cell key minus b's.
         corners = torch.tensor(_CORNERS, device=dev)
-        origin = ((G - self.lo)[:, None, :] - corners).reshape(-1, 3)
-        wkey = linearize(batch.repeat_interleave(8), origin, self.ext)
-        order = torch.argsort(wkey, stable=True)
-        self.count = torch.unique_consecutive(_take(wkey, order), return_counts=True)[1]
+        wkey = (linearize(batch, G - self.lo, self.ext)[:, None]
+                - linearize(torch.zeros(8, dtype=torch.int64, device=dev), corners, self.ext)).reshape(-1)
+        if math.prod(self.ext) * nb < 1 << 31:
+            wkey = wkey.int()  # sorts faster
+        wkey, order = torch.sort(wkey, stable=True)
+        self.count = torch.unique_consecutive(wkey, return_counts=True)[1]
         self.start = torch.cumsum(self.count, 0) - self.count
-        first = _take(order, self.start)
-        self.index = SiteIndex(torch.cat([batch[first // 8, None], origin[first]], 1), self.ext, nb)
-        self.entry_point = order // 8
+        self.index = SiteIndex.from_keys(take(wkey, self.start), self.ext, nb)
+        self.entry_point, corner = order >> 3, order & 7
         # per entry: doubled offsets 2 f + 1 - b in the fields, b in the guard bits (see the docstring)
-        corner_low, corner_guard = _pack(corners), _pack(corners) << (FRAC_BITS + 1)
-        corner = order % 8
-        self.entry = (_take(_pack(2 * frac + 1), self.entry_point) - _take(corner_low, corner)
-                      + _take(corner_guard, corner))
+        corner_term = (_pack(corners) << (FRAC_BITS + 1)) - _pack(corners)
+        self.entry = take(_pack(2 * frac + 1), self.entry_point) + take(corner_term, corner)
         # per center: 2^20 + 2 phi - 1 in the fields (+ t per window)
         self.center_base = _pack(2 * phi + (2 * ONE - 1))
 
@@ -161,70 +158,86 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int, windows:
     (center, cell) the neighbors ascend for s >= 2 and come in the fixed order of the 8 windows for
     s = 1. ``windows``: a ``Windows`` of these points with ``reach >= dilation``, to share between
     dilations (built here if None)."""
+    key, neighbor, _ = neighbor_entries(U, batch, dilation, windows)
+    return key // 27, neighbor, key % 27
+
+
+def neighbor_entries(U: torch.Tensor, batch: torch.Tensor, dilation: int, windows: Windows | None = None):
+    """``neighbor_pairs`` as the entries of the per-cell mean matrix: ``(center * 27 + cell,
+    neighbor, count)``, in the same order (the rows ascending), with the size of each entry's
+    (center, cell) (int32)."""
     s = dilation
     dev = U.device
     M = U.shape[0]
     itype = torch.int32 if 27 * M < 1 << 31 else torch.int64
     empty = torch.zeros(0, dtype=itype, device=dev)
     if M == 0:
-        return empty, empty, empty
+        return empty, empty, empty.int()
     if windows is None:
         windows = Windows(U, batch, s)
     elif windows.reach < s:
         raise ValueError(f"windows reach dilation {windows.reach}, not {s}")
     w = windows
     offset, slot_cell, slot_top, slot_sigma = (x.to(dev) for x in _slots(s))
-    slot_cell = slot_cell.int()
+    slot_cell = slot_cell.to(itype if s > 1 else torch.int64)
     s1_cells = _s1_cells().to(dev) if s == 1 else None
-    parts = []
     nslots = offset.shape[0]
     # window keys are linear in the cell: a center's anchor key plus a key offset per slot (the grid
     # has room for every offset, so no key wraps into another row)
     anchor_key = linearize(batch, w.anchor - w.lo, w.ext)
     slot_key = linearize(torch.zeros_like(offset[:, 0]), offset, w.ext)
-    for c0 in range(0, M, _CENTERS):
+
+    def pairs_of_centers(c0):
         c1 = min(M, c0 + _CENTERS)
         found = w.index.lookup((anchor_key[c0:c1, None] + slot_key).reshape(-1))
-        rows = torch.nonzero(found >= 0).squeeze(1)  # (center, slot), centers ascending, slots in cell order
-        win = _take(found, rows)
+        rows = flatnonzero(found >= 0)  # (center, slot), centers ascending, slots in cell order
+        win = take(found, rows)
         row_center, row_slot = rows // nslots + c0, rows % nslots
-        row_value = _take(w.center_base, row_center) + _take(slot_top, row_slot)
-        row_count, row_start = _take(w.count, win), _take(w.start, win)
-        row_cell, row_sigma = _take(slot_cell, row_slot), _take(slot_sigma, row_slot)
+        row_value = take(w.center_base, row_center) + take(slot_top, row_slot)
+        row_count, row_start = take(w.count, win), take(w.start, win)
+        # s >= 2: the row's matrix row center * 27 + cell; s = 1: center * 64 + the index base of
+        # its cells in s1_cells (the flags pick the cell)
+        row_key = (row_center.to(itype) * 27 if s > 1 else row_center * 64) + take(slot_cell, row_slot)
+        row_sigma = take(slot_sigma, row_slot)
         work = torch.cumsum(row_count, 0)
         total = int(work[-1]) if work.numel() else 0
         marks = torch.arange(_CHUNK, max(total, _CHUNK), _CHUNK, device=dev, dtype=torch.int64)
         cuts = torch.searchsorted(work, marks, right=True)
         if s == 1:  # chunks of whole centers: each is then sorted by (center, cell) on its own
-            cuts = torch.searchsorted(row_center, _take(row_center, cuts))
+            cuts = torch.searchsorted(row_center, take(row_center, cuts))
         cuts = cuts.tolist()
-        row_center = row_center.to(itype)
-        for r0, r1 in zip([0] + cuts, cuts + [rows.numel()]):
-            if r1 > r0:
-                parts.append(_pairs_of_rows(
-                    row_center[r0:r1], row_value[r0:r1], row_start[r0:r1], row_count[r0:r1], row_cell[r0:r1],
-                    row_sigma[r0:r1], w.entry, w.entry_point, s1_cells, itype))
+        return [_pairs_of_rows(row_key[r0:r1], row_value[r0:r1], row_start[r0:r1], row_count[r0:r1],
+                               row_sigma[r0:r1], w.entry, w.entry_point, s1_cells, itype)
+                for r0, r1 in zip([0] + cuts, cuts + [rows.numel()]) if r1 > r0]
+
+    # steps of centers are independent: on CPU they run on every thread (_threads), in order
+    parts = [p for step in map_ordered(pairs_of_centers, range(0, M, _CENTERS), dev) for p in step]
     if not parts:
-        return empty, empty, empty
+        return empty, empty, empty.int()
     return tuple(torch.cat(x) for x in zip(*parts))
 
 
-def _pairs_of_rows(center, value, start, count, cell, sigma, entry, entry_point, s1_cells, itype):
-    """The kept pairs of rows (one center, one window; per row its center, packed ``2^20 + 2 phi - 1
-    + t``, window entries ``start`` and ``count``, cell (s >= 2) or index base into ``s1_cells``
-    (s = 1, ``s1_cells`` given), sigma bits): every candidate is tested by one subtraction of packed
-    offsets. Returns (center, neighbor, cell) as ``itype``, in row order and the window's order;
-    for s = 1 sorted by (center, cell) (the rows must hold whole centers)."""
+def _pairs_of_rows(key, value, start, count, sigma, entry, entry_point, s1_cells, itype):
+    """The kept pairs of rows (one center, one window; per row ``center * 27 + cell`` (s >= 2) or
+    ``center * 64 +`` an index base into ``s1_cells`` (s = 1, ``s1_cells`` given), packed ``2^20 +
+    2 phi - 1 + t``, window entries ``start`` and ``count``, sigma bits): every candidate is tested
+    by one subtraction of packed offsets. Returns (center * 27 + cell, neighbor) as ``itype``, in
+    row order and the window's order, and the sizes of the (center, cell)s; for s = 1 sorted by
+    (center, cell) (the rows must hold whole centers)."""
     dev = count.device
     ends = torch.cumsum(count, 0)
     num = int(ends[-1])
-    # per candidate its row (a running count of row starts; every window holds a point) and its
-    # entry (consecutive from the row's start): int32 where it fits, which gathers faster
+    firsts = ends - count  # each row's first candidate (every window holds a point: all distinct)
+    # per candidate its row and its entry, both running sums (cheaper than gathers per candidate):
+    # the row steps by one at each row's first candidate, the entry by one within a row and jumps
+    # to the row's window at its first candidate; int32 where it fits, which gathers faster
     etype = torch.int32 if entry.numel() < 1 << 31 else torch.int64
-    row_starts = torch.zeros(num, dtype=torch.int32, device=dev).index_fill_(0, ends[:-1], 1)
-    cand_row = torch.cumsum(row_starts, 0, dtype=torch.int32)
-    first_entry = (start - ends + count).to(etype)  # the row's first entry minus its first candidate
-    cand_entry = torch.arange(num, dtype=etype, device=dev) + first_entry.index_select(0, cand_row)
+    row_step = torch.zeros(num, dtype=torch.int32, device=dev).index_fill_(0, firsts[1:], 1)
+    cand_row = torch.cumsum(row_step, 0, dtype=torch.int32)
+    entry_step = start.clone()
+    entry_step[1:] -= start[:-1] + count[:-1] - 1
+    entry_steps = torch.ones(num, dtype=etype, device=dev).index_copy_(0, firsts, entry_step.to(etype))
+    cand_entry = torch.cumsum(entry_steps, 0, dtype=etype)
     e = entry.index_select(0, cand_entry)
     # the guard bits of x hold the flags, those of e the corner b: a mismatch is (x ^ e) & guards
     x = value.index_select(0, cand_row) - (e & ~_GUARDS)
@@ -233,12 +246,23 @@ def _pairs_of_rows(center, value, start, count, cell, sigma, entry, entry_point,
         mismatch = differ
     else:  # only axes with b == sigma are tested (the outer grid cells of the 4 x 4 x 4 block)
         mismatch = differ & ~(e ^ sigma.index_select(0, cand_row))
-    kept = torch.nonzero(mismatch == 0).squeeze(1)
+    kept = flatnonzero(mismatch == 0)
     rows = cand_row.index_select(0, kept)
-    neighbor = entry_point.index_select(0, cand_entry.index_select(0, kept))
+    neighbor = entry_point.index_select(0, cand_entry.index_select(0, kept)).to(itype)
     if s1_cells is None:
-        return center.index_select(0, rows), neighbor.to(itype), cell.index_select(0, rows).to(itype)
-    cell = s1_cells.index_select(0, cell.index_select(0, rows) + _guard_code(differ.index_select(0, kept)).int())
+        return _with_counts(key.index_select(0, rows), neighbor)
+    # s = 1: key holds center * 64 + base; the flags pick the cell s1_cells[base + guard code]
+    base = key.index_select(0, rows)
+    center = base >> 6
+    cell = s1_cells.index_select(0, (base & 63) + _guard_code(differ.index_select(0, kept)))
     # the flags spread a window over cells: a stable sort by (center, cell), on small int32 keys
-    key, order = torch.sort((center.index_select(0, rows) - center[0]).int() * 27 + cell, stable=True)
-    return (key // 27).to(itype) + center[0], neighbor.index_select(0, order).to(itype), (key % 27).to(itype)
+    first = center[0] * 27
+    local, order = torch.sort((center * 27 - first).to(torch.int32) + cell.to(torch.int32), stable=True)
+    return _with_counts((local + first).to(itype), neighbor.index_select(0, order))
+
+
+def _with_counts(rows, neighbor):
+    """``(rows, neighbor, count)``: per entry the size of its run of equal ``rows`` (the rows of
+    a piece are whole: a (center, cell) never spans two pieces), int32."""
+    runs = torch.unique_consecutive(rows, return_counts=True)[1].to(torch.int32)
+    return rows, neighbor, runs.repeat_interleave(runs)

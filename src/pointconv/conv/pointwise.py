@@ -26,7 +26,8 @@ import torch
 from .. import _checks
 from .._backend import backend_for
 from ._cell_means import CellMeans, pointwise_linear, weight_matrix
-from ._pointwise_pairs import Windows, _take, cell_of, neighbor_pairs, quantize
+from .._index1d import flatnonzero, take
+from ._pointwise_pairs import Windows, cell_of, neighbor_entries, quantize
 
 
 class PointwiseNeighbors:
@@ -36,13 +37,12 @@ class PointwiseNeighbors:
     ``scatter`` (row ``j * 27 + c``, column i) those of its adjoint (the feature gradient). The
     scatter matrix is built on first use: a layer whose input needs no gradient never builds it."""
 
-    def __init__(self, gather: CellMeans, centers: torch.Tensor, scatter_rows: torch.Tensor, cell_size: float,
-                 dilation: int):
+    def __init__(self, gather: CellMeans, gather_rows: torch.Tensor, cell_size: float, dilation: int):
         self.gather = gather
         self.num_rows = gather.num_rows
         self.cell_size = cell_size
         self.dilation = dilation
-        self._centers, self._scatter_rows = centers, scatter_rows  # per gather entry: i and j * 27 + c
+        self._gather_rows = gather_rows  # per gather entry its row i * 27 + c, until scatter is built
         self._scatter = None
 
     @property
@@ -52,12 +52,14 @@ class PointwiseNeighbors:
     @property
     def scatter(self) -> CellMeans:
         if self._scatter is None:
+            rows = self._gather_rows
+            centers, cells = rows // 27, rows % 27
             # gather's entries are in center order, so a stable sort by scatter row keeps the centers
             # ascending within each row
-            rows, order = torch.sort(self._scatter_rows, stable=True)
-            self._scatter = CellMeans.from_sorted(rows, _take(self._centers, order), self.num_rows,
-                                                  _take(self.gather.count, order))
-            self._centers = self._scatter_rows = None
+            scatter_rows, order = torch.sort(self.gather.col * 27 + cells, stable=True)
+            self._scatter = CellMeans.from_sorted(scatter_rows, take(centers, order), self.num_rows,
+                                                  take(self.gather.count, order))
+            self._gather_rows = None
         return self._scatter
 
 
@@ -105,7 +107,7 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
     B, N, _ = points.shape
     R = B * N
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
-    rows = None if bool(valid.all()) else torch.nonzero(valid.reshape(-1)).squeeze(1)  # b * N + i, by cloud
+    rows = None if bool(valid.all()) else flatnonzero(valid.reshape(-1))  # b * N + i, by cloud
     flat = points.reshape(R, 3)
     quantized = quantize(flat if rows is None else flat[rows], cell_size)
     batch = (torch.arange(R, device=points.device) if rows is None else rows) // max(N, 1)
@@ -114,14 +116,15 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
     itype = torch.int32 if 27 * R < 1 << 31 else torch.int64
     structures = []
     for s in dilations:
-        center, neighbor, cell = neighbor_pairs(quantized, batch, s, windows)
-        if rows is not None:
-            center, neighbor = rows.index_select(0, center), rows.index_select(0, neighbor)
-        center, neighbor, cell = center.to(itype), neighbor.to(itype), cell.to(itype)
-        # gather: entries (center * 27 + cell, neighbor), which neighbor_pairs returns sorted; each
-        # entry's row size is its mean's denominator
-        gather = CellMeans.from_sorted(center * 27 + cell, neighbor, R)
-        structures.append(PointwiseNeighbors(gather, center, neighbor * 27 + cell, cell_size, s))
+        # gather's entries (center * 27 + cell, neighbor), which neighbor_entries returns sorted by
+        # row, with each entry's row size: its mean's denominator
+        rows27, neighbor, count = neighbor_entries(quantized, batch, s, windows)
+        if rows is not None:  # rows of the valid points -> rows of the padded batch
+            rows27 = rows.index_select(0, rows27 // 27) * 27 + rows27 % 27
+            neighbor = rows.index_select(0, neighbor)
+        rows27, neighbor = rows27.to(itype), neighbor.to(itype)
+        gather = CellMeans.from_sorted(rows27, neighbor, R, count)
+        structures.append(PointwiseNeighbors(gather, rows27, cell_size, s))
     return structures if several else structures[0]
 
 
