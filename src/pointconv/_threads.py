@@ -10,7 +10,7 @@ thread ran what.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -21,16 +21,27 @@ R = TypeVar("R")
 def map_ordered(fn: Callable[[T], R], items: Iterable[T], device: torch.device) -> list[R]:
     """``[fn(item) for item in items]``, the items spread over ``torch.get_num_threads()`` threads
     on CPU (on other devices the ops are asynchronous already: one thread)."""
+    return list(imap_ordered(fn, items, device))
+
+
+def imap_ordered(fn: Callable[[T], R], items: Iterable[T], device: torch.device) -> Iterator[R]:
+    """``map_ordered`` as an iterator: the threads run ahead of the caller, who can work on the
+    results that are in (with one torch thread, until the iterator is exhausted or closed) while
+    the next ones are computed."""
     items = list(items)
     workers = min(torch.get_num_threads(), len(items))
     if device.type != "cpu" or workers < 2:
-        return [fn(item) for item in items]
+        yield from map(fn, items)
+        return
     # one torch thread per worker: torch's own idle threads spin, which would steal the cores
     # from the other workers (set here, the count a new thread starts with; restored after)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(fn, items))
+        futures = [pool.submit(fn, item) for item in items]
+        for future in futures:
+            yield future.result()
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)

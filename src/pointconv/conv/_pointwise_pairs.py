@@ -28,7 +28,14 @@ is sorted by (center, cell) on its own (small sorts in cache, not one of every p
 
 The three per-axis flag tests of a candidate are one int64 subtraction: three 21-bit fields of
 doubled offsets, each with a guard bit that holds the comparison ``2 f + 1 - b <= 2 phi - 1 + t``
-(``t`` = top face), which folds the strict and non-strict cases into one threshold.
+(``t`` = top face), which folds the strict and non-strict cases into one threshold. Per field,
+``x = 2^20 + 2 phi - 1 + t - (2 f + 1 - b)`` lies in [0, 2^21) with guard bit ``flag``. Where the
+flags alone matter (s >= 2: every axis needs ``flag == b``), the corner rides along in the guard
+bits of the entry, ``e = 2 f + 1 - b + b 2^20``, and ``V - e`` is tested as a whole: a field with
+``flag == b`` is ``x - b 2^20`` in [0, 2^20), guard clear, no borrow; one with flag 1, b 0 keeps
+its guard bit; one with flag 0, b 1 borrows from the field above and reads ``x + 2^20``, guard
+set. A borrow can hide a guard bit only in a field above a mismatch, so the lowest mismatching
+field always shows its guard: all flags match exactly when ``(V - e) & guards == 0``.
 """
 from __future__ import annotations
 
@@ -158,47 +165,58 @@ def neighbor_pairs(U: torch.Tensor, batch: torch.Tensor, dilation: int, windows:
     (center, cell) the neighbors ascend for s >= 2 and come in the fixed order of the 8 windows for
     s = 1. ``windows``: a ``Windows`` of these points with ``reach >= dilation``, to share between
     dilations (built here if None)."""
-    key, neighbor, _ = neighbor_entries(U, batch, dilation, windows)
+    key, neighbor = neighbor_entries(U, batch, dilation, windows)
     return key // 27, neighbor, key % 27
 
 
 def neighbor_entries(U: torch.Tensor, batch: torch.Tensor, dilation: int, windows: Windows | None = None):
     """``neighbor_pairs`` as the entries of the per-cell mean matrix: ``(center * 27 + cell,
-    neighbor, count)``, in the same order (the rows ascending), with the size of each entry's
-    (center, cell) (int32)."""
-    s = dilation
-    dev = U.device
-    M = U.shape[0]
-    itype = torch.int32 if 27 * M < 1 << 31 else torch.int64
-    empty = torch.zeros(0, dtype=itype, device=dev)
-    if M == 0:
-        return empty, empty, empty.int()
-    if windows is None:
-        windows = Windows(U, batch, s)
-    elif windows.reach < s:
-        raise ValueError(f"windows reach dilation {windows.reach}, not {s}")
-    w = windows
-    offset, slot_cell, slot_top, slot_sigma = (x.to(dev) for x in _slots(s))
-    slot_cell = slot_cell.to(itype if s > 1 else torch.int64)
-    s1_cells = _s1_cells().to(dev) if s == 1 else None
-    nslots = offset.shape[0]
-    # window keys are linear in the cell: a center's anchor key plus a key offset per slot (the grid
-    # has room for every offset, so no key wraps into another row)
-    anchor_key = linearize(batch, w.anchor - w.lo, w.ext)
-    slot_key = linearize(torch.zeros_like(offset[:, 0]), offset, w.ext)
+    neighbor)``, in the same order (the rows ascending)."""
+    search = PairSearch(U, batch, dilation, windows)
+    return search.finish(map_ordered(search.step, search.starts, U.device))
 
-    def pairs_of_centers(c0):
-        c1 = min(M, c0 + _CENTERS)
-        found = w.index.lookup((anchor_key[c0:c1, None] + slot_key).reshape(-1))
+
+class PairSearch:
+    """The search of one dilation in independent steps of ``_CENTERS`` centers (``starts``):
+    ``finish([step(c0) for c0 in starts])`` is ``neighbor_entries``; the steps may run on
+    several threads (``_threads``), even interleaved with other searches' steps."""
+
+    def __init__(self, U: torch.Tensor, batch: torch.Tensor, dilation: int, windows: Windows | None = None):
+        s = self.dilation = dilation
+        dev = self.device = U.device
+        M = self.M = U.shape[0]
+        self.itype = torch.int32 if 27 * M < 1 << 31 else torch.int64
+        self.starts = range(0, M, _CENTERS)
+        if M == 0:
+            return
+        if windows is None:
+            windows = Windows(U, batch, s)
+        elif windows.reach < s:
+            raise ValueError(f"windows reach dilation {windows.reach}, not {s}")
+        self.windows = windows
+        offset, slot_cell, self.slot_top, self.slot_sigma = (x.to(dev) for x in _slots(s))
+        # s >= 2: a slot's cell; s = 1: the index base of its cells in s1_cells (the flags pick the cell)
+        self.slot_cell = slot_cell.to(self.itype if s > 1 else torch.int64)
+        self.s1_cells = _s1_cells().to(dev) if s == 1 else None
+        self.nslots = offset.shape[0]
+        # window keys are linear in the cell: a center's anchor key plus a key offset per slot (the
+        # grid has room for every offset, so no key wraps into another row)
+        self.anchor_key = linearize(batch, windows.anchor - windows.lo, windows.ext)
+        self.slot_key = linearize(torch.zeros_like(offset[:, 0]), offset, windows.ext)
+
+    def step(self, c0: int) -> list:
+        """The pairs of centers ``c0 .. c0 + _CENTERS``, as pieces of ``_pairs_of_rows``."""
+        s, w, dev, itype = self.dilation, self.windows, self.device, self.itype
+        c1 = min(self.M, c0 + _CENTERS)
+        found = w.index.lookup((self.anchor_key[c0:c1, None] + self.slot_key).reshape(-1))
         rows = flatnonzero(found >= 0)  # (center, slot), centers ascending, slots in cell order
         win = take(found, rows)
-        row_center, row_slot = rows // nslots + c0, rows % nslots
-        row_value = take(w.center_base, row_center) + take(slot_top, row_slot)
+        row_center, row_slot = rows // self.nslots + c0, rows % self.nslots
+        row_value = take(w.center_base, row_center) + take(self.slot_top, row_slot)
         row_count, row_start = take(w.count, win), take(w.start, win)
-        # s >= 2: the row's matrix row center * 27 + cell; s = 1: center * 64 + the index base of
-        # its cells in s1_cells (the flags pick the cell)
-        row_key = (row_center.to(itype) * 27 if s > 1 else row_center * 64) + take(slot_cell, row_slot)
-        row_sigma = take(slot_sigma, row_slot)
+        # s >= 2: the row's matrix row center * 27 + cell; s = 1: center * 64 + its index base
+        row_key = (row_center.to(itype) * 27 if s > 1 else row_center * 64) + take(self.slot_cell, row_slot)
+        row_sigma = take(self.slot_sigma, row_slot)
         work = torch.cumsum(row_count, 0)
         total = int(work[-1]) if work.numel() else 0
         marks = torch.arange(_CHUNK, max(total, _CHUNK), _CHUNK, device=dev, dtype=torch.int64)
@@ -207,14 +225,16 @@ def neighbor_entries(U: torch.Tensor, batch: torch.Tensor, dilation: int, window
             cuts = torch.searchsorted(row_center, take(row_center, cuts))
         cuts = cuts.tolist()
         return [_pairs_of_rows(row_key[r0:r1], row_value[r0:r1], row_start[r0:r1], row_count[r0:r1],
-                               row_sigma[r0:r1], w.entry, w.entry_point, s1_cells, itype)
+                               row_sigma[r0:r1], w.entry, w.entry_point, self.s1_cells, itype)
                 for r0, r1 in zip([0] + cuts, cuts + [rows.numel()]) if r1 > r0]
 
-    # steps of centers are independent: on CPU they run on every thread (_threads), in order
-    parts = [p for step in map_ordered(pairs_of_centers, range(0, M, _CENTERS), dev) for p in step]
-    if not parts:
-        return empty, empty, empty.int()
-    return tuple(torch.cat(x) for x in zip(*parts))
+    def finish(self, steps: list) -> tuple:
+        """``(center * 27 + cell, neighbor)`` of every step's pieces, in step order."""
+        pieces = [piece for step in steps for piece in step]
+        if not pieces:
+            empty = torch.zeros(0, dtype=self.itype, device=self.device)
+            return empty, empty
+        return tuple(torch.cat(x) for x in zip(*pieces))
 
 
 def _pairs_of_rows(key, value, start, count, sigma, entry, entry_point, s1_cells, itype):
@@ -239,18 +259,21 @@ def _pairs_of_rows(key, value, start, count, sigma, entry, entry_point, s1_cells
     entry_steps = torch.ones(num, dtype=etype, device=dev).index_copy_(0, firsts, entry_step.to(etype))
     cand_entry = torch.cumsum(entry_steps, 0, dtype=etype)
     e = entry.index_select(0, cand_entry)
-    # the guard bits of x hold the flags, those of e the corner b: a mismatch is (x ^ e) & guards
-    x = value.index_select(0, cand_row) - (e & ~_GUARDS)
-    differ = (x ^ e) & _GUARDS
     if s1_cells is None:
-        mismatch = differ
-    else:  # only axes with b == sigma are tested (the outer grid cells of the 4 x 4 x 4 block)
+        # every axis's flag must equal its b: V - e (b in e's guard bits) has no guard bit set
+        # exactly then (see the module docstring)
+        mismatch = (value.index_select(0, cand_row) - e) & _GUARDS
+    else:
+        # the guard bits of x hold the flags, those of e the corner b: they differ in (x ^ e) &
+        # guards, tested only on the axes with b == sigma (the outer cells of the 4 x 4 x 4 block)
+        x = value.index_select(0, cand_row) - (e & ~_GUARDS)
+        differ = (x ^ e) & _GUARDS
         mismatch = differ & ~(e ^ sigma.index_select(0, cand_row))
     kept = flatnonzero(mismatch == 0)
     rows = cand_row.index_select(0, kept)
     neighbor = entry_point.index_select(0, cand_entry.index_select(0, kept)).to(itype)
     if s1_cells is None:
-        return _with_counts(key.index_select(0, rows), neighbor)
+        return key.index_select(0, rows), neighbor
     # s = 1: key holds center * 64 + base; the flags pick the cell s1_cells[base + guard code]
     base = key.index_select(0, rows)
     center = base >> 6
@@ -258,11 +281,5 @@ def _pairs_of_rows(key, value, start, count, sigma, entry, entry_point, s1_cells
     # the flags spread a window over cells: a stable sort by (center, cell), on small int32 keys
     first = center[0] * 27
     local, order = torch.sort((center * 27 - first).to(torch.int32) + cell.to(torch.int32), stable=True)
-    return _with_counts((local + first).to(itype), neighbor.index_select(0, order))
+    return (local + first).to(itype), neighbor.index_select(0, order)
 
-
-def _with_counts(rows, neighbor):
-    """``(rows, neighbor, count)``: per entry the size of its run of equal ``rows`` (the rows of
-    a piece are whole: a (center, cell) never spans two pieces), int32."""
-    runs = torch.unique_consecutive(rows, return_counts=True)[1].to(torch.int32)
-    return rows, neighbor, runs.repeat_interleave(runs)

@@ -27,7 +27,8 @@ from .. import _checks
 from .._backend import backend_for
 from ._cell_means import CellMeans, pointwise_linear, weight_matrix
 from .._index1d import flatnonzero, take
-from ._pointwise_pairs import Windows, cell_of, neighbor_entries, quantize
+from .._threads import imap_ordered
+from ._pointwise_pairs import PairSearch, Windows, cell_of, quantize
 
 
 class PointwiseNeighbors:
@@ -114,17 +115,22 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
     windows = Windows(quantized, batch, max(dilations)) if quantized.shape[0] else None
     # int32 indices where they fit: less memory traffic, and their sorts are faster
     itype = torch.int32 if 27 * R < 1 << 31 else torch.int64
+    # the searches' steps of every dilation run ahead on the threads (_threads) while this thread
+    # assembles each dilation's matrix from its steps: the assembly is mostly serial copying
+    searches = [PairSearch(quantized, batch, s, windows) for s in dilations]
+    tasks = [(search, c0) for search in searches for c0 in search.starts]
+    steps = imap_ordered(lambda task: task[0].step(task[1]), tasks, points.device)
     structures = []
-    for s in dilations:
-        # gather's entries (center * 27 + cell, neighbor), which neighbor_entries returns sorted by
-        # row, with each entry's row size: its mean's denominator
-        rows27, neighbor, count = neighbor_entries(quantized, batch, s, windows)
+    for search in searches:
+        # gather's entries (center * 27 + cell, neighbor), sorted by row; each entry's row size is
+        # its mean's denominator
+        rows27, neighbor = search.finish([next(steps) for _ in search.starts])
         if rows is not None:  # rows of the valid points -> rows of the padded batch
             rows27 = rows.index_select(0, rows27 // 27) * 27 + rows27 % 27
             neighbor = rows.index_select(0, neighbor)
         rows27, neighbor = rows27.to(itype), neighbor.to(itype)
-        gather = CellMeans.from_sorted(rows27, neighbor, R, count)
-        structures.append(PointwiseNeighbors(gather, rows27, cell_size, s))
+        gather = CellMeans.from_sorted(rows27, neighbor, R)
+        structures.append(PointwiseNeighbors(gather, rows27, cell_size, search.dilation))
     return structures if several else structures[0]
 
 
