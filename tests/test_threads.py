@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from pointconv._threads import map_ordered
+from pointconv._threads import imap_ordered, map_ordered
 
 
 @pytest.fixture
@@ -53,3 +53,25 @@ def test_errors_propagate_and_the_thread_count_is_restored(two_threads):
     with pytest.raises(ValueError, match="item 3"):
         map_ordered(work, range(6), torch.device("cpu"))
     assert torch.get_num_threads() == 2
+
+
+def test_the_iterator_runs_ahead_and_restores_the_thread_count_when_closed(two_threads):
+    done = []
+
+    def work(k):
+        done.append(k)
+        return k
+
+    results = imap_ordered(work, range(6), torch.device("cpu"))
+    assert next(results) == 0
+    assert torch.get_num_threads() == 1  # the caller works with one torch thread meanwhile
+    results.close()
+    assert torch.get_num_threads() == 2
+
+
+def test_pointwise_neighbors_leaves_the_thread_count_as_it_was(two_threads):
+    from pointconv.conv.pointwise import pointwise_neighbors
+
+    points = torch.rand(2, 3000, 3, generator=torch.Generator().manual_seed(0))
+    built = pointwise_neighbors(points, 0.1, [1, 2])
+    assert [n.dilation for n in built] == [1, 2] and torch.get_num_threads() == 2

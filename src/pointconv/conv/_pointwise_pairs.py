@@ -242,8 +242,8 @@ def _pairs_of_rows(key, value, start, count, sigma, entry, entry_point, s1_cells
     ``center * 64 +`` an index base into ``s1_cells`` (s = 1, ``s1_cells`` given), packed ``2^20 +
     2 phi - 1 + t``, window entries ``start`` and ``count``, sigma bits): every candidate is tested
     by one subtraction of packed offsets. Returns (center * 27 + cell, neighbor) as ``itype``, in
-    row order and the window's order, and the sizes of the (center, cell)s; for s = 1 sorted by
-    (center, cell) (the rows must hold whole centers)."""
+    row order and the window's order; for s = 1 sorted by (center, cell) (the rows must hold whole
+    centers)."""
     dev = count.device
     ends = torch.cumsum(count, 0)
     num = int(ends[-1])

@@ -19,15 +19,16 @@ inner size 27 x Cin, in row blocks (``_cell_means``). The reference evaluates th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from .. import _checks
 from .._backend import backend_for
-from ._cell_means import CellMeans, pointwise_linear, weight_matrix
 from .._index1d import flatnonzero, take
 from .._threads import imap_ordered
+from ._cell_means import CellMeans, pointwise_linear, weight_matrix
 from ._pointwise_pairs import PairSearch, Windows, cell_of, quantize
 
 
@@ -119,18 +120,19 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
     # assembles each dilation's matrix from its steps: the assembly is mostly serial copying
     searches = [PairSearch(quantized, batch, s, windows) for s in dilations]
     tasks = [(search, c0) for search in searches for c0 in search.starts]
-    steps = imap_ordered(lambda task: task[0].step(task[1]), tasks, points.device)
     structures = []
-    for search in searches:
-        # gather's entries (center * 27 + cell, neighbor), sorted by row; each entry's row size is
-        # its mean's denominator
-        rows27, neighbor = search.finish([next(steps) for _ in search.starts])
-        if rows is not None:  # rows of the valid points -> rows of the padded batch
-            rows27 = rows.index_select(0, rows27 // 27) * 27 + rows27 % 27
-            neighbor = rows.index_select(0, neighbor)
-        rows27, neighbor = rows27.to(itype), neighbor.to(itype)
-        gather = CellMeans.from_sorted(rows27, neighbor, R)
-        structures.append(PointwiseNeighbors(gather, rows27, cell_size, search.dilation))
+    # closed on the way out, errors included: it restores torch's thread count
+    with contextlib.closing(imap_ordered(lambda task: task[0].step(task[1]), tasks, points.device)) as steps:
+        for search in searches:
+            # gather's entries (center * 27 + cell, neighbor), sorted by row; each entry's row size
+            # is its mean's denominator
+            rows27, neighbor = search.finish([next(steps) for _ in search.starts])
+            if rows is not None:  # rows of the valid points -> rows of the padded batch
+                rows27 = rows.index_select(0, rows27 // 27) * 27 + rows27 % 27
+                neighbor = rows.index_select(0, neighbor)
+            rows27, neighbor = rows27.to(itype), neighbor.to(itype)
+            gather = CellMeans.from_sorted(rows27, neighbor, R)
+            structures.append(PointwiseNeighbors(gather, rows27, cell_size, search.dilation))
     return structures if several else structures[0]
 
 
