@@ -39,6 +39,22 @@ def test_many_queries_in_z_order(kind):
     assert_same(pointconv.knn(q[:, :1000], p, 6, exclude_self=True), knn_reference(q[:, :1000], p, 6, exclude_self=True))
 
 
+@pytest.mark.parametrize("kind", ["duplicated", "lattice", "uniform"])
+def test_pipelined_chunks_on_threads(kind, monkeypatch):
+    """The thread pool path (many queries): tree queries run ahead, chunks finished in order."""
+    import pointconv.neighbors._cpu as cpu
+
+    monkeypatch.setattr(cpu, "_PIPELINE_ROWS", 100)
+    monkeypatch.setattr(cpu, "_CHUNK_ROWS", 300)
+    monkeypatch.setattr(cpu, "_THREADS", 2)
+    q = make_cloud(kind, 1, 5000, seed=22)
+    p = make_cloud(kind, 1, 1000, seed=23)
+    threads = torch.get_num_threads()
+    assert_same(pointconv.knn(q, p, 6), knn_reference(q, p, 6))
+    assert_same(pointconv.knn(p, p, 5, exclude_self=True), knn_reference(p, p, 5, exclude_self=True))
+    assert torch.get_num_threads() == threads
+
+
 def test_without_exclude_self_a_point_is_its_own_nearest():
     p = make_cloud("uniform", 1, 200, seed=4)
     res = pointconv.knn(p, p, 1)

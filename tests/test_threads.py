@@ -75,3 +75,21 @@ def test_pointwise_neighbors_leaves_the_thread_count_as_it_was(two_threads):
     points = torch.rand(2, 3000, 3, generator=torch.Generator().manual_seed(0))
     built = pointwise_neighbors(points, 0.1, [1, 2])
     assert [n.dilation for n in built] == [1, 2] and torch.get_num_threads() == 2
+
+
+def test_workers_can_exceed_torch_threads():
+    """Work outside torch (scipy's tree queries) sizes its own pool."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ran_on = set()
+
+        def work(k):
+            time.sleep(0.02)
+            ran_on.add(threading.get_ident())
+            return k
+
+        assert list(imap_ordered(work, range(6), torch.device("cpu"), workers=2)) == list(range(6))
+        assert len(ran_on) == 2 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -24,12 +24,14 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], device: torch.device) 
     return list(imap_ordered(fn, items, device))
 
 
-def imap_ordered(fn: Callable[[T], R], items: Iterable[T], device: torch.device) -> Iterator[R]:
+def imap_ordered(fn: Callable[[T], R], items: Iterable[T], device: torch.device,
+                 workers: int | None = None) -> Iterator[R]:
     """``map_ordered`` as an iterator: the threads run ahead of the caller, who can work on the
     results that are in (with one torch thread, until the iterator is exhausted or closed) while
-    the next ones are computed."""
+    the next ones are computed. ``workers``: the threads (default ``torch.get_num_threads()``;
+    work outside torch, such as scipy's, may use more)."""
     items = list(items)
-    workers = min(torch.get_num_threads(), len(items))
+    workers = min(torch.get_num_threads() if workers is None else workers, len(items))
     if device.type != "cpu" or workers < 2:
         yield from map(fn, items)
         return

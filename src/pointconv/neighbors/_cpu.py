@@ -12,14 +12,15 @@ a slightly larger ball.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from .._threads import imap_ordered
 from ._distance import sq_dist, sq_dist_gathered
 
 KDTREE_MAX_DIM = 8  # above this a kd-tree degrades towards brute force
@@ -164,19 +165,15 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None):
         # Enough chunks to keep every thread busy, each big enough to amortize its overhead.
         chunk = min(_CHUNK_ROWS, max(512, -(-nq // (4 * _THREADS))))
         spans = [(s, min(s + chunk, nq)) for s in range(0, nq, chunk)]
-        # torch's own worker threads would spin against the tree's: finish chunks on one thread.
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=_THREADS) as pool:
-                futures = [pool.submit(_query_chunk, tree, q64[s:e], m, guess, bound) for s, e in spans]
-                for (s, e), fut in zip(spans, futures):
-                    dd, ii = fut.result()
-                    out_d[s:e], out_i[s:e], bad = _finish_chunk(q[s:e], p_columns, dd, ii, k, radius2,
-                                                                exclude_self, rows[s:e], rel)
-                    uncertified.append(bad + s)
-        finally:
-            torch.set_num_threads(torch_threads)
+        # the threads query the tree ahead while this one finishes the chunks that are in (with
+        # one torch thread: torch's own worker threads would spin against the tree's)
+        queried = imap_ordered(lambda span: _query_chunk(tree, q64[span[0]:span[1]], m, guess, bound), spans,
+                               torch.device("cpu"), workers=_THREADS)
+        with contextlib.closing(queried):
+            for (s, e), (dd, ii) in zip(spans, queried):
+                out_d[s:e], out_i[s:e], bad = _finish_chunk(q[s:e], p_columns, dd, ii, k, radius2,
+                                                            exclude_self, rows[s:e], rel)
+                uncertified.append(bad + s)
     bad = torch.cat(uncertified)
     if bad.numel():
         last = out_d[bad, k - 1].double()
