@@ -133,6 +133,8 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
             rows27, neighbor = rows27.to(itype), neighbor.to(itype)
             gather = CellMeans.from_sorted(rows27, neighbor, R)
             structures.append(PointwiseNeighbors(gather, rows27, cell_size, search.dilation))
+    if windows is not None:
+        windows.index.release()  # its table serves the next index (sparse.kernel_map)
     return structures if several else structures[0]
 
 

@@ -108,33 +108,36 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
     lengths = _checks.lengths("lengths", lengths, B, N, points.device)
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
     shape = torch.tensor(x.spatial_shape, device=points.device)
-    sites = SiteIndex(x.indices, x.spatial_shape, x.batch_size)
-    batch = torch.arange(B, device=points.device)[:, None].expand(B, N)
-    u = (points - o) / voxel_size
-    feats = x.features
-    C = feats.shape[1]
+    sites = SiteIndex(x.indices, x.spatial_shape, x.batch_size)  # released at the end (table reuse)
+    try:
+        batch = torch.arange(B, device=points.device)[:, None].expand(B, N)
+        u = (points - o) / voxel_size
+        feats = x.features
+        C = feats.shape[1]
 
-    def lookup(c):  # rows of voxels c (B, N, 3), -1 if inactive or outside
-        inside = ((c >= 0) & (c < shape)).all(-1) & valid
-        return sites.lookup(linearize(batch, c.clamp(min=0), x.spatial_shape), inside)
+        def lookup(c):  # rows of voxels c (B, N, 3), -1 if inactive or outside
+            inside = ((c >= 0) & (c < shape)).all(-1) & valid
+            return sites.lookup(linearize(batch, c.clamp(min=0), x.spatial_shape), inside)
 
-    def read(rows):
-        got = feats.index_select(0, rows.clamp(min=0).reshape(-1)).reshape(B, N, C)
-        return got * (rows >= 0)[..., None].to(got.dtype)
+        def read(rows):
+            got = feats.index_select(0, rows.clamp(min=0).reshape(-1)).reshape(B, N, C)
+            return got * (rows >= 0)[..., None].to(got.dtype)
 
-    if mode == "nearest":
-        return read(lookup(torch.floor(u.detach()).long()))
-    t = u - 0.5  # voxel centers sit at integer t
-    base = torch.floor(t.detach())
-    frac = t - base
-    base = base.long()
-    out, total = 0, 0
-    for corner in itertools.product((0, 1), repeat=3):
-        off = torch.tensor(corner, device=points.device)
-        rows = lookup(base + off)
-        w = math.prod(frac[..., a] if corner[a] else 1 - frac[..., a] for a in range(3))
-        w = w * (rows >= 0).to(w.dtype)
-        out = out + w[..., None] * read(rows)
-        total = total + w
-    return torch.where(total[..., None] > 0, out / torch.where(total > 0, total, 1)[..., None], 0)
+        if mode == "nearest":
+            return read(lookup(torch.floor(u.detach()).long()))
+        t = u - 0.5  # voxel centers sit at integer t
+        base = torch.floor(t.detach())
+        frac = t - base
+        base = base.long()
+        out, total = 0, 0
+        for corner in itertools.product((0, 1), repeat=3):
+            off = torch.tensor(corner, device=points.device)
+            rows = lookup(base + off)
+            w = math.prod(frac[..., a] if corner[a] else 1 - frac[..., a] for a in range(3))
+            w = w * (rows >= 0).to(w.dtype)
+            out = out + w[..., None] * read(rows)
+            total = total + w
+        return torch.where(total[..., None] > 0, out / torch.where(total > 0, total, 1)[..., None], 0)
+    finally:
+        sites.release()
 

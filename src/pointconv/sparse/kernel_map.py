@@ -8,6 +8,11 @@ half are the same pairs read the other way. Kernel offsets are enumerated row-ma
 kernel window (offset 0 is the corner ``(0, ..., 0)``), the order of spconv's
 ``(out, k0, ..., k_{n-1}, in)`` weights.
 
+On CPU a fresh dense table costs more in page faults than all its lookups (a 256^3 grid: 18 ms
+of a 45 ms submanifold map), so an index that is released hands its table back, cleared, to the
+next index: one spare table, of the largest grid seen (at most 128 MiB), stays allocated between
+kernel maps.
+
 Index semantics (dense math, torch's formulas):
   regular / strided conv: output y reads input ``x = y * stride - padding + o * dilation``; the
       output sites are every y whose window holds >= 1 active input, sorted by (batch, coords).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -95,10 +101,34 @@ def kernel_offsets(kernel_size, device) -> torch.Tensor:
 
 _DENSE_TABLE_MAX_CELLS = 1 << 25  # up to 32M sites (128 MiB of int32): look rows up in a dense table
 
+_spare_tables: list[torch.Tensor] = []  # at most one CPU table, all -1, for the next SiteIndex
+_spare_lock = threading.Lock()
+
+
+def _blank_table(cells: int, device: torch.device) -> torch.Tensor:
+    """``(cells,)`` int32, all -1: the spare CPU table when it is large enough, else a new one."""
+    if device.type == "cpu":
+        with _spare_lock:
+            if _spare_tables and _spare_tables[0].numel() >= cells:
+                return _spare_tables.pop()[:cells]
+    return torch.full((cells,), -1, dtype=torch.int32, device=device)
+
+
+def _keep_spare(table: torch.Tensor) -> None:
+    """Keep a CPU table whose entries are all -1 again as the spare (the larger of it and the
+    current spare: one grid size keeps being reused)."""
+    whole = table if table._base is None else table._base
+    if whole.device.type != "cpu":
+        return
+    with _spare_lock:
+        if not _spare_tables or _spare_tables[0].numel() < whole.numel():
+            _spare_tables[:] = [whole]
+
 
 class SiteIndex:
     """Row of each site key: a dense int32 table over all cells when the grid is small enough, else
-    the sorted keys and ``searchsorted``. Raises on duplicate sites.
+    the sorted keys and ``searchsorted``. Raises on duplicate sites. ``release()`` (or leaving a
+    ``with`` block) hands a CPU table back for the next index to reuse; the index is then unusable.
 
     ``margin`` (cells per axis, default 0) widens the grid on both sides: keys are then linear in
     the padded grid (``self.shape``), and any site plus an offset of at most ``margin`` per axis
@@ -124,8 +154,9 @@ class SiteIndex:
     def _index(self, keys: torch.Tensor, batch_size: int):
         self.keys = keys
         self.cells = batch_size * math.prod(self.shape)
+        self.released = False
         if self.cells <= _DENSE_TABLE_MAX_CELLS:
-            self.table = torch.full((self.cells,), -1, dtype=torch.int32, device=keys.device)
+            self.table = _blank_table(self.cells, keys.device)
             rows = torch.arange(keys.shape[0], dtype=torch.int32, device=keys.device)
             self.table[keys] = rows
             if not torch.equal(self.table[keys], rows):  # a later duplicate overwrote an earlier row
@@ -136,12 +167,29 @@ class SiteIndex:
         if keys.numel() > 1 and bool((self.sorted_keys[1:] == self.sorted_keys[:-1]).any()):
             raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
 
+    def __enter__(self) -> "SiteIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Clear this index's entries of its dense table and keep the table for the next index."""
+        if not self.released and self.table is not None:
+            self.table.index_fill_(0, self.keys, -1)
+            _keep_spare(self.table)
+            self.table = None
+        self.released = True
+
     def lookup(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Row of each key, or -1 (also where ``valid`` is False; None: every key is a cell of the grid)."""
+        """Row of each key, or -1 (also where ``valid`` is False; None: every key is a cell of the
+        grid): int32 from a dense table, else int64."""
+        if self.released:
+            raise RuntimeError("this SiteIndex was released")
         if self.table is not None:
             if valid is None:
-                return self.table.index_select(0, keys.reshape(-1)).view(keys.shape).long()
-            rows = self.table[torch.where(valid, keys, 0)].long()
+                return self.table.index_select(0, keys.reshape(-1)).view(keys.shape)
+            rows = self.table[torch.where(valid, keys, 0)]
             return torch.where(valid, rows, -1)
         if self.sorted_keys.numel() == 0:
             return torch.full_like(keys, -1)
@@ -180,8 +228,6 @@ def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
     n = indices.shape[0]
     dev = indices.device
     reach = [k // 2 * d for k, d in zip(kernel_size, dilation)]
-    # a margin as wide as the kernel's reach: every neighbor key is a cell of the padded grid
-    sites = SiteIndex(indices, shape, _batch_size(indices), margin=reach)
     off = (kernel_offsets(kernel_size, dev) - torch.tensor([k // 2 for k in kernel_size], device=dev)) \
         * torch.tensor(dilation, device=dev)
     V = off.shape[0]
@@ -189,11 +235,16 @@ def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
     # the other way, and the center V // 2 pairs every site with itself; look up the first half only
     odd = all(k % 2 for k in kernel_size)
     looked = V // 2 if odd else V
-    # linear keys are additive: key(site + off) = key(site) + key(off) inside the padded grid
-    off_keys = linearize(torch.zeros_like(off[:looked, 0]), off[:looked], sites.shape)
-    found = sites.lookup(sites.keys[None] + off_keys[:, None])  # (looked, n) rows or -1
+    # a margin as wide as the kernel's reach: every neighbor key is a cell of the padded grid
+    with SiteIndex(indices, shape, _batch_size(indices), margin=reach) as sites:
+        # linear keys are additive: key(site + off) = key(site) + key(off) inside the padded grid
+        off_keys = linearize(torch.zeros_like(off[:looked, 0]), off[:looked], sites.shape)
+        keys = sites.keys
+        if sites.table is not None:  # keys of a dense table fit in int32: half the bytes to move
+            keys, off_keys = keys.int(), off_keys.int()
+        found = sites.lookup(keys[None] + off_keys[:, None])  # (looked, n) rows or -1
     flat = flatnonzero(found.view(-1) >= 0)  # offset-major, sites ascending
-    in_rows, out_rows = found.view(-1).index_select(0, flat), flat % max(n, 1)
+    in_rows, out_rows = found.view(-1).index_select(0, flat).long(), flat % max(n, 1)
     counts = torch.bincount(flat // max(n, 1), minlength=looked).tolist() if n else [0] * looked
     start = [0]
     for c in counts:
@@ -225,7 +276,7 @@ def _map_to_targets(indices, shape, y, valid, out_shape, kernel_size, stride, pa
 
 
 def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> KernelMap:
-    SiteIndex(indices, shape, _batch_size(indices))  # duplicate check
+    SiteIndex(indices, shape, _batch_size(indices)).release()  # duplicate check
     out_shape = output_shape(shape, kernel_size, stride, padding, dilation)
     dev = indices.device
     off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
@@ -245,7 +296,7 @@ def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, ou
 
 
 def build_transposed(indices, shape, kernel_size, stride, padding, dilation, output_padding) -> KernelMap:
-    SiteIndex(indices, shape, _batch_size(indices))  # duplicate check
+    SiteIndex(indices, shape, _batch_size(indices)).release()  # duplicate check
     out_shape = transposed_output_shape(shape, kernel_size, stride, padding, dilation, output_padding)
     dev = indices.device
     off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
