@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._index1d import flatnonzero
+from .._index1d import flatnonzero, take
 from ._implicit_gemm import conv_tables
 from ._pair_gemm import PairTables
 
@@ -159,7 +159,7 @@ class SiteIndex:
             self.table = _blank_table(self.cells, keys.device)
             rows = torch.arange(keys.shape[0], dtype=torch.int32, device=keys.device)
             self.table[keys] = rows
-            if not torch.equal(self.table[keys], rows):  # a later duplicate overwrote an earlier row
+            if not torch.equal(self.table.index_select(0, keys), rows):  # a duplicate overwrote a row
                 raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
             return
         self.table = None
@@ -243,20 +243,18 @@ def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
         if sites.table is not None:  # keys of a dense table fit in int32: half the bytes to move
             keys, off_keys = keys.int(), off_keys.int()
         found = sites.lookup(keys[None] + off_keys[:, None])  # (looked, n) rows or -1
-    flat = flatnonzero(found.view(-1) >= 0)  # offset-major, sites ascending
-    in_rows, out_rows = found.view(-1).index_select(0, flat).long(), flat % max(n, 1)
-    counts = torch.bincount(flat // max(n, 1), minlength=looked).tolist() if n else [0] * looked
-    start = [0]
-    for c in counts:
-        start.append(start[-1] + c)
+    # per looked-up offset: its sites with a neighbor (the output rows, ascending) and the neighbors
+    hit = found >= 0
+    out_rows = [flatnonzero(hit[o]) for o in range(looked)]
+    in_rows = [take(found[o], rows).long() for o, rows in enumerate(out_rows)]
     if odd:
         # the mirrored offsets V // 2 + 1, ..., V - 1 are offsets V // 2 - 1, ..., 0 swapped
-        mirrored = list(zip(start[-2::-1], start[:0:-1]))
         ident = torch.arange(n, device=dev)
-        in_rows, out_rows = (torch.cat([in_rows, ident] + [out_rows[a:b] for a, b in mirrored]),
-                             torch.cat([out_rows, ident] + [in_rows[a:b] for a, b in mirrored]))
-        for c in [n] + counts[::-1]:
-            start.append(start[-1] + c)
+        in_rows, out_rows = in_rows + [ident] + out_rows[::-1], out_rows + [ident] + in_rows[::-1]
+    start = [0]
+    for rows in out_rows:
+        start.append(start[-1] + rows.numel())
+    in_rows, out_rows = torch.cat(in_rows), torch.cat(out_rows)
     return KernelMap(in_rows, out_rows, start, indices, list(shape), indices, list(shape), tuple(kernel_size),
                      (1,) * len(shape), tuple(reach), tuple(dilation), True)
 
