@@ -57,26 +57,54 @@ def test_tiled_products_equal_the_torch_ops(kind, order, monkeypatch):
 
 def test_pieces_of_sorted_sites_follow_the_output_tiles(monkeypatch):
     """With sorted sites every offset's pairs ascend by output row, so each tile's pieces write
-    only into that tile (the output stays in cache); in random order some offsets do not."""
+    only into that tile (the output stays in cache, and tiles can run on separate threads); in
+    random order some offsets do not, and their pairs come as loose pieces after the tiles."""
     monkeypatch.setattr(_pair_gemm, "_TILE_ELEMENTS", 12)  # tiles of 4 rows at 3 channels
     x = random_sparse(3, 2, 3, density=0.4, seed=7)
-    shuffled = MAPS["subm"](x).pair_tables()
-    assert not all(shuffled._sorted)
-    tables = MAPS["subm"](_sorted_sites(x)).pair_tables()
-    assert all(tables._sorted)
-    pieces = tables._pieces(3)
-    covered = torch.zeros(tables.out_rows.numel(), dtype=torch.int64)
-    last_tile = -1
-    for o, a, b in pieces:
-        assert tables.start[o] <= a < b <= tables.start[o + 1] and o != tables.identity
-        tile = {int(r) // 4 for r in tables.out_rows[a:b]}
-        assert len(tile) == 1 and min(tile) >= last_tile  # one tile, tiles in order
-        last_tile = min(tile)
-        covered[a:b] += 1
-    center = slice(tables.start[tables.identity], tables.start[tables.identity + 1])
-    assert covered[center].eq(0).all()
-    covered[center] = 1
-    assert covered.eq(1).all()  # every pair in exactly one piece
+    for sites, expect_sorted in ((x, False), (_sorted_sites(x), True)):
+        tables = MAPS["subm"](sites).pair_tables()
+        assert all(tables._sorted) == expect_sorted
+        tiles, loose = tables._tiles(3)
+        assert bool(loose) != expect_sorted
+        covered = torch.zeros(tables.out_rows.numel(), dtype=torch.int64)
+        assert [(r0, r1) for r0, r1, _ in tiles] == [(r, min(r + 4, tables.n_out)) for r in range(0, tables.n_out, 4)]
+        for r0, r1, pieces in tiles:
+            for o, a, b in pieces:
+                assert tables.start[o] <= a < b <= tables.start[o + 1] and o != tables.identity and tables._sorted[o]
+                assert bool(((tables.out_rows[a:b] >= r0) & (tables.out_rows[a:b] < r1)).all())
+                covered[a:b] += 1
+        for o, a, b in loose:
+            assert tables.start[o] <= a < b <= tables.start[o + 1] and b - a <= 4 and not tables._sorted[o]
+            covered[a:b] += 1
+        center = slice(tables.start[tables.identity], tables.start[tables.identity + 1])
+        assert covered[center].eq(0).all()
+        covered[center] = 1
+        assert covered.eq(1).all()  # every pair in exactly one piece
+
+
+@pytest.mark.parametrize("order", ["random", "sorted"])
+def test_the_same_bits_on_one_thread_and_on_several(order, monkeypatch):
+    """The tiles and the weight gradient's offsets run on the threads; each output row and each
+    offset sums its terms in a fixed order, so the thread count does not change a bit."""
+    monkeypatch.setattr(_pair_gemm, "_TILE_ELEMENTS", 40)  # tiles of 5 rows at 8 channels
+    monkeypatch.setattr(_pair_gemm, "_THREADS_MIN_ELEMENTS", 0)  # threads even for these few pairs
+    x = random_sparse(3, 2, 8, density=0.5, seed=10, dtype=torch.float32)
+    x = _sorted_sites(x) if order == "sorted" else x
+    kmap = MAPS["subm"](x)
+    weight = torch.randn(8, 3, 3, 3, 8)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(_forward_and_grads(x.features, weight, kmap, "torch"))
+    finally:
+        torch.set_num_threads(threads)
+    for one, several in zip(*results):
+        assert torch.equal(one, several)
+    want = _forward_and_grads(x.features.double(), weight.double(), kmap, "reference")
+    for got, ref in zip(results[0], want):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["subm", "strided"])
@@ -94,24 +122,26 @@ def test_tiled_products_are_exact_to_second_order(kind, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_half_precision_products_are_summed_in_float32(dtype, backend):
-    """Each offset's product rounded to ``dtype``, the sum over offsets in float32 and rounded once,
-    computed here from the kernel map's pairs."""
+    """Binary features, small multiples of 1/4 as weights and multiples of 64 at the center: every
+    product is exact in ``dtype`` (whatever the GEMM), their float32 sums are exact, and the result
+    rounds once. Summing in ``dtype`` instead drops the quarters next to the center's large terms."""
+    g = torch.Generator().manual_seed(9)
     x = random_sparse(3, 2, 16, density=0.5, seed=9, dtype=torch.float32)
     kmap = MAPS["subm"](x)
-    f, w = x.features.to(dtype), (torch.randn(8, 3, 3, 3, 16) / 8).to(dtype)
+    f = (torch.rand(x.features.shape, generator=g) < 0.5).to(dtype)
+    w = torch.randint(-4, 5, (8, 3, 3, 3, 16), generator=g) / 4
+    w[:, 1, 1, 1] = torch.randint(0, 3, (8, 16), generator=g) * 64.0
+    w = w.to(dtype)
     with pointconv.use_backend(backend):
         got = apply_kernel_map(f, w, kmap)
-    W = w.reshape(8, 27, 16)
-    want = torch.zeros(f.shape[0], 8)
+    W = w.reshape(8, 27, 16).double()
+    want = torch.zeros(f.shape[0], 8, dtype=torch.float64)
     for o in range(27):
         a, b = kmap.start[o], kmap.start[o + 1]
-        product = (f[kmap.in_rows[a:b]].float() @ W[:, o].float().t()).to(dtype)  # rounded once, as a GEMM
-        want.index_add_(0, kmap.out_rows[a:b], product.float())
+        want.index_add_(0, kmap.out_rows[a:b], f[kmap.in_rows[a:b]].double() @ W[:, o].t())
     assert got.dtype == dtype
-    # one rounding of the float32 sum: within half an ulp of dtype (GEMMs in dtype may differ by
-    # an ulp of each product, well below the error of summing 27 terms in dtype)
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=eps, atol=eps / 8)
+    assert bool((want != want.to(dtype).double()).any())  # some sums are not exact in dtype
+    assert torch.equal(got, want.to(dtype))
 
 
 def test_empty_input_and_no_pairs():
