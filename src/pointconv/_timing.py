@@ -8,13 +8,19 @@ import torch
 
 
 def timed_ms(fn, device, repeat: int = 1, warmup: int = 0):
-    """``(median milliseconds over repeat runs after warmup runs, the last result)``."""
+    """``(median milliseconds over repeat runs after warmup runs, the last result)``.
+
+    Each run starts with the previous run's result released: held, it would keep everything its
+    autograd graph references alive (a forward's neighbor structures, say) while the next run
+    allocates its own, a peak no loop that uses its results meets."""
     device = torch.device(device)
     out = None
     for _ in range(warmup):
+        out = None
         out = fn()
     times = []
     for _ in range(repeat):
+        out = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
