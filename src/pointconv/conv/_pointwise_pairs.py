@@ -65,9 +65,9 @@ _GUARDS = _LOW << (FRAC_BITS + 1)  # the guard bit of every field
 _MAX_ABS_CELLS = float(1 << 40)  # |x| / cell_size: keeps every int64 below 2^61
 _CENTERS = 1 << 13  # centers per step of the window lookups
 _CHUNK = 1 << 20  # candidates per step
-_X_BINS = 8  # bins per grid cell along x (module docstring): 16 per window
-_X_BIN_SHIFT = FRAC_BITS - 3  # an offset's bin in its cell: f >> shift
-_WINDOW_BIN_BITS = 4  # the bin of an entry in its window, below its window's key
+_X_BINS = 8  # bins per grid cell along x (module docstring): 16 per window; a power of two
+_X_BIN_SHIFT = FRAC_BITS - (_X_BINS.bit_length() - 1)  # an offset's bin in its cell: f >> shift
+_WINDOW_BIN_BITS = _X_BINS.bit_length()  # an entry's bin in its window, below its window's key
 _CELL_WEIGHTS = (9, 3, 1)  # cell = 9 cx + 3 cy + cz
 _CORNERS = list(itertools.product((0, 1), repeat=3))  # b of a window's 8 grid cells, x major
 
