@@ -5,7 +5,8 @@ Implemented: ``SparseConvTensor``; ``SubMConvNd``, ``SparseConvNd``, ``SparseCon
 ``SparseGlobalAvgPool``; ``SparseModule``, ``SparseSequential``, ``ToDense``, ``SparseReLU``,
 ``SparseBatchNorm``, ``AddTable``, ``ConcatTable``, ``JoinTable``; ``functional.sparse_add``.
 ``utils.PointToVoxel`` / ``utils.gather_features_by_pc_voxel_id`` and ``hash.HashTable``.
-Still to come (the rest of the sparse-convolution issue): AMP and the Triton kernels.
+fp16 and bf16 under ``torch.autocast``; Triton implicit-GEMM kernels on CUDA, per-offset gather-GEMM-
+scatter in torch on the CPU (``conv.py``).
 """
 from . import functional, hash, utils
 from .hash import HashTable
