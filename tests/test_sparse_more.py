@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import pointconv.sparse as spconv
 from test_sparse_conv import dense_conv, random_sparse, site_mask
@@ -133,3 +134,24 @@ def test_concat_table_and_modules():
     assert len(outs) == 2 and bool((outs[0].features >= 0).all())
     dense = spconv.SparseSequential(spconv.SparseConv3d(4, 2, 3, 2, 1), spconv.ToDense()).double()(x)
     assert dense.shape == (2, 2, 4, 3, 3)
+
+
+def test_feature_wise_modules_match_torchs():
+    """SparseBatchNorm / SparseReLU / SparseIdentity are the torch modules (spconv's state_dict keys)."""
+    x = random_sparse(3, 2, 4, seed=34)
+    bn = spconv.SparseBatchNorm(4).double().train()
+    ref = nn.BatchNorm1d(4).double().train()
+    assert list(bn.state_dict()) == list(ref.state_dict())  # "weight", not "bn.weight"
+    torch.testing.assert_close(bn(x).features, ref(x.features))
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn(x.features), ref(x.features))  # plain tensors too
+    assert torch.equal(spconv.SparseReLU()(x).features, x.features.relu())
+    assert spconv.SparseIdentity()(x).features is x.features
+    empty = spconv.SparseConvTensor(torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.int32),
+                                    [3, 3, 3], 1)
+    assert bn(empty).features.shape == (0, 4)  # torch's BatchNorm1d refuses 0 rows in training
+    seq = spconv.SparseSequential(spconv.SubMConv3d(4, 4, 3, algo=spconv.ConvAlgo.Native))
+    with pytest.raises(KeyError, match="already"):
+        seq.add(nn.ReLU(), name="0")
+    spconv.assign_name_for_sparse_modules(seq)
+    assert seq[0]._sparse_unique_name == "0"

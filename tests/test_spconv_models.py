@@ -172,10 +172,40 @@ class AsymmetricUNet(nn.Module):
         return [d, u, logits], logits.dense()
 
 
+class MnistNet(nn.Module):
+    """spconv's own example (examples/mnist_sparse.py), 2D, at reduced width, with spconv's
+    feature-wise modules (their state_dict keys must match), ``algo=`` and ``RemoveGrid``."""
+
+    def __init__(self, spconv, cin, sparse_shape, width=8):
+        super().__init__()
+        self.spconv, self.sparse_shape = spconv, sparse_shape
+        self.net = spconv.SparseSequential(
+            nn.BatchNorm1d(cin),
+            spconv.SubMConv2d(cin, width, 3, 1, algo=spconv.ConvAlgo.Native),
+            nn.ReLU(),
+            spconv.SubMConv2d(width, 2 * width, 3, 1),
+            spconv.SparseReLU(),
+            spconv.SparseConv2d(2 * width, 2 * width, 2, 2, algo=spconv.ConvAlgo.Native),  # the CPU wheel runs no other
+            spconv.SparseBatchNorm(2 * width),
+            nn.ReLU(),
+            spconv.SubMConv2d(2 * width, 2 * width, 3, 1),
+            spconv.SparseIdentity(),
+            nn.ReLU(),
+            spconv.RemoveGrid(),
+        )
+        self.pool, self.to_dense = spconv.SparseMaxPool2d(2, 2), spconv.ToDense()
+
+    def forward(self, voxel_features, voxel_coords, batch_size):
+        x = self.spconv.SparseConvTensor(voxel_features, voxel_coords.int(), self.sparse_shape, batch_size)
+        x = self.net(x)
+        return [x], self.to_dense(self.pool(x))
+
+
 MODELS = {  # the class, a grid for the parity test, a smaller one for gradcheck
     "VoxelBackBone8x": (VoxelBackBone8x, [41, 16, 14], [41, 6, 5]),  # 41 -> 21 -> 11 -> 5 -> 2 in z
     "UNetV2": (UNetV2, [11, 12, 10], [6, 6, 5]),
     "Cylinder3D-style": (AsymmetricUNet, [12, 10, 9], [6, 5, 5]),
+    "spconv's MNIST example": (MnistNet, [28, 28], [12, 12]),
 }
 
 

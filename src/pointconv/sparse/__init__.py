@@ -3,7 +3,9 @@
 Implemented: ``SparseConvTensor``; ``SubMConvNd``, ``SparseConvNd``, ``SparseConvTransposeNd``,
 ``SparseInverseConvNd`` (N = 1..4); ``SparseMaxPoolNd``, ``SparseAvgPoolNd``, ``SparseGlobalMaxPool``,
 ``SparseGlobalAvgPool``; ``SparseModule``, ``SparseSequential``, ``ToDense``, ``SparseReLU``,
-``SparseBatchNorm``, ``AddTable``, ``ConcatTable``, ``JoinTable``; ``functional.sparse_add``.
+``SparseBatchNorm``, ``SparseSyncBatchNorm``, ``SparseIdentity``, ``Identity``, ``RemoveGrid``,
+``AddTable``, ``ConcatTable``, ``JoinTable``, ``ConvAlgo``, ``assign_name_for_sparse_modules``;
+``functional.sparse_add``.
 ``utils.PointToVoxel`` / ``utils.gather_features_by_pc_voxel_id`` and ``hash.HashTable``.
 fp16 and bf16 under ``torch.autocast``; Triton implicit-GEMM kernels on CUDA, per-offset gather-GEMM-
 scatter in torch on the CPU (``conv.py``).
@@ -14,8 +16,9 @@ from .conv import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConv4d, Spars
                    SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTranspose4d,
                    SparseInverseConv1d, SparseInverseConv2d, SparseInverseConv3d, SparseInverseConv4d, SubMConv1d,
                    SubMConv2d, SubMConv3d, SubMConv4d)
-from .modules import (AddTable, ConcatTable, JoinTable, SparseBatchNorm, SparseModule, SparseReLU,
-                      SparseSequential, ToDense)
+from .modules import (AddTable, ConcatTable, ConvAlgo, Identity, JoinTable, RemoveGrid, SparseBatchNorm,
+                      SparseIdentity, SparseModule, SparseReLU, SparseSequential, SparseSyncBatchNorm, ToDense,
+                      assign_name_for_sparse_modules)
 from .pool import (SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgPool4d, SparseGlobalAvgPool,
                    SparseGlobalMaxPool, SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d)
 from .tensor import SparseConvTensor
@@ -29,6 +32,7 @@ __all__ = [
     "SparseMaxPool1d", "SparseMaxPool2d", "SparseMaxPool3d", "SparseMaxPool4d",
     "SparseAvgPool1d", "SparseAvgPool2d", "SparseAvgPool3d", "SparseAvgPool4d",
     "SparseGlobalMaxPool", "SparseGlobalAvgPool",
-    "SparseModule", "SparseSequential", "ToDense", "SparseReLU", "SparseBatchNorm",
-    "AddTable", "ConcatTable", "JoinTable",
+    "SparseModule", "SparseSequential", "ToDense", "SparseReLU", "SparseBatchNorm", "SparseSyncBatchNorm",
+    "SparseIdentity", "Identity", "RemoveGrid", "AddTable", "ConcatTable", "JoinTable", "ConvAlgo",
+    "assign_name_for_sparse_modules",
 ]

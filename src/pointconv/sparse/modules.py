@@ -1,10 +1,14 @@
-"""spconv's module glue: ``SparseModule`` and ``SparseSequential``.
+"""spconv's module glue: ``SparseModule``, ``SparseSequential`` and the feature-wise wrappers.
 
 ``SparseSequential`` runs sparse layers on the ``SparseConvTensor`` and any plain module
-(``nn.BatchNorm1d``, ``nn.ReLU``, ...) on its features, as spconv does.
+(``nn.BatchNorm1d``, ``nn.ReLU``, ...) on its features, as spconv does. ``SparseBatchNorm``,
+``SparseSyncBatchNorm``, ``SparseReLU`` and ``SparseIdentity`` subclass the torch module they wrap,
+as spconv's do, so a checkpoint's keys (``bn.weight``, not ``bn.bn.weight``) load unchanged; they
+take a ``SparseConvTensor`` (applied to its features) or a plain tensor.
 """
 from __future__ import annotations
 
+import enum
 from collections import OrderedDict
 
 import torch
@@ -40,11 +44,14 @@ class SparseSequential(SparseModule):
         return list(self._modules.values())[idx]
 
     def add(self, module, name=None):
-        self.add_module(str(len(self._modules)) if name is None else name, module)
+        name = str(len(self._modules)) if name is None else name
+        if name in self._modules:
+            raise KeyError(f"SparseSequential already has a module named {name!r}")
+        self.add_module(name, module)
 
     def forward(self, x):
         for module in self._modules.values():
-            if isinstance(module, SparseModule):
+            if isinstance(module, _TAKES_SPARSE_TENSORS):
                 x = module(x)
             elif isinstance(x, SparseConvTensor):
                 if x.features.shape[0]:
@@ -61,24 +68,70 @@ class ToDense(SparseModule):
         return x.dense()
 
 
-class SparseReLU(SparseModule):
-    def __init__(self, inplace: bool = False):
-        super().__init__()
-        self.act = nn.ReLU(inplace=inplace)
+class RemoveGrid(SparseModule):
+    """spconv's: drops the tensor's pre-allocated ``grid`` buffer (pointconv allocates none)."""
 
-    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
-        return x.replace_feature(self.act(x.features))
+    def forward(self, x: SparseConvTensor):
+        x.grid = None
+        return x
 
 
-class SparseBatchNorm(SparseModule):
+class Identity(nn.Module):
+    """spconv's ``Identity`` (from SparseConvNet): returns its input."""
+
+    def forward(self, input):
+        return input
+
+    def input_spatial_size(self, out_size):
+        return out_size
+
+
+def _on_features(forward):
+    """Apply a feature-wise module to a ``SparseConvTensor``'s features (none: unchanged) or a tensor."""
+    def wrapped(self, input):
+        if isinstance(input, SparseConvTensor):
+            return input.replace_feature(forward(self, input.features)) if input.features.shape[0] else input
+        return forward(self, input)
+    wrapped.__doc__ = forward.__doc__
+    return wrapped
+
+
+class SparseBatchNorm(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` over the active sites' features."""
+    forward = _on_features(nn.BatchNorm1d.forward)
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
-        super().__init__()
-        self.bn = nn.BatchNorm1d(num_features, eps, momentum, affine, track_running_stats)
 
-    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
-        return x.replace_feature(self.bn(x.features)) if x.features.shape[0] else x
+class SparseSyncBatchNorm(nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` over the active sites' features."""
+    forward = _on_features(nn.SyncBatchNorm.forward)
+
+
+class SparseReLU(nn.ReLU):
+    """``nn.ReLU`` on the features."""
+    forward = _on_features(nn.ReLU.forward)
+
+
+class SparseIdentity(nn.Identity):
+    """``nn.Identity`` on the features."""
+    forward = _on_features(nn.Identity.forward)
+
+
+# spconv's SparseSequential hands these the whole tensor, like any SparseModule
+_TAKES_SPARSE_TENSORS = (SparseModule, SparseBatchNorm, SparseReLU)
+
+
+def assign_name_for_sparse_modules(module: nn.Module) -> None:
+    """spconv's: each ``SparseModule`` gets its qualified name as ``_sparse_unique_name``."""
+    for name, child in module.named_modules():
+        if isinstance(child, SparseModule):
+            child._sparse_unique_name = name
+
+
+class ConvAlgo(enum.Enum):
+    """spconv's algorithm choice, accepted as ``algo=`` and ignored: pointconv picks per device."""
+    Native = 0
+    MaskImplicitGemm = 1
+    MaskSplitImplicitGemm = 2
 
 
 class ConcatTable(SparseSequential):
