@@ -155,3 +155,28 @@ def test_feature_wise_modules_match_torchs():
         seq.add(nn.ReLU(), name="0")
     spconv.assign_name_for_sparse_modules(seq)
     assert seq[0]._sparse_unique_name == "0"
+
+
+def test_tensor_helpers():
+    x = random_sparse(3, 2, 4, seed=35)
+    y = spconv.SubMConv3d(4, 4, 3, indice_key="k").double()(x)
+    assert torch.equal(y.minus().features, -y.features)
+    copy = y.shadow_copy()
+    assert copy is not y and copy.features is y.features and copy.indice_dict is y.indice_dict
+    keep = y.features[:, 0] > 0
+    part = y.select_by_index(keep)
+    assert torch.equal(part.indices, y.indices[keep]) and torch.equal(part.features, y.features[keep])
+    assert part.indice_dict == {} and "k" in y.indice_dict  # y keeps its kernel maps
+    rows = torch.nonzero(keep)[:, 0]
+    assert torch.equal(y.select_by_index(rows).dense(), part.dense())
+    twice = y + y
+    torch.testing.assert_close(twice.features, 2 * y.features)
+    torch.testing.assert_close((y.features + y).features, 2 * y.features)  # a plain tensor on the left
+    z = y.replace_feature(y.features.clone())
+    z += y
+    torch.testing.assert_close(z.features, 2 * y.features)
+    shuffled = spconv.SparseConvTensor(y.features.flip(0), y.indices.flip(0), y.spatial_shape, y.batch_size)
+    with pytest.raises(ValueError, match="same sites"):
+        y + shuffled
+    with pytest.raises(TypeError, match="SparseConvTensor or a torch.Tensor"):
+        y + 1.0

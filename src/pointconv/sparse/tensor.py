@@ -82,6 +82,49 @@ class SparseConvTensor:
         out._features = feature
         return out
 
+    def shadow_copy(self) -> "SparseConvTensor":
+        """A new tensor object with the same features, sites and (shared) kernel maps."""
+        return self.replace_feature(self.features)
+
+    def select_by_index(self, valid_indices: torch.Tensor) -> "SparseConvTensor":
+        """The sites ``valid_indices`` picks (a bool mask or row indices, as for ``features[...]``).
+
+        The result gets an empty ``indice_dict``: the kernel maps were built for the old sites.
+        (spconv 2.3.8 clears the dict it shares with ``self``, dropping ``self``'s maps too.)
+        """
+        out = self.replace_feature(self.features)
+        out._features = self.features[valid_indices]
+        out.indices = self.indices[valid_indices]
+        out.indice_dict = {}
+        return out
+
+    def minus(self) -> "SparseConvTensor":
+        """The same sites with negated features."""
+        return self.replace_feature(-self.features)
+
+    def _features_of(self, other) -> torch.Tensor:
+        """``other``'s features for a site-wise sum: a ``(N, C)`` tensor, or a SparseConvTensor with our sites."""
+        if isinstance(other, SparseConvTensor):
+            if other.indices is not self.indices and (other.indices.shape != self.indices.shape
+                                                      or not torch.equal(other.indices, self.indices)):
+                raise ValueError("SparseConvTensors added with + must have the same sites in the same order "
+                                 "(use pointconv.sparse.functional.sparse_add for different sites)")
+            return other.features
+        if isinstance(other, torch.Tensor):
+            return other
+        raise TypeError(f"can only add a SparseConvTensor or a torch.Tensor, got {type(other).__name__}")
+
+    def __add__(self, other) -> "SparseConvTensor":
+        """Site-wise sum with a tensor of the same sites (spconv's ``+``, which does not check them)."""
+        return self.replace_feature(self.features + self._features_of(other))
+
+    __radd__ = __add__
+
+    def __iadd__(self, other) -> "SparseConvTensor":
+        # out of place on the features: an in-place add could modify a tensor autograd saved
+        self.features = self.features + self._features_of(other)
+        return self
+
     def find_indice_pair(self, key):
         return self.indice_dict.get(key) if key is not None else None
 
