@@ -180,3 +180,27 @@ def test_tensor_helpers():
         y + shuffled
     with pytest.raises(TypeError, match="SparseConvTensor or a torch.Tensor"):
         y + 1.0
+
+
+def test_layer_input_errors():
+    idx = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32)
+    ints = spconv.SparseConvTensor(torch.ones(2, 4, dtype=torch.long), idx, [4, 4, 4], 1)
+    for layer in (spconv.SubMConv3d(4, 4, 3), spconv.SparseConv3d(4, 4, 2, 2), spconv.SparseMaxPool3d(2),
+                  spconv.SparseGlobalMaxPool(), spconv.SparseGlobalAvgPool()):
+        with pytest.raises(TypeError, match="features must be floating point"):
+            layer(ints)  # integer features would cast the weights to integers (all zeros here)
+        with pytest.raises(TypeError, match="must be a SparseConvTensor"):
+            layer(torch.ones(2, 4))
+    for shape in ([4.5, 4, 4], [True, 4, 4]):
+        with pytest.raises(TypeError, match="spatial_shape must hold ints"):
+            spconv.SparseConvTensor(torch.rand(2, 4), idx, shape, 1)
+    assert spconv.SparseConvTensor(torch.rand(2, 4), idx, torch.tensor([4, 5, 6]), 1).spatial_shape == [4, 5, 6]
+    with pytest.raises(ValueError, match="dense"):
+        spconv.SparseConvTensor(torch.rand(2, 4), idx, [10**6] * 3, 1).dense()
+
+
+def test_global_max_pool_keeps_infinite_maxima():
+    idx = torch.tensor([[0, 0, 0], [2, 1, 1]], dtype=torch.int32)
+    x = spconv.SparseConvTensor(torch.tensor([[float("inf"), -1.0], [float("-inf"), 2.0]]), idx, [2, 2], 3)
+    out = spconv.SparseGlobalMaxPool()(x)
+    assert torch.equal(out, torch.tensor([[float("inf"), -1.0], [0.0, 0.0], [float("-inf"), 2.0]]))

@@ -29,7 +29,7 @@ from ._implicit_gemm import use_triton
 from ._pair_gemm import accumulation_dtype
 from .kernel_map import KernelMap, build_conv, build_subm, build_transposed, inverse_of
 from .modules import SparseModule
-from .tensor import SparseConvTensor
+from .tensor import SparseConvTensor, check_layer_input
 
 
 def _tuple(name, v, ndim):
@@ -174,10 +174,7 @@ class SparseConvolution(SparseModule):
         return kmap
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
-        if not isinstance(x, SparseConvTensor):
-            raise TypeError(f"input must be a SparseConvTensor, got {type(x).__name__}")
-        if x.ndim != self.ndim:
-            raise ValueError(f"input has {x.ndim} spatial dimensions, this layer {self.ndim}")
+        check_layer_input(x, self.ndim)
         if x.features.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.features.shape[1]} channels, this layer expects {self.in_channels}")
         kmap = self._kernel_map(x)

@@ -13,7 +13,7 @@ import torch
 from .conv import _tuple
 from .kernel_map import build_conv
 from .modules import SparseModule
-from .tensor import SparseConvTensor
+from .tensor import SparseConvTensor, check_layer_input
 
 
 class _SparsePool(SparseModule):
@@ -34,10 +34,7 @@ class _SparsePool(SparseModule):
         self.indice_key = indice_key
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
-        if not isinstance(x, SparseConvTensor):
-            raise TypeError(f"input must be a SparseConvTensor, got {type(x).__name__}")
-        if x.ndim != self.ndim:
-            raise ValueError(f"input has {x.ndim} spatial dimensions, this layer {self.ndim}")
+        check_layer_input(x, self.ndim)
         kmap = build_conv(x.indices, x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
         if self.indice_key is not None:
             x.indice_dict[self.indice_key] = kmap
@@ -83,17 +80,20 @@ class SparseGlobalMaxPool(SparseModule):
     """``(B, C)`` dense: the max over each sample's active sites (0 for a sample without sites)."""
 
     def forward(self, x: SparseConvTensor) -> torch.Tensor:
+        check_layer_input(x)
         C = x.features.shape[1]
-        rows = x.indices[:, 0].long()[:, None].expand(-1, C)
+        b = x.indices[:, 0].long()
         out = x.features.new_full((x.batch_size, C), float("-inf"))
-        out = out.scatter_reduce(0, rows, x.features, "amax", include_self=False)
-        return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+        out = out.scatter_reduce(0, b[:, None].expand(-1, C), x.features, "amax", include_self=False)
+        has_sites = torch.bincount(b, minlength=x.batch_size) > 0  # (not isinf: an inf feature is a max)
+        return torch.where(has_sites[:, None], out, torch.zeros_like(out))
 
 
 class SparseGlobalAvgPool(SparseModule):
     """``(B, C)`` dense: the mean over each sample's active sites (0 for a sample without sites)."""
 
     def forward(self, x: SparseConvTensor) -> torch.Tensor:
+        check_layer_input(x)
         C = x.features.shape[1]
         b = x.indices[:, 0].long()
         out = x.features.new_zeros((x.batch_size, C)).index_add(0, b, x.features)

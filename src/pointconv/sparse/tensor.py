@@ -23,6 +23,8 @@ class SparseConvTensor:
             raise ValueError(f"features must have shape (N, C), got shape {tuple(features.shape)}")
         if indices.dtype != torch.int32:
             raise TypeError(f"indices must be an int32 tensor, got dtype {indices.dtype}")
+        if any(isinstance(s, bool) or not hasattr(type(s), "__index__") for s in spatial_shape):
+            raise TypeError(f"spatial_shape must hold ints, got {list(spatial_shape)}")
         spatial_shape = [int(s) for s in spatial_shape]
         ndim = len(spatial_shape)
         if ndim < 1 or any(s < 1 for s in spatial_shape):
@@ -131,6 +133,9 @@ class SparseConvTensor:
     def dense(self, channels_first: bool = True) -> torch.Tensor:
         """``(B, C, *spatial)`` (or channels last ``(B, *spatial, C)``); inactive sites are zero."""
         C = self.features.shape[1]
+        if self.batch_size * self.spatial_size * C * self.features.element_size() >= 2**62:
+            raise ValueError(f"dense() would hold {self.batch_size} x {self.spatial_shape} x {C} elements: more "
+                             "bytes than one tensor can address")
         out = self.features.new_zeros((self.batch_size, *self.spatial_shape, C))
         idx = tuple(self.indices.long().unbind(1))
         out = out.index_put(idx, self.features)  # sites are unique: no accumulation needed
@@ -151,3 +156,15 @@ class SparseConvTensor:
     def __repr__(self) -> str:
         return (f"SparseConvTensor(N={self.indices.shape[0]}, C={self.features.shape[1]}, "
                 f"spatial_shape={self.spatial_shape}, batch_size={self.batch_size})")
+
+
+def check_layer_input(x, ndim: int | None = None) -> SparseConvTensor:
+    """What every sparse layer asks of its input: a SparseConvTensor (of ``ndim`` spatial dimensions)
+    with floating-point features (integer ones would cast the weights to integers)."""
+    if not isinstance(x, SparseConvTensor):
+        raise TypeError(f"input must be a SparseConvTensor, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"input has {x.ndim} spatial dimensions, this layer {ndim}")
+    if not x.features.is_floating_point():
+        raise TypeError(f"input features must be floating point, got dtype {x.features.dtype}")
+    return x
