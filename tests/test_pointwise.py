@@ -172,11 +172,14 @@ def test_deterministic_outputs_and_gradients(monkeypatch, deterministic_mode):
     (dict(lengths=torch.tensor([9])), ValueError, r"lengths must lie in \[0, 5\]"),
     (dict(points=torch.full((1, 5, 3), float("nan"))), ValueError, "points contains NaN"),
     (dict(features=torch.zeros(2, 5, 2)), ValueError, r"features must have shape \(1, 5, C\)"),
+    (dict(weight=torch.zeros(3, 2, 3, 3, 3, dtype=torch.long)), TypeError, "weight must be floating point"),
+    (dict(bias=torch.zeros(2)), ValueError, r"bias must have shape \(3,\)"),
+    (dict(bias=torch.zeros(3, dtype=torch.long)), TypeError, "bias must be floating point"),
 ])
 def test_bad_input(kwargs, exc, match):
     args = dict(points=torch.rand(1, 5, 3), features=torch.rand(1, 5, 2), weight=torch.zeros(3, 2, 3, 3, 3),
-                cell_size=0.1, dilation=1, lengths=None)
+                cell_size=0.1, dilation=1, lengths=None, bias=None)
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         pointconv.pointwise_conv(args["points"], args["features"], args["weight"], args["cell_size"],
-                                 args["dilation"], lengths=args["lengths"])
+                                 args["dilation"], lengths=args["lengths"], bias=args["bias"])

@@ -79,10 +79,18 @@ def _check(points, features, cell_size, dilation, lengths):
     return cell_size, dilation, lengths
 
 
-def _check_weight(weight, cin):
+def _check_weight(weight, cin, bias=None):
     _checks.tensor("weight", weight)
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
     if weight.dim() != 5 or weight.shape[1:] != (cin, 3, 3, 3):
         raise ValueError(f"weight must have shape (C_out, {cin}, 3, 3, 3), got {tuple(weight.shape)}")
+    if bias is not None:
+        _checks.tensor("bias", bias)
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be floating point, got {bias.dtype}")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
 def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
@@ -153,7 +161,7 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
     """
     cell_size, dilation, lengths = _check(points, features, cell_size, dilation, lengths)
     B, N, cin = features.shape
-    _check_weight(weight, cin)
+    _check_weight(weight, cin, bias)
     if backend_for(points.device) == "reference":
         return pointwise_conv_reference(points, features, weight, cell_size, dilation, lengths=lengths, bias=bias)
     if neighbors is None:
