@@ -204,3 +204,15 @@ def test_global_max_pool_keeps_infinite_maxima():
     x = spconv.SparseConvTensor(torch.tensor([[float("inf"), -1.0], [float("-inf"), 2.0]]), idx, [2, 2], 3)
     out = spconv.SparseGlobalMaxPool()(x)
     assert torch.equal(out, torch.tensor([[float("inf"), -1.0], [0.0, 0.0], [float("-inf"), 2.0]]))
+
+
+def test_table_and_hash_input_errors():
+    with pytest.raises(ValueError, match="non-empty list"):
+        spconv.AddTable()([])
+    with pytest.raises(ValueError, match="non-empty list"):
+        spconv.JoinTable()([])
+    with pytest.raises(TypeError, match="argument 0 is a Tensor"):
+        spconv.functional.sparse_add(torch.rand(3))
+    table = spconv.HashTable(torch.device("cpu"), torch.int64, torch.int32, 10)
+    with pytest.raises(TypeError, match="value_dtype"):
+        table.insert(torch.tensor([1, 2]), torch.tensor([1.5, 2.7]))  # would truncate to 1, 2

@@ -68,6 +68,8 @@ def test_point_to_voxel_bad_input():
         PointToVoxel([0, 1, 1], [0, 0, 0, 1, 1, 1], 3, 10, 2)
     with pytest.raises(ValueError, match="coors_range_xyz"):
         PointToVoxel([1, 1, 1], [0, 0, 0, -1, 1, 1], 3, 10, 2)
+    with pytest.raises(ValueError, match="num_point_features counts x, y, z"):
+        PointToVoxel([1, 1, 1], [0, 0, 0, 1, 1, 1], 2, 10, 2)
     gen = PointToVoxel([1, 1, 1], [0, 0, 0, 1, 1, 1], 3, 10, 2)
     with pytest.raises(ValueError, match=r"pc must have shape \(N, 3\)"):
         gen(torch.zeros(5, 4))

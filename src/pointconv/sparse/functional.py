@@ -15,6 +15,9 @@ def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
     """
     if not tensors:
         raise ValueError("sparse_add needs at least one tensor")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, SparseConvTensor):
+            raise TypeError(f"sparse_add takes SparseConvTensors, argument {i} is a {type(t).__name__}")
     first = tensors[0]
     for t in tensors[1:]:
         if t.spatial_shape != first.spatial_shape or t.batch_size != first.batch_size:

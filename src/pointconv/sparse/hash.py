@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
+
 _KEY_DTYPES = (torch.int32, torch.int64)
 
 
@@ -30,8 +32,11 @@ class HashTable:
     def _values_for(self, keys, values):
         if values is None:
             return torch.zeros(keys.shape[0], dtype=self.value_dtype, device=self.device)
+        _checks.tensor("values", values)
         if values.shape[0] != keys.shape[0]:
             raise ValueError(f"values must have {keys.shape[0]} rows, got {values.shape[0]}")
+        if values.is_floating_point() != self.value_dtype.is_floating_point:
+            raise TypeError(f"values must be {self.value_dtype} (the table's value_dtype), got {values.dtype}")
         return values.to(self.value_dtype)
 
     def __len__(self) -> int:

@@ -142,6 +142,8 @@ class ConcatTable(SparseSequential):
 
 
 def _same_sites(tensors):
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        raise ValueError("expected a non-empty list of SparseConvTensors (a ConcatTable's output)")
     first = tensors[0]
     for t in tensors[1:]:
         if t.indices.shape != first.indices.shape or not torch.equal(t.indices, first.indices):

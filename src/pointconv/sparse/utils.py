@@ -27,6 +27,8 @@ class PointToVoxel:
         self.lo, self.hi = rng[:3], rng[3:]
         self.grid_size = torch.round((self.hi - self.lo) / vsize).long().clamp(min=1)  # xyz
         self.num_point_features = _checks.positive_int("num_point_features", num_point_features)
+        if self.num_point_features < 3:
+            raise ValueError(f"num_point_features counts x, y, z and the rest: must be >= 3, got {num_point_features}")
         self.max_num_voxels = _checks.positive_int("max_num_voxels", max_num_voxels)
         self.max_num_points_per_voxel = _checks.positive_int("max_num_points_per_voxel", max_num_points_per_voxel)
         self.device = torch.device(device)
