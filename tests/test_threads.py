@@ -93,3 +93,38 @@ def test_workers_can_exceed_torch_threads():
         assert len(ran_on) == 2 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_work_items_that_map_again_run_inline_instead_of_waiting_on_the_pool(two_threads):
+    """The pool is shared: a work item waiting on more items of the same pool could deadlock."""
+    def inner(k):
+        return list(imap_ordered(lambda j: (j, threading.get_ident()), range(4), torch.device("cpu"), workers=2))
+
+    result = []
+    runner = threading.Thread(target=lambda: result.append(map_ordered(inner, range(4), torch.device("cpu"))))
+    runner.start()
+    runner.join(timeout=30)
+    assert not runner.is_alive(), "nested map_ordered deadlocked"
+    for k, inner_result in enumerate(result[0]):
+        assert [j for j, _ in inner_result] == [0, 1, 2, 3]
+        assert len({ident for _, ident in inner_result}) == 1  # inline, on the worker that ran item k
+
+
+def _child_maps(queue):
+    queue.put(map_ordered(lambda k: k * k, range(6), torch.device("cpu")))
+
+
+def test_a_forked_child_gets_its_own_pool(two_threads):
+    """A fork copies the pool objects but not their threads: the child must not queue work on them."""
+    import multiprocessing
+
+    assert map_ordered(lambda k: k, range(4), torch.device("cpu")) == [0, 1, 2, 3]  # the parent's pool exists
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_maps, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("map_ordered hung in a forked child")
+    assert queue.get(timeout=5) == [k * k for k in range(6)]

@@ -9,13 +9,45 @@ thread ran what.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# One pool per worker count, kept for the process: a fresh pool per call cost 0.5-3 ms in thread
+# start-ups and in the per-thread set-up of torch's kernels, paid by every parallel op.
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_pid = os.getpid()
+_pools_lock = threading.Lock()
+_in_worker = threading.local()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool of ``workers`` threads. Its threads start with one torch thread (the
+    caller has set that), which they keep. A forked child gets new pools: it inherits the pool
+    objects but not their threads."""
+    global _pools, _pools_pid
+    with _pools_lock:
+        if _pools_pid != os.getpid():
+            _pools, _pools_pid = {}, os.getpid()
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pointconv")
+        return _pools[workers]
+
+
+def _run_in_worker(fn, item):
+    # Work items that call map_ordered themselves run their items inline: they would otherwise
+    # wait on the same pool's threads, which may all be waiting too.
+    _in_worker.active = True
+    try:
+        return fn(item)
+    finally:
+        _in_worker.active = False
 
 
 def map_ordered(fn: Callable[[T], R], items: Iterable[T], device: torch.device) -> list[R]:
@@ -32,18 +64,22 @@ def imap_ordered(fn: Callable[[T], R], items: Iterable[T], device: torch.device,
     work outside torch, such as scipy's, may use more)."""
     items = list(items)
     workers = min(torch.get_num_threads() if workers is None else workers, len(items))
-    if device.type != "cpu" or workers < 2:
+    if device.type != "cpu" or workers < 2 or getattr(_in_worker, "active", False):
         yield from map(fn, items)
         return
     # one torch thread per worker: torch's own idle threads spin, which would steal the cores
     # from the other workers (set here, the count a new thread starts with; restored after)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = []
     try:
-        futures = [pool.submit(fn, item) for item in items]
+        pool = _pool(workers)
+        futures = [pool.submit(_run_in_worker, fn, item) for item in items]
         for future in futures:
             yield future.result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        # on an error or an early close: drop the items not started, wait for the running ones
+        for future in futures:
+            future.cancel()
+        wait(futures)
         torch.set_num_threads(threads)
