@@ -8,6 +8,9 @@ points in the unit cube, one cloud (B = 1), float32. Baselines measured in the s
 pointconv is timed as ``pointconv.knn`` (index build included) and as a query on a prebuilt
 ``NeighborIndex``. Every pointconv result is checked against cKDTree's distances.
 
+A second table times self-kNN on batches of small clouds (``--batches``, B x N: the deep-learning
+case) against cKDTree built and queried per cloud (``workers=-1``) and batched ``cdist`` + ``topk``.
+
     python benchmarks/bench_neighbors.py --device cpu
     python benchmarks/bench_neighbors.py --device cuda --sizes 1000 10000 100000 1000000
 """
@@ -53,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--max-pairs", type=float, default=None,
                     help="largest Q*P for cdist+topk (default 1e10 on CPU, 1e12 on CUDA)")
     ap.add_argument("--chunk-bytes", type=int, default=1 << 30)
+    ap.add_argument("--batches", nargs="*", default=["32x1024", "128x512", "8x4096", "16x2048"],
+                    help="B x N of the batched table (none: skip it)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     max_pairs = args.max_pairs or (1e12 if device.type == "cuda" else 1e10)
@@ -95,6 +100,51 @@ def main(argv=None):
                 ratio = "" if t is None else f"{t / t_pc:.2f}x"
                 check = "" if ok is None else ("yes" if ok else "NO")
                 print(f"| {n:,} | {task} | {method} | {ms} | {ratio} | {check} |", flush=True)
+    if args.batches:
+        batched_table(args, device, gen)
+
+
+def ckdtree_per_cloud(p64, k):
+    return [cKDTree(x).query(x, k=k, workers=-1) for x in p64]
+
+
+def cdist_topk_batched(p, k, chunk_bytes):
+    B, N, _ = p.shape
+    chunk = max(1, chunk_bytes // (4 * N * N))
+    out = [torch.cdist(p[s:s + chunk], p[s:s + chunk]).square_().topk(k, dim=2, largest=False)
+           for s in range(0, B, chunk)]
+    return torch.cat([d for d, _ in out]), torch.cat([i for _, i in out])
+
+
+def batched_table(args, device, gen):
+    k = args.k
+    print()
+    print(f"> batches of small clouds: self-kNN, k = {k}, float32 uniform points, median of {args.repeat} runs")
+    print()
+    print("| B x N | method | ms | ms / pointconv.knn ms | matches cKDTree |")
+    print("|---|---|---:|---:|---|")
+    for spec in args.batches:
+        B, n = (int(v) for v in spec.lower().split("x"))
+        p = torch.rand(B, n, 3, generator=gen)
+        p_dev = p.to(device)
+        p64 = p.double().numpy()
+        ref_d = np.stack([d for d, _ in ckdtree_per_cloud(p64, k)]) ** 2
+        rows = []
+        t_pc, res = timed(lambda: pointconv.knn(p_dev, p_dev, k), device, args.repeat)
+        rows.append(("pointconv.knn (build + query)", t_pc, np.allclose(res.dists.cpu().double().numpy(), ref_d,
+                                                                         rtol=1e-5, atol=1e-10)))
+        index = pointconv.NeighborIndex(p_dev)
+        t, res = timed(lambda: index.knn(p_dev, k), device, args.repeat)
+        rows.append(("pointconv NeighborIndex.knn (query only)", t,
+                     np.allclose(res.dists.cpu().double().numpy(), ref_d, rtol=1e-5, atol=1e-10)))
+        if device.type == "cpu":
+            t, _ = timed(lambda: ckdtree_per_cloud(p64, k), device, args.repeat)
+            rows.append(("scipy cKDTree per cloud (build + query, workers=-1)", t, None))
+        t, _ = timed(lambda: cdist_topk_batched(p_dev, k, args.chunk_bytes), device, args.repeat)
+        rows.append(("torch cdist + topk (batched)", t, None))
+        for method, t, ok in rows:
+            check = "" if ok is None else ("yes" if ok else "NO")
+            print(f"| {B} x {n:,} | {method} | {t:.2f} | {t / t_pc:.2f}x | {check} |", flush=True)
 
 
 if __name__ == "__main__":

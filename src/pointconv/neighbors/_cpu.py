@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,16 +42,37 @@ def build_tree(points: torch.Tensor) -> cKDTree:
     return cKDTree(points.detach().double().numpy(), leafsize=32, balanced_tree=False, compact_nodes=False)
 
 
+class LiftedQueries(NamedTuple):
+    """Queries into a kd-tree shared by several clouds (``_trees.CloudTrees``).
+
+    ``bound``: a search bound above any distance inside a cloud and below the gap between clouds;
+    ``cloud``: each query's cloud (int64); ``column``: its extra tree coordinate (float64).
+    """
+
+    bound: float
+    cloud: torch.Tensor
+    column: torch.Tensor
+
+
+def _tree_coords(q: torch.Tensor, lift_column: torch.Tensor | None) -> np.ndarray:
+    """The float64 coordinates the tree is queried with (lifted for a batch of clouds)."""
+    q64 = q.detach().double()
+    if lift_column is not None:
+        q64 = torch.cat([q64, lift_column[:, None]], 1)
+    return q64.numpy()
+
+
 def _rel_error(dim: int, dtype: torch.dtype) -> float:
     # Relative error bound of sq_dist (one rounding per subtraction, product and addition) plus
     # cKDTree's float64 distance, with a safety factor of 2.
     return 2.0 * (dim + 4) * (torch.finfo(dtype).eps + torch.finfo(torch.float64).eps)
 
 
-def morton_order(x: torch.Tensor) -> torch.Tensor:
+def morton_order(x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """A permutation that puts nearby points next to each other (Z-order of the first 3 coordinates).
 
     Queries sent to the tree in this order reuse the same tree nodes from one query to the next.
+    ``groups`` (int64, one per point): order by group first (the clouds of a lifted batch).
     """
     x = x[:, :3]
     lo = x.amin(0)
@@ -60,6 +82,8 @@ def morton_order(x: torch.Tensor) -> torch.Tensor:
     for bit in range(10):
         for c in range(x.shape[1]):
             code |= ((v[:, c] >> bit) & 1) << (3 * bit + c)
+    if groups is not None:
+        code |= groups << 30
     return torch.argsort(code)
 
 
@@ -128,7 +152,7 @@ def _query_chunk(tree, q64, m, guess, bound, workers=1):
     return dd, ii
 
 
-def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None):
+def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None, lift=None):
     """Exact k nearest of each row of ``q (nq, D)`` among ``p (n, D)`` (``tree`` built over ``p``).
 
     ``row_ids`` are the queries' own indices into ``p`` (for ``exclude_self``). Returns squared
@@ -136,6 +160,9 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None):
 
     Queries go to the tree in Z-order chunks on a thread pool (the tree releases the GIL); each
     chunk is finished (``_finish_chunk``) while the next ones are being queried.
+
+    ``lift``: ``LiftedQueries`` when ``tree`` is shared by several concatenated clouds (and ``p``
+    is their concatenation): each query meets only its own cloud's points.
     """
     nq, dim = q.shape
     n = p.shape[0]
@@ -143,15 +170,20 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None):
     m = min(k + int(exclude_self) + 1, n)  # one more than needed: it certifies the boundary
     rel = _rel_error(dim, q.dtype)
     bound = math.inf if radius2 is None else math.sqrt(radius2 * (1 + 4 * rel))
+    q_lift = None
+    if lift is not None:
+        bound = min(bound, lift.bound)
+        q_lift = lift.column
     if nq < 4096:
         order = None
     elif q.data_ptr() == p.data_ptr() and q.shape == p.shape:
         order = torch.from_numpy(tree.indices)  # self-search: the tree's leaf order is free
     else:
-        order = morton_order(q)
+        order = morton_order(q, None if lift is None else lift.cloud)
     if order is not None:
         q, rows = q[order], rows[order]
-    q64 = q.detach().double().numpy()
+        q_lift = None if q_lift is None else q_lift[order]
+    q64 = _tree_coords(q, q_lift)
     guess = _guess_bound(tree, q64, m, bound)
     p_columns = p.detach().t().contiguous()
     out_d = torch.empty((nq, k), dtype=q.dtype)
@@ -180,7 +212,8 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None):
         if radius2 is not None:
             last = last.clamp(max=radius2)
         limit = last * (1 + rel) / (1 - rel) * (1 + 1e-9)
-        out_d[bad], out_i[bad] = _ball_fallback(q[bad], p, tree, k, radius2, exclude_self, rows[bad], limit)
+        out_d[bad], out_i[bad] = _ball_fallback(q[bad], p, tree, k, radius2, exclude_self, rows[bad], limit,
+                                                None if q_lift is None else q_lift[bad])
     if order is not None:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(nq)
@@ -225,15 +258,18 @@ def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel):
     last = out_d[:, k - 1].double()
     if radius2 is not None:
         last = last.clamp(max=radius2)
-    certified = unseen * (1 - rel) > last * (1 + rel)
+    # (an infinite unseen distance: no other point within the search bound, the answer is complete)
+    certified = (unseen * (1 - rel) > last * (1 + rel)) | torch.isinf(unseen)
     return out_d, out_i, torch.nonzero(~certified).flatten()
 
 
-def _ball_fallback(qb, p, tree, k, radius2, exclude_self, self_ids, limit2):
+def _ball_fallback(qb, p, tree, k, radius2, exclude_self, self_ids, limit2, q_lift=None):
     """Exact answer for queries ``qb`` from every point within ``sqrt(limit2)`` (float64) of them."""
     if torch.isinf(limit2).any():  # no finite bound: fall back to brute force
+        if q_lift is not None:  # unreachable: CloudTrees lifts only clouds whose distances stay finite
+            raise AssertionError("a lifted kd-tree query fell back to brute force")
         return brute_force_search(qb, p, k, radius2, exclude_self, self_ids)
-    q64 = qb.detach().double().numpy()
+    q64 = _tree_coords(qb, q_lift)
     r = np.sqrt(limit2.numpy())
     counts = tree.query_ball_point(q64, r, return_length=True)
     out_d = torch.full((len(qb), k), float("inf"), dtype=qb.dtype)

@@ -2,14 +2,16 @@
 
 It validates nothing (the public functions do) and picks the implementation per call:
 reference (dense), triton (CUDA float32, or forced under TRITON_INTERPRET=1), or torch
-(cKDTree on CPU for D <= 8, chunked brute force otherwise).
+(cKDTree on CPU for D <= 8, small clouds of a batch sharing one tree (``_trees``); chunked brute
+force otherwise).
 """
 from __future__ import annotations
 
 import torch
 
 from .._backend import backend_for
-from ._cpu import KDTREE_MAX_DIM, brute_force_search, build_tree, kdtree_search
+from ._cpu import KDTREE_MAX_DIM, brute_force_search, kdtree_search
+from ._trees import CloudTrees, _extent
 from ._reference import search_reference
 
 
@@ -27,8 +29,7 @@ def build_structures(points: torch.Tensor, lengths: torch.Tensor, k_hint: int = 
 
         return ("grid", Grid(points.detach(), lengths, k_hint=k_hint))
     if backend == "torch" and points.device.type == "cpu" and D <= KDTREE_MAX_DIM:
-        trees = [build_tree(points[b, : int(n)]) if int(n) else None for b, n in enumerate(lengths.tolist())]
-        return ("trees", trees)
+        return ("trees", CloudTrees(points.detach(), lengths.tolist()))
     return (None, None)
 
 
@@ -49,15 +50,42 @@ def search(query, points, k, *, radius2, query_lengths, points_lengths, exclude_
     B, Q, D = query.shape
     dists = torch.full((B, Q, k), float("inf"), dtype=query.dtype, device=query.device)
     idx = torch.full((B, Q, k), -1, dtype=torch.int64, device=query.device)
-    use_tree = query.device.type == "cpu" and D <= KDTREE_MAX_DIM
-    for b, (nq, n) in enumerate(zip(query_lengths.tolist(), points_lengths.tolist())):
-        if nq == 0 or n == 0:
-            continue
-        q, p = query[b, :nq], points[b, :n]
-        if use_tree:
-            tree = data[b] if kind == "trees" else build_tree(p)
-            d, i = kdtree_search(q, p, tree, k, radius2, exclude_self)
-        else:
-            d, i = brute_force_search(q, p, k, radius2, exclude_self)
-        dists[b, :nq], idx[b, :nq] = d, i
+    q_lengths, p_lengths = query_lengths.tolist(), points_lengths.tolist()
+    clouds = [b for b in range(B) if q_lengths[b] and p_lengths[b]]
+    if not (query.device.type == "cpu" and D <= KDTREE_MAX_DIM):
+        for b in clouds:
+            nq, n = q_lengths[b], p_lengths[b]
+            dists[b, :nq], idx[b, :nq] = brute_force_search(query[b, :nq], points[b, :n], k, radius2, exclude_self)
+        return dists, idx
+    if kind == "trees":
+        trees = data
+    else:  # sized for these queries: the lifted tree answers them all
+        trees = CloudTrees(points, p_lengths, extent=max(_extent(points), _extent(query)))
+    lifted = [b for b in clouds if b in trees.lifted] if trees.covers(query) else []
+    for b in clouds:
+        if b not in lifted:
+            nq, n = q_lengths[b], p_lengths[b]
+            dists[b, :nq], idx[b, :nq] = kdtree_search(query[b, :nq], points[b, :n], trees.own_tree(b), k, radius2,
+                                                       exclude_self)
+    if lifted:
+        _search_lifted(query, points, trees, lifted, q_lengths, k, radius2, exclude_self, dists, idx)
     return dists, idx
+
+
+def _search_lifted(query, points, trees, clouds, q_lengths, k, radius2, exclude_self, dists, idx):
+    """The queries of ``clouds`` against the lifted tree, written into ``dists`` / ``idx``."""
+    position = {b: i for i, b in enumerate(trees.lifted)}
+    sizes = torch.tensor([q_lengths[b] for b in clouds])
+    cloud = torch.repeat_interleave(torch.tensor([position[b] for b in clouds]), sizes)
+    local = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    first_point = trees.starts[cloud]
+    same_cloud = (query.data_ptr() == points.data_ptr() and query.shape == points.shape
+                  and query.stride() == points.stride() and clouds == trees.lifted
+                  and all(q_lengths[b] == trees.lengths[b] for b in clouds))
+    # a self-search passes the tree's own points (their leaf order is free, see kdtree_search)
+    q = trees.cat if same_cloud else torch.cat([query[b, :q_lengths[b]] for b in clouds])
+    d, i = kdtree_search(q, trees.cat, trees.tree, k, radius2, exclude_self, row_ids=first_point + local,
+                         lift=trees.lifted_queries(cloud))
+    i = torch.where(i >= 0, i - first_point[:, None], i)
+    batch = torch.repeat_interleave(torch.tensor(clouds), sizes)
+    dists[batch, local], idx[batch, local] = d, i

@@ -13,8 +13,8 @@ from ._search import build_structures, search
 class NeighborIndex:
     """Reusable exact search structure over padded ``points (B, P, D)`` with optional ``lengths (B,)``.
 
-    On CPU it holds one kd-tree per cloud (D <= 8); on CUDA a uniform grid of the points sorted by
-    cell (D = 3, float32). Training loops that query the same cloud many times pay the build once.
+    On CPU it holds kd-trees (D <= 8: one per cloud of 20K points or more, one shared by the smaller
+    clouds); on CUDA a uniform grid of the points sorted by cell (D = 3, float32). Training loops that query the same cloud many times pay the build once.
     The index keeps a reference to ``points``: do not modify them in place afterwards. Results are
     exactly those of :func:`pointconv.knn` / :func:`pointconv.ball_query` on the same points.
     """
