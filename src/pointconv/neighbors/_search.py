@@ -11,7 +11,7 @@ import torch
 
 from .._backend import backend_for
 from ._cpu import KDTREE_MAX_DIM, brute_force_search, kdtree_search
-from ._trees import CloudTrees, _extent
+from ._trees import CloudTrees, extent_of
 from ._reference import search_reference
 
 
@@ -60,10 +60,11 @@ def search(query, points, k, *, radius2, query_lengths, points_lengths, exclude_
     if kind == "trees":
         trees = data
     else:  # sized for these queries: the lifted tree answers them all
-        trees = CloudTrees(points, p_lengths, extent=max(_extent(points), _extent(query)))
-    lifted = [b for b in clouds if b in trees.lifted] if trees.covers(query) else []
+        trees = CloudTrees(points, p_lengths, extent=max(extent_of(points), extent_of(query)))
+    shared = set(trees.lifted) if trees.covers(query) else set()
+    lifted = [b for b in clouds if b in shared]
     for b in clouds:
-        if b not in lifted:
+        if b not in shared:
             nq, n = q_lengths[b], p_lengths[b]
             dists[b, :nq], idx[b, :nq] = kdtree_search(query[b, :nq], points[b, :n], trees.own_tree(b), k, radius2,
                                                        exclude_self)

@@ -26,7 +26,8 @@ from ._cpu import LiftedQueries, build_tree
 LIFT_POINTS = 20000
 
 
-def _extent(x: torch.Tensor) -> float:
+def extent_of(x: torch.Tensor) -> float:
+    """The largest absolute coordinate of ``x`` (0 when empty)."""
     return float(x.detach().abs().amax()) if x.numel() else 0.0
 
 
@@ -40,7 +41,7 @@ class CloudTrees:
         self.points, self.lengths = points, lengths
         self._own: dict[int, object] = {}
         small = [b for b, n in enumerate(lengths) if 0 < n < LIFT_POINTS]
-        ext = 2.0 * _extent(points) + 1.0 if extent is None else extent
+        ext = 2.0 * extent_of(points) + 1.0 if extent is None else extent
         # |q - p| <= sqrt(D) * 2 * extent for any query and point in the box
         self.extent, self.bound = ext, 2.0 * math.sqrt(points.shape[-1]) * (ext + 1.0)
         self.gap = 2.0 * self.bound
@@ -70,7 +71,7 @@ class CloudTrees:
 
     def covers(self, query: torch.Tensor) -> bool:
         """Whether the lifted tree can answer these queries (all inside the box)."""
-        return bool(self.lifted) and _extent(query) <= self.extent
+        return bool(self.lifted) and extent_of(query) <= self.extent
 
     def lifted_queries(self, query_cloud: torch.Tensor) -> LiftedQueries:
         """For queries of the lifted clouds ``query_cloud`` (positions in ``self.lifted``)."""
