@@ -155,6 +155,8 @@ def test_feature_wise_modules_match_torchs():
         seq.add(nn.ReLU(), name="0")
     spconv.assign_name_for_sparse_modules(seq)
     assert seq[0]._sparse_unique_name == "0"
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        spconv.assign_name_for_sparse_modules([seq])
 
 
 def test_tensor_helpers():
@@ -169,6 +171,13 @@ def test_tensor_helpers():
     assert part.indice_dict == {} and "k" in y.indice_dict  # y keeps its kernel maps
     rows = torch.nonzero(keep)[:, 0]
     assert torch.equal(y.select_by_index(rows).dense(), part.dense())
+    n = y.indices.shape[0]
+    with pytest.raises(ValueError, match=r"mask must have shape"):
+        y.select_by_index(keep[:-1])
+    with pytest.raises(ValueError, match=rf"must lie in \[-{n}, {n - 1}\]"):
+        y.select_by_index(torch.tensor([0, n]))
+    with pytest.raises(TypeError, match="index tensor"):
+        y.select_by_index(torch.tensor([0.0]))
     twice = y + y
     torch.testing.assert_close(twice.features, 2 * y.features)
     torch.testing.assert_close((y.features + y).features, 2 * y.features)  # a plain tensor on the left

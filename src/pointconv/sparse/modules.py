@@ -122,6 +122,8 @@ _TAKES_SPARSE_TENSORS = (SparseModule, SparseBatchNorm, SparseReLU)
 
 def assign_name_for_sparse_modules(module: nn.Module) -> None:
     """spconv's: each ``SparseModule`` gets its qualified name as ``_sparse_unique_name``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     for name, child in module.named_modules():
         if isinstance(child, SparseModule):
             child._sparse_unique_name = name

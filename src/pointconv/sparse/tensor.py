@@ -94,6 +94,15 @@ class SparseConvTensor:
         The result gets an empty ``indice_dict``: the kernel maps were built for the old sites.
         (spconv 2.3.8 clears the dict it shares with ``self``, dropping ``self``'s maps too.)
         """
+        n = self.indices.shape[0]
+        _checks.tensor("valid_indices", valid_indices)
+        if valid_indices.dtype == torch.bool:
+            if valid_indices.shape != (n,):
+                raise ValueError(f"valid_indices as a mask must have shape ({n},), got {tuple(valid_indices.shape)}")
+        else:
+            valid_indices = _checks.index_tensor("valid_indices", valid_indices, 1)
+            if valid_indices.numel() and not (-n <= int(valid_indices.min()) and int(valid_indices.max()) < n):
+                raise ValueError(f"valid_indices must lie in [-{n}, {n - 1}] (the tensor's {n} sites)")
         out = self.replace_feature(self.features)
         out._features = self.features[valid_indices]
         out.indices = self.indices[valid_indices]
