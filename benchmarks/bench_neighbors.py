@@ -10,6 +10,8 @@ pointconv is timed as ``pointconv.knn`` (index build included) and as a query on
 
 A second table times self-kNN on batches of small clouds (``--batches``, B x N: the deep-learning
 case) against cKDTree built and queried per cloud (``workers=-1``) and batched ``cdist`` + ``topk``.
+A third times farthest point sampling (``--fps``, B x N -> n) against the plain vectorized torch
+loop (``_fps_torch``, also its reference), the two timed in turns; the indices must be equal.
 
     python benchmarks/bench_neighbors.py --device cpu
     python benchmarks/bench_neighbors.py --device cuda --sizes 1000 10000 100000 1000000
@@ -58,6 +60,8 @@ def main(argv=None):
     ap.add_argument("--chunk-bytes", type=int, default=1 << 30)
     ap.add_argument("--batches", nargs="*", default=["32x1024", "128x512", "8x4096", "16x2048"],
                     help="B x N of the batched table (none: skip it)")
+    ap.add_argument("--fps", nargs="*", default=["32x1024x512", "16x4096x1024", "8x8192x2048", "1x100000x4096"],
+                    help="B x N x n of the farthest-point-sampling table (none: skip it)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     max_pairs = args.max_pairs or (1e12 if device.type == "cuda" else 1e10)
@@ -102,6 +106,33 @@ def main(argv=None):
                 print(f"| {n:,} | {task} | {method} | {ms} | {ratio} | {check} |", flush=True)
     if args.batches:
         batched_table(args, device, gen)
+    if args.fps:
+        fps_table(args, device, gen)
+
+
+def fps_table(args, device, gen):
+    from pointconv.neighbors.sampling import _fps_torch
+
+    print()
+    print(f"> farthest point sampling, float32 uniform points, start 0, median of {args.repeat} runs, timed in turns")
+    print()
+    print("| B x N -> n | pointconv ms | torch loop ms | torch loop / pointconv | same indices |")
+    print("|---|---:|---:|---:|---|")
+    for spec in args.fps:
+        B, n_points, n = (int(v) for v in spec.lower().split("x"))
+        p = torch.rand(B, n_points, 3, generator=gen).to(device)
+        lengths = torch.full((B,), n_points, device=device)
+        start = torch.zeros(B, dtype=torch.long, device=device)
+        ours, loop = [], []
+        for _ in range(args.repeat):  # in turns: the machine's drift hits both
+            t, a = timed(lambda: pointconv.farthest_point_sample(p, n), device, 1)
+            ours.append(t)
+            t, b = timed(lambda: _fps_torch(p, n, lengths, start), device, 1)
+            loop.append(t)
+        t_ours, t_loop = float(np.median(ours)), float(np.median(loop))
+        same = "yes" if torch.equal(a.cpu(), b.cpu()) else "NO"
+        print(f"| {B} x {n_points:,} -> {n:,} | {t_ours:.1f} | {t_loop:.1f} | {t_loop / t_ours:.2f}x | {same} |",
+              flush=True)
 
 
 def ckdtree_per_cloud(p64, k):

@@ -80,3 +80,19 @@ def test_grid_subsample_huge_key_range_uses_the_general_unique():
     ref = grid_subsample_reference(x, 1e-9)
     assert res.lengths.tolist() == ref.lengths.tolist() == [3]
     torch.testing.assert_close(res.points, ref.points)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("D", [1, 3, 5])
+def test_fps_cpu_path_equals_the_torch_reference(kind, dtype, D):
+    """The CPU path (NumPy) runs the reference's operations in order: the same indices."""
+    from pointconv.neighbors.sampling import _fps_numpy, _fps_torch
+
+    x = make_cloud(kind, 3, 200, D=D, seed=7, dtype=dtype)
+    lengths = torch.tensor([200, 57, 0])
+    start = torch.tensor([0, 56, 0])
+    for n in (1, 64, 250):  # 250 > N: padded
+        ours = _fps_numpy(x, n, lengths, start)
+        assert torch.equal(ours, _fps_torch(x, n, lengths, start))
+    assert torch.equal(pointconv.farthest_point_sample(x, 64, lengths=lengths), _fps_torch(x, 64, lengths, torch.zeros(3, dtype=torch.long)))

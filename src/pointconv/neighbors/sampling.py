@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .. import _checks
@@ -50,6 +51,37 @@ def _fps_torch(points, n, lengths, start):
     return out
 
 
+def _fps_numpy(points, n, lengths, start):
+    """``_fps_torch``'s steps in NumPy, for CPU tensors: the same operations in the same order, so
+    the same indices bit for bit. The loop runs ~10 small array operations per sample, where a
+    NumPy call costs a few microseconds and a torch op several times that: 2x faster on 32 x 1024
+    to 1 x 100K clouds (and threads do not help: they contend for the interpreter between ops)."""
+    B, N, D = points.shape
+    out = np.full((B, n), -1, dtype=np.int64)
+    if B == 0 or N == 0:
+        return torch.from_numpy(out)
+    cols = np.ascontiguousarray(points.permute(2, 0, 1).numpy())  # (D, B, N)
+    dtype = cols.dtype
+    lengths = lengths.numpy()
+    valid = np.arange(N)[None, :] < lengths[:, None]
+    mind = np.where(valid, dtype.type(np.inf), dtype.type(-2.0))
+    rows = np.arange(B)
+    d, tmp = np.empty((B, N), dtype), np.empty((B, N), dtype)
+    cur = start.numpy()
+    for s in range(min(n, N)):
+        out[:, s] = np.where(s < lengths, cur, -1)
+        for c in range(D):
+            target = d if c == 0 else tmp
+            np.subtract(cols[c], cols[c][rows, cur][:, None], out=target)
+            np.multiply(target, target, out=target)
+            if c:
+                np.add(d, tmp, out=d)
+        np.minimum(mind, d, out=mind)
+        mind[rows, cur] = np.where(valid[rows, cur], dtype.type(-1.0), mind[rows, cur])
+        cur = np.argmax(mind, axis=1)
+    return torch.from_numpy(out)
+
+
 def farthest_point_sample(points: torch.Tensor, n: int, *, lengths=None, random_start: bool = False) -> torch.Tensor:
     """Iterative farthest point sampling.
 
@@ -78,6 +110,8 @@ def farthest_point_sample(points: torch.Tensor, n: int, *, lengths=None, random_
         from ..kernels.fps import farthest_point_sample_triton
 
         return farthest_point_sample_triton(pts, n, lengths, start)
+    if backend == "torch" and pts.device.type == "cpu":
+        return _fps_numpy(pts, n, lengths, start)
     return _fps_torch(pts, n, lengths, start)
 
 
