@@ -225,3 +225,37 @@ def test_table_and_hash_input_errors():
     table = spconv.HashTable(torch.device("cpu"), torch.int64, torch.int32, 10)
     with pytest.raises(TypeError, match="value_dtype"):
         table.insert(torch.tensor([1, 2]), torch.tensor([1.5, 2.7]))  # would truncate to 1, 2
+
+
+def test_unknown_keywords_raise_as_in_spconv():
+    """spconv 2.x's layers take no **kwargs: a misspelt argument must not be dropped silently."""
+    with pytest.raises(TypeError, match="paddings"):
+        spconv.SparseConv3d(4, 4, 3, stride=2, paddings=1)
+    with pytest.raises(TypeError, match="indice_keys"):
+        spconv.SubMConv3d(4, 4, 3, indice_keys="subm1")
+    with pytest.raises(TypeError, match="strides"):
+        spconv.SparseMaxPool3d(2, strides=2)
+    with pytest.raises(TypeError, match="use_hash"):
+        spconv.SparseInverseConv3d(4, 4, 3, indice_key="k", use_hash=False)
+    with pytest.raises(TypeError, match="spatial_shapes"):
+        spconv.SparseConvTensor(torch.rand(1, 4), torch.zeros(1, 4, dtype=torch.int32), [4, 4, 4], 1,
+                                spatial_shapes=[4, 4, 4])
+
+
+@pytest.mark.parametrize("act,fn", [("ReLU", torch.relu), ("Sigmoid", torch.sigmoid),
+                                    ("LeakyReLU", lambda x: F.leaky_relu(x, 0.2))])
+def test_fused_activation_of_sparse_convolution(act, fn):
+    from pointconv.sparse.conv import SparseConvolution
+
+    x = random_sparse(3, 2, 4, seed=36)
+    plain = SparseConvolution(3, 4, 5, 3, subm=True).double()
+    fused = SparseConvolution(3, 4, 5, 3, subm=True, act_type=act, act_alpha=0.2).double()
+    fused.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(fused(x).features, fn(plain(x).features))
+    with pytest.raises(ValueError, match="act_type must be one of"):
+        SparseConvolution(3, 4, 5, 3, act_type="GELU")
+    try:  # spconv's own enum (cumm), where installed: read by its name
+        from cumm import tensorview as tv
+    except ImportError:
+        return
+    assert SparseConvolution(3, 4, 5, 3, act_type=getattr(tv.gemm.Activation, act)).act_type == act

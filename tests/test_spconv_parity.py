@@ -70,3 +70,4 @@ def test_inverse_and_pool_parity():
     # over active inputs only (DESIGN.md 5.3), which differs exactly where every active input is < 0.
     assert bool((fa < 0).any())
     torch.testing.assert_close(fa.clamp(min=0), fb)
+

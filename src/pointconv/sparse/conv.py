@@ -98,6 +98,14 @@ def _offset_matmul(src, w, groups):
                         w.view(groups, out_ch // groups, in_g)).reshape(-1, out_ch)
 
 
+_ACTIVATIONS = {
+    "None_": lambda x, alpha: x,
+    "ReLU": lambda x, alpha: torch.relu(x),
+    "Sigmoid": lambda x, alpha: torch.sigmoid(x),
+    "LeakyReLU": lambda x, alpha: torch.nn.functional.leaky_relu(x, alpha),
+}
+
+
 class SparseConvolution(SparseModule):
     """Common base of SubMConvNd and SparseConvNd (spconv's ``SparseConvolution``)."""
 
@@ -131,6 +139,11 @@ class SparseConvolution(SparseModule):
         self.transposed, self.inverse = transposed, inverse
         self.indice_key = indice_key
         self.algo = algo
+        # spconv's fused activation (its cumm Activation enum, or the name): applied after the bias
+        self.act_type = "None_" if act_type is None else getattr(act_type, "name", str(act_type))
+        if self.act_type not in _ACTIVATIONS:
+            raise ValueError(f"act_type must be one of {sorted(_ACTIVATIONS)} (spconv's Activation), got {act_type!r}")
+        self.act_alpha, self.act_beta = float(act_alpha), float(act_beta)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_channels, *self.kernel_size, in_channels // groups), **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
@@ -182,6 +195,7 @@ class SparseConvolution(SparseModule):
         feats = apply_kernel_map(x.features.to(dtype), self.weight.to(dtype), kmap, self.groups)
         if self.bias is not None:
             feats = feats + self.bias.to(feats.dtype)
+        feats = _ACTIVATIONS[self.act_type](feats, self.act_alpha)
         if self.subm:
             return x.replace_feature(feats)
         out = SparseConvTensor(feats, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
@@ -199,7 +213,7 @@ def _make(ndim: int, kind: str, name: str):
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, indice_key=None, algo=None, fp32_accum=None, record_voxel_count=False,
-                 large_kernel_fast_algo=False, name=None, device=None, dtype=None, output_padding=0, **kwargs):
+                 large_kernel_fast_algo=False, name=None, device=None, dtype=None, output_padding=0):
         SparseConvolution.__init__(self, ndim, in_channels, out_channels, kernel_size, stride, padding, dilation,
                                    groups, bias, output_padding=output_padding, indice_key=indice_key, algo=algo,
                                    fp32_accum=fp32_accum, record_voxel_count=record_voxel_count,
@@ -211,7 +225,7 @@ def _make(ndim: int, kind: str, name: str):
 
 def _make_inverse(ndim: int, name: str):
     def __init__(self, in_channels, out_channels, kernel_size, indice_key, bias=True, algo=None, fp32_accum=None,
-                 large_kernel_fast_algo=False, name=None, device=None, dtype=None, **kwargs):
+                 large_kernel_fast_algo=False, name=None, device=None, dtype=None):
         SparseConvolution.__init__(self, ndim, in_channels, out_channels, kernel_size, bias=bias, inverse=True,
                                    indice_key=indice_key, algo=algo, name=name, device=device, dtype=dtype)
 

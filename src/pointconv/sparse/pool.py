@@ -58,7 +58,7 @@ class _SparseAvgPool(_SparsePool):
 
 def _pool_class(base, ndim, name):
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, indice_key=None, subm=False, algo=None,
-                 record_voxel_count=False, name=None, **kwargs):
+                 record_voxel_count=False, name=None):
         base.__init__(self, ndim, kernel_size, stride, padding, dilation, indice_key, subm, algo,
                       record_voxel_count, name)
 

@@ -16,7 +16,8 @@ from .. import _checks
 
 class SparseConvTensor:
     def __init__(self, features, indices, spatial_shape, batch_size, grid=None, voxel_num=None,
-                 indice_dict=None, benchmark=False, **_unused):
+                 indice_dict=None, benchmark=False, permanent_thrust_allocator=False, enable_timer=False,
+                 force_algo=None):
         _checks.tensor("features", features)
         _checks.tensor("indices", indices)
         if features.dim() != 2:
