@@ -205,7 +205,8 @@ class SparseConvolution(SparseModule):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={list(self.kernel_size)}, "
                 f"stride={list(self.stride)}, padding={list(self.padding)}, dilation={list(self.dilation)}, "
-                f"groups={self.groups}, subm={self.subm}, indice_key={self.indice_key!r}")
+                f"groups={self.groups}, subm={self.subm}, indice_key={self.indice_key!r}"
+                + (f", act={self.act_type}" if self.act_type != "None_" else ""))
 
 
 def _make(ndim: int, kind: str, name: str):
