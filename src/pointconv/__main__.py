@@ -53,14 +53,15 @@ def _search_impl(backend, device, *, d3_float32=True):
     if backend == "triton" and d3_float32:
         return "triton (brute force <= 2048 points, else uniform grid)"
     if device.type == "cpu":
-        return "torch (scipy cKDTree for D <= 8, else chunked brute force)"
+        return "torch (scipy cKDTree for D <= 8, one shared by a batch's clouds under 20K points; else chunked brute force)"
     return "torch (chunked brute force)"
 
 
 _OPS = [
     ("knn / ball_query / NeighborIndex, float32", lambda b, d: _search_impl(b, d)),
     ("knn / ball_query / NeighborIndex, float64", lambda b, d: _search_impl(b, d, d3_float32=False)),
-    ("farthest_point_sample, float32", lambda b, d: "triton" if b == "triton" else "torch (reference loop)"),
+    ("farthest_point_sample, float32", lambda b, d: "triton" if b == "triton" else
+     "torch (the reference loop, in NumPy)" if b == "torch" and d.type == "cpu" else "torch (reference loop)"),
     ("grid_subsample", lambda b, d: "torch (unique + index_put)"),
     ("knn_aggregate_aniso / _iso, float32", lambda b, d: {
         "reference": "reference (dense)",
