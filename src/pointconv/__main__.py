@@ -60,8 +60,9 @@ def _search_impl(backend, device, *, d3_float32=True):
 _OPS = [
     ("knn / ball_query / NeighborIndex, float32", lambda b, d: _search_impl(b, d)),
     ("knn / ball_query / NeighborIndex, float64", lambda b, d: _search_impl(b, d, d3_float32=False)),
-    ("farthest_point_sample, float32", lambda b, d: "triton" if b == "triton" else
-     "torch (the reference loop, in NumPy)" if b == "torch" and d.type == "cpu" else "torch (reference loop)"),
+    ("farthest_point_sample, float32", lambda b, d: {
+        "triton": "triton", "reference": "reference (the torch loop)"}.get(
+        b, "torch (the reference loop, in NumPy)" if d.type == "cpu" else "torch (the reference loop)")),
     ("grid_subsample", lambda b, d: "torch (unique + index_put)"),
     ("knn_aggregate_aniso / _iso, float32", lambda b, d: {
         "reference": "reference (dense)",
