@@ -157,6 +157,9 @@ def test_feature_wise_modules_match_torchs():
     assert seq[0]._sparse_unique_name == "0"
     with pytest.raises(TypeError, match="torch.nn.Module"):
         spconv.assign_name_for_sparse_modules([seq])
+    assert spconv.RemoveGrid()(x).grid is None
+    with pytest.raises(TypeError, match="must be a SparseConvTensor"):
+        spconv.RemoveGrid()(x.features)
 
 
 def test_tensor_helpers():
@@ -254,6 +257,8 @@ def test_fused_activation_of_sparse_convolution(act, fn):
     torch.testing.assert_close(fused(x).features, fn(plain(x).features))
     with pytest.raises(ValueError, match="act_type must be one of"):
         SparseConvolution(3, 4, 5, 3, act_type="GELU")
+    with pytest.raises(TypeError, match="act_alpha must be a number"):
+        SparseConvolution(3, 4, 5, 3, act_type="LeakyReLU", act_alpha="0.1")
     try:  # spconv's own enum (cumm), where installed: read by its name
         from cumm import tensorview as tv
     except ImportError:

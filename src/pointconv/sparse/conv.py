@@ -143,6 +143,9 @@ class SparseConvolution(SparseModule):
         self.act_type = "None_" if act_type is None else getattr(act_type, "name", str(act_type))
         if self.act_type not in _ACTIVATIONS:
             raise ValueError(f"act_type must be one of {sorted(_ACTIVATIONS)} (spconv's Activation), got {act_type!r}")
+        for arg, value in (("act_alpha", act_alpha), ("act_beta", act_beta)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{arg} must be a number, got {type(value).__name__}")
         self.act_alpha, self.act_beta = float(act_alpha), float(act_beta)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_channels, *self.kernel_size, in_channels // groups), **factory))

@@ -72,6 +72,8 @@ class RemoveGrid(SparseModule):
     """spconv's: drops the tensor's pre-allocated ``grid`` buffer (pointconv allocates none)."""
 
     def forward(self, x: SparseConvTensor):
+        if not isinstance(x, SparseConvTensor):
+            raise TypeError(f"input must be a SparseConvTensor, got {type(x).__name__}")
         x.grid = None
         return x
 
