@@ -1,18 +1,25 @@
 """Packed clouds ``(N, D)`` with a sorted int64 batch vector, and their padded form.
 
-The packed searches convert to padded clouds, search, and map the indices back into the packed
-points: the same results as the padded form by construction.
+The packed searches run the padded search on groups of clouds of similar sizes and write each
+group's results back into the packed rows: the same results as the padded form of the whole
+batch, without its memory. One padded batch of uneven clouds costs ``B x max(N)`` rows (a 1M-point
+cloud beside 99 of 1K points: 100M rows of coordinates and of ``k`` results); the groups keep
+the padded rows within twice the packed ones (``_size_groups``).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _checks
-from ._common import KNN
+from ._common import KNN, differentiable_dists
 from .ball_query import ball_query
 from .knn import knn
 
 __all__ = ["packed_to_padded", "knn_packed", "ball_query_packed"]
+
+# rows of padding any group may add beyond twice its clouds' rows: small clouds of scattered sizes
+# then share one search instead of one each
+_PAD_SLACK = 1 << 12
 
 
 def packed_to_padded(x: torch.Tensor, batch: torch.Tensor, num_batches: int):
@@ -27,6 +34,27 @@ def packed_to_padded(x: torch.Tensor, batch: torch.Tensor, num_batches: int):
     padded = x.new_zeros((num_batches, nmax, x.shape[1]))
     padded = padded.index_put((batch, pos), x)
     return padded, counts, offsets, pos
+
+
+def _size_groups(query_counts: list[int], points_counts: list[int], slack: int) -> list[list[int]]:
+    """The clouds that have queries and points, in groups whose padded rows (``len(group) x`` its
+    largest cloud, for the queries and for the points) stay within twice their rows plus
+    ``slack``. Clouds are taken by decreasing size (points, then queries) and a group closes
+    where the next cloud would break that bound; on the points' side that cloud has under half the
+    points of the group's first, so when query and point counts grow together there are at most
+    about ``log2(largest / smallest) + 1`` groups."""
+    order = sorted((c for c, (q, p) in enumerate(zip(query_counts, points_counts)) if q and p),
+                   key=lambda c: (-points_counts[c], -query_counts[c], c))
+    groups, group = [], []
+    qmax = pmax = qsum = psum = 0  # of the open group
+    for c in order:
+        q, p = query_counts[c], points_counts[c]
+        n, qmax, pmax, qsum, psum = len(group) + 1, max(qmax, q), max(pmax, p), qsum + q, psum + p
+        if group and (n * qmax > 2 * qsum + slack or n * pmax > 2 * psum + slack):
+            groups.append(group)  # c opens the next group
+            group, qmax, pmax, qsum, psum = [], q, p, q, p
+        group.append(c)
+    return groups + ([group] if group else [])
 
 
 def _check_packed(query, points, query_batch, points_batch, exclude_self):
@@ -48,15 +76,42 @@ def _check_packed(query, points, query_batch, points_batch, exclude_self):
     return nb
 
 
-def _packed_search(fn, query, points, query_batch, points_batch, exclude_self, *args):
+def _padded_rows(counts: torch.Tensor, offsets: torch.Tensor, clouds: torch.Tensor, width: int):
+    """The packed rows of ``clouds`` (in that order) and their rows in the ``(len(clouds), width)``
+    padded block."""
+    n = counts[clouds]
+    local = torch.repeat_interleave(torch.arange(clouds.numel(), device=clouds.device), n)
+    pos = torch.arange(local.numel(), device=clouds.device) - (torch.cumsum(n, 0) - n)[local]
+    return offsets[clouds][local] + pos, local * width + pos
+
+
+def _packed_search(fn, k, query, points, query_batch, points_batch, exclude_self, *args):
     nb = _check_packed(query, points, query_batch, points_batch, exclude_self)
-    qpad, qlen, _, qpos = packed_to_padded(query, query_batch, nb)
-    ppad, plen, poff, _ = packed_to_padded(points, points_batch, nb)
-    res = fn(qpad, ppad, *args, query_lengths=qlen, points_lengths=plen, exclude_self=exclude_self)
-    dists = res.dists[query_batch, qpos]
-    idx = res.idx[query_batch, qpos]
-    idx = torch.where(idx >= 0, idx + poff[query_batch, None], -1)
-    return KNN(dists, idx)
+    dev, D = query.device, query.shape[1]
+    qcount = torch.bincount(query_batch, minlength=nb)
+    pcount = torch.bincount(points_batch, minlength=nb)
+    qoff, poff = torch.cumsum(qcount, 0) - qcount, torch.cumsum(pcount, 0) - pcount
+    dists = query.new_full((query.shape[0], k), float("inf"))
+    idx = torch.full((query.shape[0], k), -1, dtype=torch.int64, device=dev)
+    # the search runs without autograd: the selected distances are recomputed from the packed
+    # coordinates below, as the padded searches do
+    with torch.no_grad():
+        for group in _size_groups(qcount.tolist(), pcount.tolist(), _PAD_SLACK):
+            clouds = torch.tensor(group, device=dev)
+            qlen, plen = qcount[clouds], pcount[clouds]
+            qmax, pmax = int(qlen.max()), int(plen.max())
+            qrows, qslots = _padded_rows(qcount, qoff, clouds, qmax)
+            prows, pslots = _padded_rows(pcount, poff, clouds, pmax)
+            qpad = query.new_zeros((len(group) * qmax, D)).index_copy_(0, qslots, query[qrows])
+            ppad = points.new_zeros((len(group) * pmax, D)).index_copy_(0, pslots, points[prows])
+            res = fn(qpad.view(len(group), qmax, D), ppad.view(len(group), pmax, D), *args,
+                     query_lengths=qlen, points_lengths=plen, exclude_self=exclude_self)
+            found = res.idx.view(-1, k)[qslots]
+            # group-local point indices -> packed rows: the cloud's offset among the packed points
+            shift = poff[clouds].repeat_interleave(qlen)[:, None]
+            idx[qrows] = torch.where(found >= 0, found + shift, -1)
+            dists[qrows] = res.dists.view(-1, k)[qslots]
+    return KNN(differentiable_dists(dists[None], idx[None], query[None], points[None])[0], idx)
 
 
 def knn_packed(query: torch.Tensor, points: torch.Tensor, k: int, *, query_batch: torch.Tensor,
@@ -65,9 +120,11 @@ def knn_packed(query: torch.Tensor, points: torch.Tensor, k: int, *, query_batch
 
     Returns ``KNN(dists (Nq, k), idx (Nq, k))``: SQUARED distances ascending, int64 indices into the
     packed ``points`` (``-1`` / ``inf`` where missing). Queries only see points of their own cloud.
+    Clouds of very different sizes are searched in groups of similar sizes (module docstring):
+    the padding stays within twice the packed rows.
     """
     k = _checks.positive_int("k", k)
-    return _packed_search(knn, query, points, query_batch, points_batch, exclude_self, k)
+    return _packed_search(knn, k, query, points, query_batch, points_batch, exclude_self, k)
 
 
 def ball_query_packed(query: torch.Tensor, points: torch.Tensor, radius: float, k: int, *,
@@ -76,4 +133,4 @@ def ball_query_packed(query: torch.Tensor, points: torch.Tensor, radius: float, 
     """Ball query of packed clouds; arguments and outputs as in :func:`knn_packed`."""
     radius = _checks.positive_float("radius", radius)
     k = _checks.positive_int("k", k)
-    return _packed_search(ball_query, query, points, query_batch, points_batch, exclude_self, radius, k)
+    return _packed_search(ball_query, k, query, points, query_batch, points_batch, exclude_self, radius, k)
