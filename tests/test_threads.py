@@ -128,3 +128,17 @@ def test_a_forked_child_gets_its_own_pool(two_threads):
         child.kill()
         pytest.fail("map_ordered hung in a forked child")
     assert queue.get(timeout=5) == [k * k for k in range(6)]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_items_run_in_the_callers_grad_mode(two_threads, grad):
+    # grad mode is per thread: an autograd Function's forward (no grad) that spreads work over the
+    # pool must not have its items record graphs, nor refuse out= ops on tensors requiring grad
+    x = torch.ones(3, requires_grad=True)
+
+    def item(_):
+        time.sleep(0.01)  # keep both workers busy
+        return torch.is_grad_enabled(), (x * 2).requires_grad
+
+    with torch.set_grad_enabled(grad):
+        assert map_ordered(item, range(4), torch.device("cpu")) == [(grad, grad)] * 4

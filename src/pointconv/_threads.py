@@ -40,12 +40,15 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _pools[workers]
 
 
-def _run_in_worker(fn, item):
+def _run_in_worker(fn, item, grad_enabled: bool):
     # Work items that call map_ordered themselves run their items inline: they would otherwise
-    # wait on the same pool's threads, which may all be waiting too.
+    # wait on the same pool's threads, which may all be waiting too. Autograd's grad mode is
+    # per thread: the item runs in its caller's (an autograd Function's forward runs without
+    # grad, and so must its items).
     _in_worker.active = True
     try:
-        return fn(item)
+        with torch.set_grad_enabled(grad_enabled):
+            return fn(item)
     finally:
         _in_worker.active = False
 
@@ -74,7 +77,8 @@ def imap_ordered(fn: Callable[[T], R], items: Iterable[T], device: torch.device,
     futures = []
     try:
         pool = _pool(workers)
-        futures = [pool.submit(_run_in_worker, fn, item) for item in items]
+        grad_enabled = torch.is_grad_enabled()
+        futures = [pool.submit(_run_in_worker, fn, item, grad_enabled) for item in items]
         for future in futures:
             yield future.result()
     finally:
