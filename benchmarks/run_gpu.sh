@@ -5,8 +5,9 @@
 #   bash benchmarks/run_gpu.sh sparse pointconv
 # (no arguments: all five parts, which may pass one call's 600 s limit).
 # The GPU image already has torch, triton, pytest, hypothesis, tqdm and matplotlib; the project
-# runs from the source tree. For spconv baselines, carry the spconv-cu126 and cumm-cu126==0.7.11
-# wheels (see the device README) and install them first. Logs and tables go to $OUT (or ./gpu_out).
+# runs from the source tree. The spconv-cu126 baseline: run benchmarks/pack_spconv_gpu.sh once on
+# the development machine and name .gpu_carry in the device call's carry; it is unpacked here
+# (without it the spconv rows say why they are missing). Logs and tables go to $OUT (or ./gpu_out).
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -19,7 +20,12 @@ for part in $parts; do
     tests) timeout 240 python3 -m pytest -q -x tests 2>&1 | tee "$out/tests.log" | tail -30 ;;
     neighbors) timeout 150 python3 benchmarks/bench_neighbors.py --device cuda 2>&1 | tee "$out/bench_neighbors_cuda.md" ;;
     gaussian) timeout 100 python3 benchmarks/bench_gaussian.py --device cuda 2>&1 | tee "$out/bench_gaussian_cuda.md" ;;
-    sparse)
+    sparse)  # spconv-cu126 only here (the parity tests with spconv run on CPU, in the CI)
+      if [ -f .gpu_carry/spconv_site.tar.xz ]; then
+        mkdir -p /tmp/spconv_site && tar -xJf .gpu_carry/spconv_site.tar.xz -C /tmp/spconv_site
+      fi
+      export PYTHONPATH=src:/tmp/spconv_site
+      python3 -c 'import spconv, cumm; print("spconv", spconv.__version__, "cumm", cumm.__version__)' 2>&1 | tail -3
       timeout 90 python3 benchmarks/bench_sparse.py --device cuda 2>&1 | tee "$out/bench_sparse_a_cuda.md"
       timeout 240 python3 benchmarks/bench_sparse.py --device cuda --net 2>&1 | tee "$out/bench_sparse_b_cuda.md" ;;
     pointconv) timeout 120 python3 benchmarks/bench_pointconv.py --device cuda 2>&1 | tee "$out/bench_pointconv_cuda.md" ;;
