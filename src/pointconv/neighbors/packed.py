@@ -91,6 +91,9 @@ def _packed_search(fn, k, query, points, query_batch, points_batch, exclude_self
     qcount = torch.bincount(query_batch, minlength=nb)
     pcount = torch.bincount(points_batch, minlength=nb)
     qoff, poff = torch.cumsum(qcount, 0) - qcount, torch.cumsum(pcount, 0) - pcount
+    # one padded tensor for both sides of a self-search: the searches recognize it (the CPU path
+    # then queries in the kd-tree's own leaf order)
+    self_search = query is points and (query_batch is points_batch or torch.equal(query_batch, points_batch))
     dists = query.new_full((query.shape[0], k), float("inf"))
     idx = torch.full((query.shape[0], k), -1, dtype=torch.int64, device=dev)
     # the search runs without autograd: the selected distances are recomputed from the packed
@@ -103,7 +106,8 @@ def _packed_search(fn, k, query, points, query_batch, points_batch, exclude_self
             qrows, qslots = _padded_rows(qcount, qoff, clouds, qmax)
             prows, pslots = _padded_rows(pcount, poff, clouds, pmax)
             qpad = query.new_zeros((len(group) * qmax, D)).index_copy_(0, qslots, query[qrows])
-            ppad = points.new_zeros((len(group) * pmax, D)).index_copy_(0, pslots, points[prows])
+            ppad = qpad if self_search else points.new_zeros((len(group) * pmax, D)).index_copy_(
+                0, pslots, points[prows])
             res = fn(qpad.view(len(group), qmax, D), ppad.view(len(group), pmax, D), *args,
                      query_lengths=qlen, points_lengths=plen, exclude_self=exclude_self)
             found = res.idx.view(-1, k)[qslots]
