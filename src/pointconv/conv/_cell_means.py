@@ -38,6 +38,14 @@ _BLOCK_ELEMENTS_CUDA = 1 << 26  # one launch for most clouds on a GPU
 _INT32_MAX = (1 << 31) - 1
 
 
+def _unchecked_sparse():
+    """Sparse tensors built here skip torch's invariant checks (the rows come sorted from the
+    search). Said through torch's switch as well as ``check_invariants=False``: torch 2.11 warns
+    once per process, about memory errors, at any sparse tensor built while the switch was
+    never set, whatever the argument says."""
+    return torch.sparse.check_sparse_tensor_invariants(enable=False)
+
+
 @dataclass
 class CellMeans:
     """The ``(27 R, R)`` CSR matrix described in the module docstring. ``count`` holds, per stored
@@ -86,8 +94,9 @@ class CellMeans:
             r1 = min(self.num_rows, r0 + step)
             a, b = bounds[k], bounds[k + 1]
             crow = self.crow[27 * r0: 27 * r1 + 1] - a
-            S = torch.sparse_csr_tensor(crow, self.col[a:b], values[a:b], (27 * (r1 - r0), self.num_rows),
-                                        check_invariants=False)
+            with _unchecked_sparse():
+                S = torch.sparse_csr_tensor(crow, self.col[a:b], values[a:b], (27 * (r1 - r0), self.num_rows),
+                                            check_invariants=False)
             means = buffer[: 27 * (r1 - r0)]
             torch.addmm(means, S, x, beta=0, out=means)
             yield r0, r1, means.view(r1 - r0, 27 * channels)

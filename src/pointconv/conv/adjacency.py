@@ -46,6 +46,9 @@ def adjacency(idx: torch.Tensor, num_points: int, *, weights: torch.Tensor | Non
     cols = idx3.long() + (torch.arange(B, device=idx.device) * P)[:, None, None]
     keep = valid.reshape(-1)
     indices = torch.stack([rows.expand_as(idx3).reshape(-1)[keep], cols.reshape(-1)[keep]])
-    adj = torch.sparse_coo_tensor(indices, w.reshape(-1)[keep], (B * Q, B * P) if batched else (Q, P),
-                                  check_invariants=True)
+    # checked (cheap next to the coalesce), and said through torch's switch as well: torch 2.11
+    # warns about unchecked tensors while the switch was never set, whatever the argument says
+    with torch.sparse.check_sparse_tensor_invariants(enable=True):
+        adj = torch.sparse_coo_tensor(indices, w.reshape(-1)[keep], (B * Q, B * P) if batched else (Q, P),
+                                      check_invariants=True)
     return adj.coalesce()
