@@ -11,8 +11,21 @@ import numpy as np
 import torch
 
 
+def _gather_takes_int32() -> bool:
+    try:
+        torch.gather(torch.zeros(1), 0, torch.zeros(1, dtype=torch.int32))
+    except RuntimeError:  # torch 2.4: "gather(): Expected dtype int64 for index"
+        return False
+    return True
+
+
+_GATHER_TAKES_INT32 = _gather_takes_int32()
+
+
 def take(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``values[idx]`` for 1-D tensors."""
+    """``values[idx]`` for 1-D tensors (``idx`` int32 or int64)."""
+    if idx.dtype != torch.int64 and not _GATHER_TAKES_INT32:
+        return values.index_select(0, idx)  # the same values; index_select takes int32 on every torch
     return torch.gather(values, 0, idx)
 
 
