@@ -2,8 +2,11 @@
 
 The interpreter (TRITON_INTERPRET=1) runs kernels as NumPy and skips the compiler's checks
 (constexpr globals, loop-carried types, layouts); this catches those on machines with no GPU.
-Prints one line per compiled variant; exits non-zero on the first failure.
+Prints one line per compiled variant; exits non-zero on the first failure. Runs with older
+Triton releases too (their ``ASTSource`` takes arguments by position): that is how
+``pointconv._backend.MIN_TRITON`` was found.
 """
+import inspect
 import os
 
 os.environ["TRITON_INTERPRET"] = "0"  # must precede the kernels' import
@@ -19,9 +22,14 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def compile_kernel(fn, signature, constexprs):
-    sig = dict(signature)
-    sig.update({name: "constexpr" for name in constexprs})
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    if "constexprs" in inspect.signature(ASTSource).parameters:
+        sig = dict(signature)
+        sig.update({name: "constexpr" for name in constexprs})
+        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    else:  # older Triton: arguments by position, constants apart
+        position = {name: i for i, name in enumerate(fn.arg_names)}
+        src = ASTSource(fn=fn, signature={position[n]: t for n, t in signature.items()},
+                        constants={position[n]: v for n, v in constexprs.items()})
     return triton.compile(src, target=TARGET, options={"enable_fp_fusion": False})
 
 

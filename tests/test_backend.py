@@ -30,6 +30,9 @@ def test_defaults_and_forcing(monkeypatch):
 
 
 def test_triton_forced_on_cpu_needs_the_interpreter(monkeypatch):
+    from pointconv import _backend
+
+    monkeypatch.setattr(_backend, "triton_version", lambda: _backend.MIN_TRITON)  # whatever is installed
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pointconv.use_backend("triton"):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
@@ -42,3 +45,30 @@ def test_env_var_selects_the_reference_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "POINTCONV_BACKEND": "reference"})
     assert out.stdout.strip() == "reference"
+
+
+def test_cuda_takes_triton_only_from_the_version_that_compiles_every_kernel(monkeypatch):
+    from pointconv import _backend
+
+    monkeypatch.delenv("POINTCONV_BACKEND", raising=False)
+    cuda = torch.device("cuda")  # backend_for reads only the device type: no GPU needed
+    for version, expected in [(None, "torch"), ((3, 0), "torch"), ((3, 4), "torch"), ((3, 5), "triton"),
+                              ((3, 9), "triton"), ((4, 0), "triton")]:
+        monkeypatch.setattr(_backend, "triton_version", lambda v=version: v)
+        assert backend_for(cuda) == expected, version
+        assert backend_for(torch.device("cpu")) == "torch"
+    monkeypatch.setattr(_backend, "triton_version", lambda: (3, 4))
+    with pointconv.use_backend("triton"):
+        with pytest.raises(RuntimeError, match=r"needs Triton >= 3\.5 \(Triton 3\.4 is installed\)"):
+            backend_for(cuda)
+    monkeypatch.setattr(_backend, "triton_version", lambda: None)
+    with pointconv.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="Triton is not installed"):
+            backend_for(cuda)
+
+
+def test_triton_version_reads_the_installed_package():
+    triton = pytest.importorskip("triton")
+    from pointconv._backend import triton_version
+
+    assert triton_version() == tuple(int(x) for x in triton.__version__.split(".")[:2])

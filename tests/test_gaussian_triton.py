@@ -7,8 +7,9 @@ import torch
 import pointconv
 from pointconv.gaussian import knn_aggregate_aniso_reference
 from test_gaussian import make
+from needs_triton import require_triton
 
-pytest.importorskip("triton")
+require_triton()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

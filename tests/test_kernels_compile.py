@@ -2,9 +2,9 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
+from needs_triton import require_triton
 
-pytest.importorskip("triton")
+require_triton()
 
 
 def test_every_kernel_compiles_for_sm90():

@@ -9,8 +9,9 @@ from pointconv.neighbors._distance import radius_squared
 from pointconv.neighbors._reference import search_reference
 from pointconv.neighbors.sampling import _fps_torch
 from clouds import make_cloud
+from needs_triton import require_triton
 
-pytest.importorskip("triton")
+require_triton()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 from pointconv.kernels import knn as knn_kernels  # noqa: E402  (after TRITON_INTERPRET is set)
 from pointconv.kernels.fps import farthest_point_sample_triton  # noqa: E402

@@ -55,7 +55,7 @@ def test_ddp_matches_one_process_on_the_whole_batch():
     with tempfile.TemporaryDirectory() as tmp:
         store, result = os.path.join(tmp, "store"), os.path.join(tmp, "grads.pt")
         mp.spawn(_worker, args=(2, store, result), nprocs=2, join=True)
-        ddp_grads = torch.load(result)
+        ddp_grads = torch.load(result, weights_only=True)
     net = make_net()
     # DDP averages the two processes' gradients: the mean of the per-sample losses
     (loss_of(net(batch_of([sample(0), sample(1)]))) / 2).backward()

@@ -8,8 +8,9 @@ import pointconv
 import pointconv.sparse as spconv
 from pointconv.sparse import _implicit_gemm
 from test_sparse_conv import random_sparse
+from needs_triton import require_triton
 
-pytest.importorskip("triton")
+require_triton()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 LAYERS = {

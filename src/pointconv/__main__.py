@@ -13,20 +13,20 @@ import sys
 import torch
 
 import pointconv
-from pointconv._backend import backend_for, forced_backend, triton_available
+from pointconv._backend import (MIN_TRITON, backend_for, forced_backend, triton_available, triton_version,
+                                triton_version_string)
 
 
 def info() -> None:
     import numpy
     import scipy
 
-    triton_version = "not installed"
-    if triton_available():
-        import triton
-
-        triton_version = triton.__version__
+    triton_text = triton_version_string() or "not installed"
+    if triton_version() is not None and not triton_available():
+        triton_text += (f" (the kernels need >= {'.'.join(map(str, MIN_TRITON))}: "
+                        "CUDA tensors take the torch backend)")
     print(f"pointconv {pointconv.__version__}")
-    print(f"torch {torch.__version__}, triton {triton_version}, numpy {numpy.__version__}, scipy {scipy.__version__}")
+    print(f"torch {torch.__version__}, triton {triton_text}, numpy {numpy.__version__}, scipy {scipy.__version__}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))

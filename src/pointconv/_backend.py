@@ -1,7 +1,9 @@
 """Chooses the implementation of each call.
 
 Backends:
-  ``"triton"``     Triton kernels; the default for CUDA tensors when Triton is importable.
+  ``"triton"``     Triton kernels; the default for CUDA tensors when Triton >= 3.5 is installed
+                   (``MIN_TRITON``: the oldest that compiles every kernel; older Triton, as shipped
+                   with torch 2.4-2.8, leaves CUDA tensors to ``"torch"``).
   ``"torch"``      vectorized PyTorch (and scipy on CPU); the default everywhere else.
   ``"reference"``  the plain PyTorch reference of each op; any device, never the default.
 
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -23,8 +27,37 @@ BACKENDS = ("reference", "torch", "triton")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("pointconv_backend", default=None)
 
 
+# The oldest Triton that compiles every kernel for sm_90 (tests/compile_kernels.py, run with each
+# release on 2026-11-22): 3.4 has no float64 tl.dot (sparse convolution in float64), 3.3 fails on
+# the Gaussian double-backward kernels, 3.0-3.2 on tuples returned by jit functions.
+MIN_TRITON = (3, 5)
+
+
+def triton_version_string() -> str | None:
+    """The installed Triton's version, None when there is none. Read from the package metadata
+    (importing Triton takes a second), or from the module where metadata is missing."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    for dist in ("triton", "pytorch-triton", "triton-nightly"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import triton
+
+    return getattr(triton, "__version__", "0")
+
+
+def triton_version() -> tuple[int, ...] | None:
+    """The installed Triton's ``(major, minor)``, None when there is none."""
+    text = triton_version_string()
+    return None if text is None else tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton is installed and new enough (``MIN_TRITON``) for the kernels."""
+    version = triton_version()
+    return version is not None and version >= MIN_TRITON
 
 
 def triton_interpreted() -> bool:
@@ -60,7 +93,10 @@ def backend_for(device: torch.device) -> str:
     name = forced_backend()
     if name == "triton":
         if not triton_available():
-            raise RuntimeError("the triton backend was forced but Triton is not installed")
+            version = triton_version()
+            found = "Triton is not installed" if version is None else f"Triton {'.'.join(map(str, version))} is installed"
+            raise RuntimeError(f"the triton backend was forced but needs Triton >= "
+                               f"{'.'.join(map(str, MIN_TRITON))} ({found})")
         if device.type != "cuda" and not triton_interpreted():
             raise RuntimeError(
                 "the triton backend was forced for a CPU tensor: set TRITON_INTERPRET=1 "
