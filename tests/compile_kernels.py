@@ -3,7 +3,7 @@
 The interpreter (TRITON_INTERPRET=1) runs kernels as NumPy and skips the compiler's checks
 (constexpr globals, loop-carried types, layouts); this catches those on machines with no GPU.
 Prints one line per compiled variant; exits non-zero on the first failure. Runs with older
-Triton releases too (their ``ASTSource`` takes arguments by position): that is how
+Triton releases too (their ``ASTSource`` takes constants apart): that is how
 ``pointconv._backend.MIN_TRITON`` was found.
 """
 import inspect
@@ -26,10 +26,11 @@ def compile_kernel(fn, signature, constexprs):
         sig = dict(signature)
         sig.update({name: "constexpr" for name in constexprs})
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    else:  # older Triton: arguments by position, constants apart
+    else:  # older Triton: constants apart, arguments by name (3.2) or by position (3.0, 3.1)
         position = {name: i for i, name in enumerate(fn.arg_names)}
-        src = ASTSource(fn=fn, signature={position[n]: t for n, t in signature.items()},
-                        constants={position[n]: v for n, v in constexprs.items()})
+        key = (lambda n: n) if triton.__version__ >= "3.2" else position.__getitem__
+        src = ASTSource(fn=fn, signature={key(n): t for n, t in signature.items()},
+                        constants={key(n): v for n, v in constexprs.items()})
     return triton.compile(src, target=TARGET, options={"enable_fp_fusion": False})
 
 
