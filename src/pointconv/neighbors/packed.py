@@ -4,7 +4,7 @@ The packed searches run the padded search on groups of clouds of similar sizes a
 group's results back into the packed rows: the same results as the padded form of the whole
 batch, without its memory. One padded batch of uneven clouds costs ``B x max(N)`` rows (a 1M-point
 cloud beside 99 of 1K points: 100M rows of coordinates and of ``k`` results); the groups keep
-the padded rows within twice the packed ones (``_size_groups``).
+the padded rows within twice the packed ones, plus ``_PAD_SLACK`` per group (``_size_groups``).
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def knn_packed(query: torch.Tensor, points: torch.Tensor, k: int, *, query_batch
     Returns ``KNN(dists (Nq, k), idx (Nq, k))``: SQUARED distances ascending, int64 indices into the
     packed ``points`` (``-1`` / ``inf`` where missing). Queries only see points of their own cloud.
     Clouds of very different sizes are searched in groups of similar sizes (module docstring):
-    the padding stays within twice the packed rows.
+    the padding stays within twice the packed rows, plus 4096 rows per group.
     """
     k = _checks.positive_int("k", k)
     return _packed_search(knn, k, query, points, query_batch, points_batch, exclude_self, k)
