@@ -28,7 +28,8 @@ def compile_kernel(fn, signature, constexprs):
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     else:  # older Triton: constants apart, arguments by name (3.2) or by position (3.0, 3.1)
         position = {name: i for i, name in enumerate(fn.arg_names)}
-        key = (lambda n: n) if triton.__version__ >= "3.2" else position.__getitem__
+        by_name = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 2)
+        key = (lambda n: n) if by_name else position.__getitem__
         src = ASTSource(fn=fn, signature={key(n): t for n, t in signature.items()},
                         constants={key(n): v for n, v in constexprs.items()})
     return triton.compile(src, target=TARGET, options={"enable_fp_fusion": False})
