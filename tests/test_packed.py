@@ -12,17 +12,23 @@ def _packed(sizes, seed, kind="uniform", device="cpu"):
     return x, batch
 
 
+def _padded_reference(fn, q, qb, p, pb, nb, *args, **kwargs):
+    """``fn`` on the padded form of the whole batch, its indices mapped into the packed points."""
+    qpad, ql, _, qpos = packed_to_padded(q, qb, nb)
+    ppad, pl, poff, _ = packed_to_padded(p, pb, nb)
+    ref = fn(qpad, ppad, *args, query_lengths=ql, points_lengths=pl, **kwargs)
+    ref_idx = ref.idx[qb, qpos]
+    return ref.dists[qb, qpos], torch.where(ref_idx >= 0, ref_idx + poff[qb, None], -1)
+
+
 @pytest.mark.parametrize("kind", ["uniform", "duplicated", "lattice"])
 def test_knn_packed_equals_padded(kind, device):
     q, qb = _packed([30, 0, 50, 7], 1, kind, device)
     p, pb = _packed([40, 20, 3, 0], 2, kind, device)
     res = pointconv.knn_packed(q, p, 5, query_batch=qb, points_batch=pb)
-    qpad, ql, _, qpos = packed_to_padded(q, qb, 4)
-    ppad, pl, poff, _ = packed_to_padded(p, pb, 4)
-    ref = pointconv.knn(qpad, ppad, 5, query_lengths=ql, points_lengths=pl)
-    ref_idx = ref.idx[qb, qpos]
-    assert torch.equal(res.idx, torch.where(ref_idx >= 0, ref_idx + poff[qb, None], -1))
-    assert torch.equal(res.dists, ref.dists[qb, qpos])
+    dists, idx = _padded_reference(pointconv.knn, q, qb, p, pb, 4, 5)
+    assert torch.equal(res.idx, idx)
+    assert torch.equal(res.dists, dists)
     # each query's neighbors are in its own cloud and the distances are to the packed points
     found = res.idx >= 0
     assert torch.equal(pb[res.idx[found]], qb[:, None].expand_as(res.idx)[found])
@@ -52,15 +58,6 @@ def test_packed_bad_batch_vectors():
         pointconv.knn_packed(p, p, 2, query_batch=pb, points_batch=pb[:3])
     with pytest.raises(ValueError, match="same packed cloud"):
         pointconv.knn_packed(p[:4], p, 2, query_batch=pb[:4], points_batch=pb, exclude_self=True)
-
-
-def _padded_reference(fn, q, qb, p, pb, nb, *args, **kwargs):
-    """``fn`` on the padded form of the whole batch, its indices mapped into the packed points."""
-    qpad, ql, _, qpos = packed_to_padded(q, qb, nb)
-    ppad, pl, poff, _ = packed_to_padded(p, pb, nb)
-    ref = fn(qpad, ppad, *args, query_lengths=ql, points_lengths=pl, **kwargs)
-    ref_idx = ref.idx[qb, qpos]
-    return ref.dists[qb, qpos], torch.where(ref_idx >= 0, ref_idx + poff[qb, None], -1)
 
 
 # sizes spread over two orders of magnitude, empty clouds on either side, in no size order

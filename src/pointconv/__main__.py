@@ -13,7 +13,7 @@ import sys
 import torch
 
 import pointconv
-from pointconv._backend import (MIN_TRITON, backend_for, forced_backend, triton_available, triton_version,
+from pointconv._backend import (MIN_TRITON, backend_for, dotted, forced_backend, triton_available, triton_version,
                                 triton_version_string)
 
 
@@ -23,7 +23,7 @@ def info() -> None:
 
     triton_text = triton_version_string() or "not installed"
     if triton_version() is not None and not triton_available():
-        triton_text += (f" (the kernels need >= {'.'.join(map(str, MIN_TRITON))}: "
+        triton_text += (f" (the kernels need >= {dotted(MIN_TRITON)}: "
                         "CUDA tensors take the torch backend)")
     print(f"pointconv {pointconv.__version__}")
     print(f"torch {torch.__version__}, triton {triton_text}, numpy {numpy.__version__}, scipy {scipy.__version__}")

@@ -57,6 +57,11 @@ def triton_version() -> tuple[int, ...] | None:
     return None if text is None else tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
+def dotted(version: tuple[int, ...]) -> str:
+    """``(3, 5)`` -> ``"3.5"``."""
+    return ".".join(map(str, version))
+
+
 def triton_available() -> bool:
     """Whether Triton is installed and new enough (``MIN_TRITON``) for the kernels."""
     version = triton_version()
@@ -97,9 +102,8 @@ def backend_for(device: torch.device) -> str:
     if name == "triton":
         if not triton_available():
             version = triton_version()
-            found = "Triton is not installed" if version is None else f"Triton {'.'.join(map(str, version))} is installed"
-            raise RuntimeError(f"the triton backend was forced but needs Triton >= "
-                               f"{'.'.join(map(str, MIN_TRITON))} ({found})")
+            found = "Triton is not installed" if version is None else f"Triton {dotted(version)} is installed"
+            raise RuntimeError(f"the triton backend was forced but needs Triton >= {dotted(MIN_TRITON)} ({found})")
         if device.type != "cuda" and not triton_interpreted():
             raise RuntimeError(
                 "the triton backend was forced for a CPU tensor: set TRITON_INTERPRET=1 "
