@@ -5,8 +5,10 @@ range, device or value) with a message that names the argument and says what was
 """
 from __future__ import annotations
 
+import math
 import numbers
 
+import numpy as np
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,6 +69,20 @@ def nonneg_int(name: str, k) -> int:
     if k < 0:
         raise ValueError(f"{name} must be >= 0, got {k}")
     return int(k)
+
+
+def flag(name: str, value) -> bool:
+    """A bool (numpy's included): a string such as ``"no"`` must not read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def output_size(name: str, *shape: int) -> None:
+    """An output of ``shape`` elements must be allocatable at all: beyond 2^40 elements (8 TiB of
+    int64) the allocator's own error would not say which argument asked for it."""
+    if math.prod(shape) >= 1 << 40:
+        raise ValueError(f"{name} asks for an output of shape {tuple(shape)}: 2^40 elements or more")
 
 
 def positive_float(name: str, r) -> float:

@@ -21,11 +21,22 @@ class KNN(NamedTuple):
     idx: torch.Tensor
 
 
+def check_magnitude(name: str, x: torch.Tensor) -> None:
+    """Squared distances between coordinates of ``x`` must be finite in its dtype: an overflow to
+    ``inf`` would read as a missing neighbor (float32: |x| up to about 5e18 in 3-D)."""
+    limit = (torch.finfo(x.dtype).max / (4 * max(x.shape[-1], 1))) ** 0.5
+    if x.numel() and float(x.detach().abs().amax()) > limit:
+        raise ValueError(f"{name} has coordinates beyond {limit:.3g} in magnitude: their squared distances "
+                         f"overflow {x.dtype} (use float64 or rescale the coordinates)")
+
+
 def check_query(query, points, *, query_lengths, exclude_self):
     """Validate ``query`` against already-validated ``points``; return int64 query lengths."""
     _checks.tensor("query", query)
     _checks.same_device(points=points, query=query)
     _checks.coords("query", query, ndim=3)
+    check_magnitude("query", query)
+    _checks.flag("exclude_self", exclude_self)
     _checks.same_dtype(points=points, query=query)
     if query.shape[0] != points.shape[0]:
         raise ValueError(f"query has batch size {query.shape[0]} but points has {points.shape[0]}")
@@ -39,6 +50,7 @@ def check_query(query, points, *, query_lengths, exclude_self):
 
 def check_points(points, points_lengths, name="points", lengths_name="points_lengths"):
     _checks.coords(name, points, ndim=3)
+    check_magnitude(name, points)
     return _checks.lengths(lengths_name, points_lengths, points.shape[0], points.shape[1], points.device)
 
 

@@ -68,6 +68,14 @@ def _rel_error(dim: int, dtype: torch.dtype) -> float:
     return 2.0 * (dim + 4) * (torch.finfo(dtype).eps + torch.finfo(torch.float64).eps)
 
 
+def _abs_error(dim: int, dtype: torch.dtype) -> float:
+    # Below the smallest normal number a rounding errs by up to half the smallest subnormal, not
+    # relatively: squared distances of about 1e-45 (float32) round to 0 or to each other. Added to
+    # every bound, so underflowed distances are compared as the ties they may be.
+    finfo = torch.finfo(dtype)
+    return 2.0 * (dim + 4) * finfo.smallest_normal * finfo.eps
+
+
 def morton_order(x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """A permutation that puts nearby points next to each other (Z-order of the first 3 coordinates).
 
@@ -168,8 +176,8 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None, lift=None)
     n = p.shape[0]
     rows = torch.arange(nq) if row_ids is None else row_ids
     m = min(k + int(exclude_self) + 1, n)  # one more than needed: it certifies the boundary
-    rel = _rel_error(dim, q.dtype)
-    bound = math.inf if radius2 is None else math.sqrt(radius2 * (1 + 4 * rel))
+    rel, tiny = _rel_error(dim, q.dtype), _abs_error(dim, q.dtype)
+    bound = math.inf if radius2 is None else math.sqrt(radius2 * (1 + 4 * rel) + 4 * tiny)
     q_lift = None
     if lift is not None:
         bound = min(bound, lift.bound)
@@ -191,7 +199,7 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None, lift=None)
     uncertified = []
     if nq < _PIPELINE_ROWS:  # small batches: a thread pool costs more than it saves
         dd, ii = _query_chunk(tree, q64, m, guess, bound, workers=-1)
-        out_d, out_i, bad = _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel)
+        out_d, out_i, bad = _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel, tiny)
         uncertified.append(bad)
     else:
         # Enough chunks to keep every thread busy, each big enough to amortize its overhead.
@@ -204,14 +212,14 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None, lift=None)
         with contextlib.closing(queried):
             for (s, e), (dd, ii) in zip(spans, queried):
                 out_d[s:e], out_i[s:e], bad = _finish_chunk(q[s:e], p_columns, dd, ii, k, radius2,
-                                                            exclude_self, rows[s:e], rel)
+                                                            exclude_self, rows[s:e], rel, tiny)
                 uncertified.append(bad + s)
     bad = torch.cat(uncertified)
     if bad.numel():
         last = out_d[bad, k - 1].double()
         if radius2 is not None:
             last = last.clamp(max=radius2)
-        limit = last * (1 + rel) / (1 - rel) * (1 + 1e-9)
+        limit = (last * (1 + rel) + 2 * tiny) / (1 - rel) * (1 + 1e-9)
         out_d[bad], out_i[bad] = _ball_fallback(q[bad], p, tree, k, radius2, exclude_self, rows[bad], limit,
                                                 None if q_lift is None else q_lift[bad])
     if order is not None:
@@ -221,7 +229,7 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None, lift=None)
     return out_d, out_i
 
 
-def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel):
+def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel, tiny):
     """Top-k of one chunk from the tree's m float64-nearest candidates (see the module docstring).
 
     Returns ``(dists, idx, uncertified_rows)``: the rows whose answer the candidates cannot prove.
@@ -238,7 +246,7 @@ def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel):
     # the tree's order in the input dtype too; only the others need a sort by (distance, index).
     c = min(k + 1, mm)
     lo, hi = d64[:, : c - 1], d64[:, 1:c]
-    clean = ((hi * (1 - rel) > lo * (1 + rel)) | torch.isinf(lo)).all(1)
+    clean = ((hi * (1 - rel) - tiny > lo * (1 + rel) + tiny) | torch.isinf(lo)).all(1)
     kk = min(k, mm)
     d = sq_dist_gathered(q, p_columns, cand[:, :kk].clamp(min=0))
     d = _mask(d, cand[:, :kk], rows[:, None], radius2, exclude_self)
@@ -254,13 +262,36 @@ def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel):
     # The first unseen point is at least this far (squared, float64).
     unseen = torch.from_numpy(dd[:, m - 1]).square()
     if radius2 is not None:
-        unseen = torch.where(torch.isinf(unseen), radius2 * (1 + 4 * rel), unseen)
+        unseen = torch.where(torch.isinf(unseen), radius2 * (1 + 4 * rel) + 4 * tiny, unseen)
     last = out_d[:, k - 1].double()
     if radius2 is not None:
         last = last.clamp(max=radius2)
     # (an infinite unseen distance: no other point within the search bound, the answer is complete)
-    certified = (unseen * (1 - rel) > last * (1 + rel)) | torch.isinf(unseen)
+    certified = (unseen * (1 - rel) - tiny > last * (1 + rel) + tiny) | torch.isinf(unseen)
     return out_d, out_i, torch.nonzero(~certified).flatten()
+
+
+class _DuplicateGroups:
+    """The points of a kd-tree grouped by identical (tree) coordinates, with a tree over one point
+    per group: a ball around a point repeated D times lists it D times, and D queries there cost D^2
+    candidates (minutes for a few thousand copies, such as zero padding counted as points). Only the
+    ``keep`` lowest indices of a group can be among a query's answer (their distances are equal and
+    ties go to the lower index), so each group stands for at most ``keep`` candidates."""
+
+    def __init__(self, tree: cKDTree, keep: int):
+        unique, inverse, counts = np.unique(tree.data, axis=0, return_inverse=True, return_counts=True)
+        self.tree = cKDTree(unique, leafsize=32, balanced_tree=False, compact_nodes=False)
+        self.members = torch.from_numpy(np.argsort(inverse.reshape(-1), kind="stable"))  # by group, then index
+        counts = torch.from_numpy(counts)
+        self.first = torch.cumsum(counts, 0) - counts
+        self.size = counts.clamp(max=keep)
+
+    def expand(self, groups: torch.Tensor) -> torch.Tensor:
+        """The candidates that ``groups`` (int64, flat) stand for, group after group."""
+        size = self.size[groups]
+        ends = torch.cumsum(size, 0)
+        within = torch.arange(int(ends[-1]) if len(ends) else 0) - torch.repeat_interleave(ends - size, size)
+        return self.members[torch.repeat_interleave(self.first[groups], size) + within]
 
 
 def _ball_fallback(qb, p, tree, k, radius2, exclude_self, self_ids, limit2, q_lift=None):
@@ -272,6 +303,13 @@ def _ball_fallback(qb, p, tree, k, radius2, exclude_self, self_ids, limit2, q_li
     q64 = _tree_coords(qb, q_lift)
     r = np.sqrt(limit2.numpy())
     counts = tree.query_ball_point(q64, r, return_length=True)
+    groups = None
+    # far more candidates than answers, and more than the grouping costs (a sort of the points, about
+    # as long as five candidates each): duplicated points
+    if int(counts.sum()) > max(8 * (k + 1) * len(qb), 5 * tree.n):
+        groups = _DuplicateGroups(tree, k + int(exclude_self))
+        group_lists = groups.tree.query_ball_point(q64, r)
+        counts = np.array([int(groups.size[x].sum()) if x else 0 for x in group_lists], dtype=np.int64)
     out_d = torch.full((len(qb), k), float("inf"), dtype=qb.dtype)
     out_i = torch.full((len(qb), k), -1, dtype=torch.int64)
     start = 0
@@ -279,9 +317,12 @@ def _ball_fallback(qb, p, tree, k, radius2, exclude_self, self_ids, limit2, q_li
     while start < len(qb):
         base = csum[start - 1] if start else 0
         stop = max(start + 1, int(np.searchsorted(csum, base + _FALLBACK_CANDIDATES, side="right")))
-        lists = tree.query_ball_point(q64[start:stop], r[start:stop])
-        lens = torch.tensor([len(x) for x in lists], dtype=torch.int64)
-        cand = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64) for x in lists]))
+        lists = tree.query_ball_point(q64[start:stop], r[start:stop]) if groups is None else group_lists[start:stop]
+        flat = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64) for x in lists]))
+        if groups is None:
+            lens, cand = torch.tensor([len(x) for x in lists], dtype=torch.int64), flat
+        else:
+            lens, cand = torch.from_numpy(counts[start:stop]), groups.expand(flat)
         rows = torch.repeat_interleave(torch.arange(stop - start), lens)
         d = sq_dist(qb[start:stop][rows], p[cand])
         d = _mask(d, cand, self_ids[start:stop][rows], radius2, exclude_self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
 from .._backend import backend_for
 from ._cpu import KDTREE_MAX_DIM, brute_force_search, kdtree_search
 from ._trees import CloudTrees, extent_of
@@ -36,6 +37,7 @@ def build_structures(points: torch.Tensor, lengths: torch.Tensor, k_hint: int = 
 @torch.no_grad()
 def search(query, points, k, *, radius2, query_lengths, points_lengths, exclude_self, structures=None):
     """Exact neighbors: squared distances ``(B, Q, k)`` ascending (ties by index) and int64 indices."""
+    _checks.output_size("k", query.shape[0], query.shape[1], k)
     backend = backend_for(query.device)
     query, points = query.detach(), points.detach()
     if backend == "reference":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from ._common import KNN, differentiable_dists
+from ._common import KNN, check_magnitude, differentiable_dists
 from .ball_query import ball_query
 from .knn import knn
 
@@ -60,12 +60,15 @@ def _size_groups(query_counts: list[int], points_counts: list[int], slack: int) 
 def _check_packed(query, points, query_batch, points_batch, exclude_self):
     _checks.coords("points", points, ndim=2)
     _checks.coords("query", query, ndim=2)
+    check_magnitude("points", points)
+    check_magnitude("query", query)
     _checks.same_device(points=points, query=query)
     _checks.same_dtype(points=points, query=query)
     if query.shape[1] != points.shape[1]:
         raise ValueError(f"query has D = {query.shape[1]} but points has D = {points.shape[1]}")
     _checks.batch_vector("query_batch", query_batch, query.shape[0], query.device)
     _checks.batch_vector("points_batch", points_batch, points.shape[0], points.device)
+    _checks.flag("exclude_self", exclude_self)
     if exclude_self and (query.shape[0] != points.shape[0] or not torch.equal(query_batch, points_batch)):
         raise ValueError("exclude_self=True needs query and points to be the same packed cloud "
                          "(same length and equal query_batch and points_batch)")
@@ -87,6 +90,11 @@ def _padded_rows(counts: torch.Tensor, offsets: torch.Tensor, clouds: torch.Tens
 
 def _packed_search(fn, k, query, points, query_batch, points_batch, exclude_self, *args):
     nb = _check_packed(query, points, query_batch, points_batch, exclude_self)
+    _checks.output_size("k", query.shape[0], k)
+    if nb > query.shape[0] + points.shape[0]:  # ids with gaps (up to 2^63): number the clouds present
+        present = torch.unique(torch.cat([query_batch, points_batch]))
+        query_batch, points_batch = (torch.searchsorted(present, b) for b in (query_batch, points_batch))
+        nb = present.numel()
     dev, D = query.device, query.shape[1]
     qcount = torch.bincount(query_batch, minlength=nb)
     pcount = torch.bincount(points_batch, minlength=nb)

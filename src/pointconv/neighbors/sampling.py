@@ -98,7 +98,9 @@ def farthest_point_sample(points: torch.Tensor, n: int, *, lengths=None, random_
     """
     lengths = check_points(points, lengths, lengths_name="lengths")
     n = _checks.positive_int("n", n)
+    _checks.flag("random_start", random_start)
     B = points.shape[0]
+    _checks.output_size("n", B, n)
     if random_start:
         start = (torch.rand(B, device=points.device) * lengths.clamp(min=1)).long()
         start = torch.minimum(start, (lengths - 1).clamp(min=0))
@@ -180,7 +182,11 @@ def grid_subsample(points: torch.Tensor, voxel_size: float, *, lengths=None) -> 
     valid = torch.arange(N, device=dev)[None, :] < lengths[:, None]
     bid, pid = torch.nonzero(valid, as_tuple=True)
     x = points[bid, pid]
-    vox = torch.floor(x.detach() / voxel_size).long()
+    vox = torch.floor(x.detach() / voxel_size)
+    if vox.numel() and float(vox.abs().amax()) >= 2.0**61:  # int64 voxel keys, and their spans
+        raise ValueError(f"voxel_size {voxel_size} is too small for these coordinates: |x| / voxel_size "
+                         "must stay below 2^61")
+    vox = vox.long()
     uniq, inverse, counts = _unique_rows(torch.cat([bid[:, None], vox], dim=1))
     # index_put with accumulation: deterministic on CUDA under torch.use_deterministic_algorithms.
     sums = x.new_zeros((uniq.shape[0], D)).index_put((inverse,), x, accumulate=True)
