@@ -151,7 +151,7 @@ def test_feature_wise_modules_match_torchs():
                                     [3, 3, 3], 1)
     assert bn(empty).features.shape == (0, 4)  # torch's BatchNorm1d refuses 0 rows in training
     seq = spconv.SparseSequential(spconv.SubMConv3d(4, 4, 3, algo=spconv.ConvAlgo.Native))
-    with pytest.raises(KeyError, match="already"):
+    with pytest.raises(ValueError, match="already"):
         seq.add(nn.ReLU(), name="0")
     spconv.assign_name_for_sparse_modules(seq)
     assert seq[0]._sparse_unique_name == "0"

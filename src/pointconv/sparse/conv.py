@@ -29,14 +29,16 @@ from ._implicit_gemm import use_triton
 from ._pair_gemm import accumulation_dtype
 from .kernel_map import KernelMap, build_conv, build_subm, build_transposed, inverse_of
 from .modules import SparseModule
-from .tensor import SparseConvTensor, check_layer_input
+from .tensor import SparseConvTensor, _int, check_layer_input
 
 
 def _tuple(name, v, ndim):
-    t = tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v),) * ndim
-    if len(t) != ndim:
-        raise ValueError(f"{name} must be an int or {ndim} ints, got {v}")
-    return t
+    """An int or ``ndim`` ints (list or tuple; numpy ints too) as a tuple. Floats, bools and strings
+    raise a TypeError: ``int(2.5)`` would silently make a kernel of 2."""
+    vals = list(v) if isinstance(v, (tuple, list)) else [v] * ndim
+    if len(vals) != ndim:
+        raise ValueError(f"{name} must be an int or {ndim} ints, got {v!r}")
+    return tuple(_int(name, x) for x in vals)
 
 
 def _scatter_add_rows(out, rows, src):
@@ -136,6 +138,12 @@ class SparseConvolution(SparseModule):
         if subm and any(s != 1 for s in self.stride):
             raise ValueError(f"a submanifold convolution has stride 1, got {list(self.stride)}")
         self.output_padding = _tuple("output_padding", output_padding, ndim)
+        if transposed and any(not 0 <= op < max(s, d) for op, s, d in
+                              zip(self.output_padding, self.stride, self.dilation)):
+            # torch's ConvTranspose rule: a larger padding would add output rows no input reaches
+            raise ValueError(f"output_padding must be >= 0 and smaller than stride or dilation, got "
+                             f"{list(self.output_padding)} with stride {list(self.stride)} and dilation "
+                             f"{list(self.dilation)}")
         self.transposed, self.inverse = transposed, inverse
         self.indice_key = indice_key
         self.algo = algo

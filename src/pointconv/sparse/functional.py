@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_map import delinearize, linearize
+from .kernel_map import check_key_space, delinearize, linearize
 from .tensor import SparseConvTensor
 
 
@@ -24,6 +24,7 @@ def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
             raise ValueError("sparse_add needs tensors with the same spatial_shape and batch_size")
         if t.features.shape[1] != first.features.shape[1]:
             raise ValueError("sparse_add needs tensors with the same number of channels")
+    check_key_space(first.batch_size, first.spatial_shape)  # larger grids: keys would wrap and merge sites
     keys = [linearize(t.indices[:, 0], t.indices[:, 1:], t.spatial_shape) for t in tensors]
     uniq, inverse = torch.unique(torch.cat(keys), sorted=True, return_inverse=True)
     feats = torch.cat([t.features for t in tensors])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
+from .tensor import _int
 
 _KEY_DTYPES = (torch.int32, torch.int64)
 
@@ -17,9 +18,14 @@ class HashTable:
     def __init__(self, device, key_dtype, value_dtype, max_size: int = -1):
         if key_dtype not in _KEY_DTYPES:
             raise TypeError(f"key_dtype must be torch.int32 or torch.int64, got {key_dtype}")
-        self.device = torch.device(device)
+        if not isinstance(value_dtype, torch.dtype):
+            raise TypeError(f"value_dtype must be a torch.dtype, got {type(value_dtype).__name__}")
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
         self.key_dtype, self.value_dtype = key_dtype, value_dtype
-        self.max_size = int(max_size)
+        self.max_size = _int("max_size", max_size)  # < 0: no limit
         self._keys = torch.empty(0, dtype=key_dtype, device=self.device)
         self._values = torch.empty(0, dtype=value_dtype, device=self.device)
 
@@ -69,6 +75,10 @@ class HashTable:
         out = self._values[pos] if self._values.numel() else self._values_for(keys, None)
         out = torch.where(found.view(-1, *[1] * (out.dim() - 1)), out, torch.zeros_like(out))
         if values is not None:
+            _checks.tensor("values", values)
+            if values.shape != out.shape or values.device != out.device:
+                raise ValueError(f"values (the output) must have shape {tuple(out.shape)} on {out.device}, got "
+                                 f"shape {tuple(values.shape)} on {values.device}")
             values.copy_(out)
         return out, ~found
 
@@ -86,7 +96,9 @@ class HashTable:
         self._values = torch.arange(len(self), dtype=self.value_dtype, device=self.device)
         return len(self)
 
-    def items(self, max_size: int | None = None):
-        """``(keys, values, count)`` in ascending key order."""
-        n = len(self) if max_size is None else min(len(self), int(max_size))
+    def items(self, max_size: int | None = -1):
+        """``(keys, values, count)`` in ascending key order: the first ``max_size`` keys (negative or
+        None, spconv's default -1: all of them)."""
+        max_size = -1 if max_size is None else _int("max_size", max_size)
+        n = len(self) if max_size < 0 else min(len(self), max_size)
         return self._keys[:n], self._values[:n], torch.tensor([len(self)], dtype=torch.int32)

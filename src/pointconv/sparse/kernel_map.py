@@ -1,6 +1,7 @@
 """Kernel maps of sparse convolutions: which input row feeds which output row through which weight.
 
-Sites are linearized as ``batch * prod(shape) + row-major(coords)`` (int64) and looked up in a
+Sites are linearized as ``batch * prod(shape) + row-major(coords)`` (int64: a grid of more than
+2^63 cells raises a ValueError, as does an output shape beyond int32) and looked up in a
 dense table of rows (grids up to 2^25 cells) or the sorted input keys (``searchsorted``):
 vectorized over all kernel offsets at once, on any device. A submanifold map pads the grid by
 the kernel's reach (no bounds tests) and, for odd kernels, looks up half the offsets: the other
@@ -77,7 +78,23 @@ class KernelMap:
         return None
 
 
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def check_key_space(batch_size: int, shape, what: str = "the sites") -> None:
+    """Raise a ValueError unless every key ``linearize`` gives ``batch_size`` samples of a ``shape``
+    grid, ``batch_size * prod(shape) - 1``, fits int64: past that the keys wrap, merging distinct
+    sites and unsorting them. Python ints: free next to any kernel map."""
+    cells = batch_size * math.prod(shape)
+    if cells - 1 > _INT64_MAX:
+        raise ValueError(f"{what} span {batch_size} batch(es) x spatial_shape {list(shape)} = {cells} cells, "
+                         f"more than the 2**63 that int64 site keys can number: use a smaller spatial_shape")
+
+
 def linearize(batch: torch.Tensor, coords: torch.Tensor, shape) -> torch.Tensor:
+    """int64 key ``batch * prod(shape) + row-major(coords)``; callers check the key space with
+    ``check_key_space`` (the keys of a larger grid wrap)."""
     key = batch.long()
     for d, s in enumerate(shape):
         key = key * s + coords[..., d].long()
@@ -152,6 +169,7 @@ class SiteIndex:
         return index
 
     def _index(self, keys: torch.Tensor, batch_size: int):
+        check_key_space(batch_size, self.shape)
         self.keys = keys
         self.cells = batch_size * math.prod(self.shape)
         self.released = False
@@ -214,6 +232,13 @@ def _group_by_offset(in_rows_2d: torch.Tensor, out_rows_2d: torch.Tensor):
     return in_rows_2d[keep], out_rows_2d[keep], start
 
 
+def _check_int32_shape(out, what):
+    # output indices are int32 (as in spconv): a larger axis would wrap its coordinates
+    if any(o > _INT32_MAX for o in out):
+        raise ValueError(f"{what} would be {out}: its coordinates do not fit the int32 indices "
+                         f"(at most {_INT32_MAX} per axis)")
+
+
 def output_shape(in_shape, kernel_size, stride, padding, dilation):
     out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
            for n, k, s, p, d in zip(in_shape, kernel_size, stride, padding, dilation)]
@@ -221,6 +246,7 @@ def output_shape(in_shape, kernel_size, stride, padding, dilation):
         raise ValueError(f"the output spatial shape would be {out} for input {list(in_shape)}, kernel "
                          f"{list(kernel_size)}, stride {list(stride)}, padding {list(padding)}, "
                          f"dilation {list(dilation)}")
+    _check_int32_shape(out, f"the output spatial shape (padding {list(padding)})")
     return out
 
 
@@ -259,9 +285,11 @@ def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
                      (1,) * len(shape), tuple(reach), tuple(dilation), True)
 
 
-def _map_to_targets(indices, shape, y, valid, out_shape, kernel_size, stride, padding, dilation) -> KernelMap:
+def _map_to_targets(indices, shape, batch_size, y, valid, out_shape, kernel_size, stride, padding,
+                    dilation) -> KernelMap:
     """Pairs from ``y (kvol, N, ndim)``: input row n writes output site y[o, n] through offset o."""
     n = indices.shape[0]
+    check_key_space(batch_size, out_shape, "the output sites")
     keys = linearize(indices[:, 0][None].expand(y.shape[0], n), y, out_shape)
     out_keys, inverse = torch.unique(keys[valid], sorted=True, return_inverse=True)
     out_rows = torch.full_like(keys, -1)
@@ -274,7 +302,8 @@ def _map_to_targets(indices, shape, y, valid, out_shape, kernel_size, stride, pa
 
 
 def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> KernelMap:
-    SiteIndex(indices, shape, _batch_size(indices)).release()  # duplicate check
+    batch_size = _batch_size(indices)
+    SiteIndex(indices, shape, batch_size).release()  # duplicate check
     out_shape = output_shape(shape, kernel_size, stride, padding, dilation)
     dev = indices.device
     off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
@@ -282,7 +311,7 @@ def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> Kernel
     st = torch.tensor(stride, device=dev)
     y = torch.div(t, st, rounding_mode="floor")
     valid = ((t % st == 0) & (y >= 0) & (y < torch.tensor(out_shape, device=dev))).all(-1)
-    return _map_to_targets(indices, shape, y, valid, out_shape, kernel_size, stride, padding, dilation)
+    return _map_to_targets(indices, shape, batch_size, y, valid, out_shape, kernel_size, stride, padding, dilation)
 
 
 def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, output_padding):
@@ -290,17 +319,19 @@ def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, ou
            for n, k, s, p, d, op in zip(in_shape, kernel_size, stride, padding, dilation, output_padding)]
     if any(o < 1 for o in out):
         raise ValueError(f"the transposed output spatial shape would be {out} for input {list(in_shape)}")
+    _check_int32_shape(out, f"the transposed output spatial shape (input {list(in_shape)}, stride {list(stride)})")
     return out
 
 
 def build_transposed(indices, shape, kernel_size, stride, padding, dilation, output_padding) -> KernelMap:
-    SiteIndex(indices, shape, _batch_size(indices)).release()  # duplicate check
+    batch_size = _batch_size(indices)
+    SiteIndex(indices, shape, batch_size).release()  # duplicate check
     out_shape = transposed_output_shape(shape, kernel_size, stride, padding, dilation, output_padding)
     dev = indices.device
     off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
     y = indices[:, 1:].long()[None] * torch.tensor(stride, device=dev) - torch.tensor(padding, device=dev) + off[:, None]
     valid = ((y >= 0) & (y < torch.tensor(out_shape, device=dev))).all(-1)
-    return _map_to_targets(indices, shape, y, valid, out_shape, kernel_size, stride, padding, dilation)
+    return _map_to_targets(indices, shape, batch_size, y, valid, out_shape, kernel_size, stride, padding, dilation)
 
 
 def inverse_of(kmap: KernelMap) -> KernelMap:

@@ -1,7 +1,8 @@
 """spconv's module glue: ``SparseModule``, ``SparseSequential`` and the feature-wise wrappers.
 
 ``SparseSequential`` runs sparse layers on the ``SparseConvTensor`` and any plain module
-(``nn.BatchNorm1d``, ``nn.ReLU``, ...) on its features, as spconv does. ``SparseBatchNorm``,
+(``nn.BatchNorm1d``, ``nn.ReLU``, ...) on its features, as spconv does; unlike spconv, also on a
+tensor without sites (so ``nn.Linear`` sets the width), except a batch norm in training. ``SparseBatchNorm``,
 ``SparseSyncBatchNorm``, ``SparseReLU`` and ``SparseIdentity`` subclass the torch module they wrap,
 as spconv's do, so a checkpoint's keys (``bn.weight``, not ``bn.bn.weight``) load unchanged; they
 take a ``SparseConvTensor`` (applied to its features) or a plain tensor.
@@ -46,7 +47,7 @@ class SparseSequential(SparseModule):
     def add(self, module, name=None):
         name = str(len(self._modules)) if name is None else name
         if name in self._modules:
-            raise KeyError(f"SparseSequential already has a module named {name!r}")
+            raise ValueError(f"SparseSequential already has a module named {name!r}")
         self.add_module(name, module)
 
     def forward(self, x):
@@ -54,11 +55,19 @@ class SparseSequential(SparseModule):
             if isinstance(module, _TAKES_SPARSE_TENSORS):
                 x = module(x)
             elif isinstance(x, SparseConvTensor):
-                if x.features.shape[0]:
+                # On no sites, spconv skips every plain module, so an nn.Linear(2, 5) leaves 2 channels:
+                # run them (torch's modules take 0 rows), except a training batch norm, which would
+                # count the empty batch in its running statistics (it keeps the width anyway).
+                if x.features.shape[0] or not _skip_when_empty(module):
                     x = x.replace_feature(module(x.features))
             else:
                 x = module(x)
         return x
+
+
+def _skip_when_empty(module: nn.Module) -> bool:
+    """Whether ``SparseSequential`` leaves a plain module out on a tensor without sites."""
+    return isinstance(module, nn.modules.batchnorm._NormBase) and module.training
 
 
 class ToDense(SparseModule):

@@ -13,7 +13,13 @@ import torch
 from .conv import _tuple
 from .kernel_map import build_conv
 from .modules import SparseModule
-from .tensor import SparseConvTensor, check_layer_input
+from .tensor import SparseConvTensor, check_layer_input, has_duplicate_sites
+
+
+def _check_unique_sites(x: SparseConvTensor) -> None:
+    # a duplicate site would count twice in its sample's max / mean (a sort of the N keys)
+    if has_duplicate_sites(x.indices, x.spatial_shape, x.batch_size):
+        raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
 
 
 class _SparsePool(SparseModule):
@@ -81,6 +87,7 @@ class SparseGlobalMaxPool(SparseModule):
 
     def forward(self, x: SparseConvTensor) -> torch.Tensor:
         check_layer_input(x)
+        _check_unique_sites(x)
         C = x.features.shape[1]
         b = x.indices[:, 0].long()
         out = x.features.new_full((x.batch_size, C), float("-inf"))
@@ -94,6 +101,7 @@ class SparseGlobalAvgPool(SparseModule):
 
     def forward(self, x: SparseConvTensor) -> torch.Tensor:
         check_layer_input(x)
+        _check_unique_sites(x)
         C = x.features.shape[1]
         b = x.indices[:, 0].long()
         out = x.features.new_zeros((x.batch_size, C)).index_add(0, b, x.features)

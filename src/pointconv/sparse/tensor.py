@@ -8,10 +8,44 @@ sites they map back to). Tensors made by ``replace_feature`` share the dict.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
 from .. import _checks
+from .kernel_map import linearize
+
+_INT32_MAX = 2**31 - 1
+
+
+def _int(name: str, v) -> int:
+    """``v`` as an int: Python and numpy ints, integer 0-dim tensors; not bools, floats or strings
+    (``int(1.7)`` would silently truncate)."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}") from None
+
+
+def _feature_tensor(name: str, value, n: int) -> torch.Tensor:
+    """New features for ``n`` sites: a ``(n, C)`` tensor."""
+    _checks.tensor(name, value)
+    if value.dim() != 2 or value.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n}, C) (one row per site), got shape {tuple(value.shape)}")
+    return value
+
+
+def has_duplicate_sites(indices: torch.Tensor, spatial_shape, batch_size: int) -> bool:
+    """Whether two rows of ``indices (N, 1 + ndim)`` are the same site: a sort of the linear keys
+    (of the rows themselves when the grid has more cells than int64 keys can number)."""
+    if indices.shape[0] < 2:
+        return False
+    if batch_size * math.prod(spatial_shape) <= 2**63:
+        keys = torch.sort(linearize(indices[:, 0], indices[:, 1:], spatial_shape)).values
+        return bool((keys[1:] == keys[:-1]).any())
+    return torch.unique(indices, dim=0).shape[0] < indices.shape[0]
 
 
 class SparseConvTensor:
@@ -30,12 +64,14 @@ class SparseConvTensor:
         ndim = len(spatial_shape)
         if ndim < 1 or any(s < 1 for s in spatial_shape):
             raise ValueError(f"spatial_shape must hold >= 1 positive sizes, got {spatial_shape}")
+        if any(s > _INT32_MAX for s in spatial_shape):  # sizes and coordinates are int32, as in spconv
+            raise ValueError(f"spatial_shape sizes must be at most 2**31 - 1 (int32 indices), got {spatial_shape}")
         if indices.dim() != 2 or indices.shape[1] != 1 + ndim or indices.shape[0] != features.shape[0]:
             raise ValueError(f"indices must have shape ({features.shape[0]}, {1 + ndim}) (batch first), "
                              f"got shape {tuple(indices.shape)}")
         if indices.device != features.device:
             raise ValueError(f"indices is on {indices.device} but features is on {features.device}")
-        batch_size = int(batch_size)
+        batch_size = _int("batch_size", batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if indices.shape[0]:
@@ -64,9 +100,7 @@ class SparseConvTensor:
 
     @features.setter
     def features(self, value: torch.Tensor) -> None:
-        if value.shape[0] != self.indices.shape[0]:
-            raise ValueError(f"features must have {self.indices.shape[0]} rows, got {value.shape[0]}")
-        self._features = value
+        self._features = _feature_tensor("features", value, self.indices.shape[0])
 
     @property
     def spatial_size(self) -> int:
@@ -78,8 +112,7 @@ class SparseConvTensor:
 
     def replace_feature(self, feature: torch.Tensor) -> "SparseConvTensor":
         """A tensor with the same sites (and kernel maps) and new features ``(N, C')``."""
-        if feature.shape[0] != self.indices.shape[0]:
-            raise ValueError(f"feature must have {self.indices.shape[0]} rows, got {feature.shape[0]}")
+        feature = _feature_tensor("feature", feature, self.indices.shape[0])
         out = SparseConvTensor.__new__(SparseConvTensor)
         out.__dict__.update(self.__dict__)
         out._features = feature
@@ -115,14 +148,26 @@ class SparseConvTensor:
         return self.replace_feature(-self.features)
 
     def _features_of(self, other) -> torch.Tensor:
-        """``other``'s features for a site-wise sum: a ``(N, C)`` tensor, or a SparseConvTensor with our sites."""
+        """``other``'s features for a site-wise sum: a tensor that broadcasts to our ``(N, C)`` features
+        (``(N, C)``, ``(C,)``, a scalar, as torch's ``+``), or a SparseConvTensor with our sites and C."""
         if isinstance(other, SparseConvTensor):
             if other.indices is not self.indices and (other.indices.shape != self.indices.shape
                                                       or not torch.equal(other.indices, self.indices)):
                 raise ValueError("SparseConvTensors added with + must have the same sites in the same order "
                                  "(use pointconv.sparse.functional.sparse_add for different sites)")
+            if other.features.shape != self.features.shape:
+                raise ValueError(f"SparseConvTensors added with + must have the same channels, got features of "
+                                 f"shape {tuple(self.features.shape)} and {tuple(other.features.shape)}")
             return other.features
         if isinstance(other, torch.Tensor):
+            shape = tuple(self.features.shape)
+            try:
+                fits = torch.broadcast_shapes(other.shape, shape) == shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"a tensor added to a SparseConvTensor must broadcast to its features' shape "
+                                 f"{shape} (N sites, C channels), got shape {tuple(other.shape)}")
             return other
         raise TypeError(f"can only add a SparseConvTensor or a torch.Tensor, got {type(other).__name__}")
 
@@ -141,11 +186,15 @@ class SparseConvTensor:
         return self.indice_dict.get(key) if key is not None else None
 
     def dense(self, channels_first: bool = True) -> torch.Tensor:
-        """``(B, C, *spatial)`` (or channels last ``(B, *spatial, C)``); inactive sites are zero."""
+        """``(B, C, *spatial)`` (or channels last ``(B, *spatial, C)``); inactive sites are zero.
+        Raises on duplicate sites, which would otherwise silently keep one of their features."""
         C = self.features.shape[1]
         if self.batch_size * self.spatial_size * C * self.features.element_size() >= 2**62:
             raise ValueError(f"dense() would hold {self.batch_size} x {self.spatial_shape} x {C} elements: more "
                              "bytes than one tensor can address")
+        if has_duplicate_sites(self.indices, self.spatial_shape, self.batch_size):  # O(N log N) < O(grid)
+            raise ValueError("indices has duplicate sites (the same batch and coordinates twice): dense() "
+                             "has one cell per site")
         out = self.features.new_zeros((self.batch_size, *self.spatial_shape, C))
         idx = tuple(self.indices.long().unbind(1))
         out = out.index_put(idx, self.features)  # sites are unique: no accumulation needed

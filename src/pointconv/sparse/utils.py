@@ -9,23 +9,51 @@ returned in ZYX order like spconv.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .. import _checks
+
+_INT32_MAX = 2**31 - 1
+
+
+def _floats(name: str, values) -> torch.Tensor:
+    """A list / tuple / tensor of real numbers as a 1-D float64 tensor."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1 or values.dtype == torch.bool or values.is_complex():
+            raise ValueError(f"{name} must be a list of numbers, got a tensor of shape {tuple(values.shape)}")
+        return values.detach().to("cpu", torch.float64)
+    try:
+        vals = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of numbers, got {type(values).__name__}") from None
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in vals):
+        raise TypeError(f"{name} must hold numbers, got {vals!r}")
+    return torch.tensor([float(v) for v in vals], dtype=torch.float64)
 
 
 class PointToVoxel:
     def __init__(self, vsize_xyz, coors_range_xyz, num_point_features, max_num_voxels, max_num_points_per_voxel,
                  device=torch.device("cpu")):
-        vsize = torch.tensor([float(v) for v in vsize_xyz], dtype=torch.float64)
-        rng = torch.tensor([float(v) for v in coors_range_xyz], dtype=torch.float64)
-        if vsize.shape != (3,) or bool((vsize <= 0).any()):
-            raise ValueError(f"vsize_xyz must be 3 positive sizes, got {list(vsize_xyz)}")
-        if rng.shape != (6,) or bool((rng[3:] <= rng[:3]).any()):
-            raise ValueError(f"coors_range_xyz must be [x0, y0, z0, x1, y1, z1] with x1 > x0 ..., got {list(coors_range_xyz)}")
+        vsize = _floats("vsize_xyz", vsize_xyz)
+        rng = _floats("coors_range_xyz", coors_range_xyz)
+        if vsize.shape != (3,) or not bool(torch.isfinite(vsize).all() and (vsize > 0).all()):
+            raise ValueError(f"vsize_xyz must be 3 finite positive sizes, got {list(vsize_xyz)}")
+        if rng.shape != (6,) or not bool(torch.isfinite(rng).all() and (rng[3:] > rng[:3]).all()):
+            raise ValueError(f"coors_range_xyz must be finite [x0, y0, z0, x1, y1, z1] with x1 > x0 ..., got "
+                             f"{list(coors_range_xyz)}")
         self.vsize = vsize
         self.lo, self.hi = rng[:3], rng[3:]
-        self.grid_size = torch.round((self.hi - self.lo) / vsize).long().clamp(min=1)  # xyz
+        grid = torch.round((self.hi - self.lo) / vsize).clamp(min=1)  # xyz, float64: no overflow yet
+        # the voxel indices are int32 and a voxel's key, z * gy * gx + y * gx + x, int64
+        cells = [int(g) for g in grid.tolist()]
+        if max(cells) > _INT32_MAX or math.prod(cells) > 2**63:
+            raise ValueError(f"vsize_xyz {list(vsize_xyz)} is too small for coors_range_xyz {list(coors_range_xyz)}: "
+                             f"the grid would have {cells} voxels (x, y, z), at most 2**31 - 1 per axis and 2**63 "
+                             "in all")
+        self.grid_size = grid.long()
         self.num_point_features = _checks.positive_int("num_point_features", num_point_features)
         if self.num_point_features < 3:
             raise ValueError(f"num_point_features counts x, y, z and the rest: must be >= 3, got {num_point_features}")
@@ -56,8 +84,10 @@ class PointToVoxel:
         P = self.max_num_points_per_voxel
         xyz = pc[:, :3].double()
         lo, vsize, grid = self.lo.to(dev), self.vsize.to(dev), self.grid_size.to(dev)
-        c = torch.floor((xyz - lo) / vsize).long()
-        inside = ((c >= 0) & (c < grid)).all(1) & torch.isfinite(xyz).all(1)
+        c = torch.floor((xyz - lo) / vsize)
+        # in float64 first: casting a far (or NaN) point's cell to int64 is undefined
+        inside = ((c >= 0) & (c < grid)).all(1)
+        c = torch.where(inside[:, None], c, 0).long()
         key = (c[:, 2] * grid[1] + c[:, 1]) * grid[0] + c[:, 0]
         pts = torch.nonzero(inside).flatten()
         uniq, inv = torch.unique(key[pts], sorted=True, return_inverse=True)
@@ -99,10 +129,21 @@ def gather_features_by_pc_voxel_id(seg_features: torch.Tensor, pc_voxel_id: torc
     _checks.index_tensor("pc_voxel_id", pc_voxel_id, 1)
     if seg_features.dim() != 2:
         raise ValueError(f"seg_features must have shape (M, C), got shape {tuple(seg_features.shape)}")
-    if pc_voxel_id.numel() and int(pc_voxel_id.max()) >= seg_features.shape[0]:
-        raise ValueError(f"pc_voxel_id must be < {seg_features.shape[0]} (the number of voxels)")
+    M = seg_features.shape[0]
+    if pc_voxel_id.numel() and not (-1 <= int(pc_voxel_id.min()) and int(pc_voxel_id.max()) < M):
+        raise ValueError(f"pc_voxel_id must be < {M} (the number of voxels) and >= -1 (-1: no voxel), got values "
+                         f"in [{int(pc_voxel_id.min())}, {int(pc_voxel_id.max())}]")
+    shape = (pc_voxel_id.shape[0], seg_features.shape[1])
+    if isinstance(invalid_value, torch.Tensor):
+        fits = invalid_value.dim() <= 2 and invalid_value.shape[-1:] in ((), (1,), shape[1:]) \
+            and invalid_value.shape[:-1] in ((), (1,))
+        if not fits:
+            raise ValueError(f"invalid_value must be a number or a tensor of shape (), (1,) or ({shape[1]},) "
+                             f"(one per channel), got shape {tuple(invalid_value.shape)}")
+    elif isinstance(invalid_value, bool) or not isinstance(invalid_value, numbers.Real):
+        raise TypeError(f"invalid_value must be a number, got {type(invalid_value).__name__}")
     valid = pc_voxel_id >= 0
     out = seg_features.index_select(0, pc_voxel_id.clamp(min=0).long()) if seg_features.shape[0] else \
-        seg_features.new_zeros((pc_voxel_id.shape[0], seg_features.shape[1]))
+        seg_features.new_zeros(shape)
     fill = torch.as_tensor(invalid_value, dtype=seg_features.dtype, device=seg_features.device)
     return torch.where(valid[:, None], out, fill)
