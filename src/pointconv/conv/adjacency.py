@@ -14,16 +14,23 @@ def adjacency(idx: torch.Tensor, num_points: int, *, weights: torch.Tensor | Non
         num_points: P, the number of columns per cloud.
         weights: optional ``(Q, k)`` / ``(B, Q, k)`` entry values (default 1); differentiable.
         normalize: ``"row"`` divides each row by its number of valid neighbors (the mean; with
-            weights, by the sum of the row's weights), ``None`` keeps the raw values.
+            weights, by the sum of the row's weights; a row whose weights sum to 0 is all zeros,
+            like a row without neighbors), ``None`` keeps the raw values.
 
     Returns:
         ``(Q, P)``, or block-diagonal ``(B * Q, B * P)`` for a batch: row ``b * Q + q`` holds query q
         of cloud b. Repeated neighbors add up (as in the aggregation). Works with autograd.
     """
+    _checks.tensor("idx", idx)
     _checks.index_tensor("idx", idx, idx.dim())
     if idx.dim() not in (2, 3):
         raise ValueError(f"idx must have shape (Q, k) or (B, Q, k), got {tuple(idx.shape)}")
     P = _checks.nonneg_int("num_points", num_points)
+    rows_total = idx.shape[0] * idx.shape[1] if idx.dim() == 3 else idx.shape[0]
+    cols_total = P * (idx.shape[0] if idx.dim() == 3 else 1)
+    if rows_total * cols_total >= 1 << 63:  # torch counts a sparse matrix's elements in int64
+        raise ValueError(f"num_points = {P} is too large: the ({rows_total}, {cols_total}) matrix must have "
+                         f"fewer than 2^63 entries")
     if normalize not in ("row", None):
         raise ValueError(f"normalize must be 'row' or None, got {normalize!r}")
     batched = idx.dim() == 3
@@ -41,7 +48,10 @@ def adjacency(idx: torch.Tensor, num_points: int, *, weights: torch.Tensor | Non
     valid = idx3 >= 0
     w = torch.where(valid, w, torch.zeros_like(w))
     if normalize == "row":
-        w = w / w.sum(-1, keepdim=True).where(valid.any(-1, keepdim=True), torch.ones_like(w[..., :1]))
+        # rows without neighbors, or whose weights cancel, stay zeros instead of 0/0 or x/0
+        total = w.sum(-1, keepdim=True)
+        nonzero = total != 0
+        w = torch.where(nonzero, w / torch.where(nonzero, total, torch.ones_like(total)), torch.zeros_like(w))
     rows = (torch.arange(B, device=idx.device)[:, None, None] * Q + torch.arange(Q, device=idx.device)[None, :, None])
     cols = idx3.long() + (torch.arange(B, device=idx.device) * P)[:, None, None]
     keep = valid.reshape(-1)

@@ -12,6 +12,7 @@ import torch
 from .. import _checks
 from .._weighted_sum import gather_sum
 from ..neighbors import gather
+from ._inputs import zeros_like_graph
 
 REDUCE = ("mean", "max", "sum", "weighted")
 
@@ -49,12 +50,15 @@ def aggregate(values: torch.Tensor, idx: torch.Tensor, reduce: str = "mean", wei
         weights: ``(B, Q, k)`` with ``reduce="weighted"``.
 
     Returns:
-        ``(B, Q, C)``; a query without valid neighbors gets zeros. Differentiable w.r.t. values
-        (and weights) to any order.
+        ``(B, Q, C)``; a query without valid neighbors gets zeros (so do all queries when P = 0 or
+        k = 0). Differentiable w.r.t. values (and weights) to any order. The weight of a missing
+        neighbor is ignored, even NaN or Inf.
     """
     _check(values, idx, reduce, weights)
     B, P, C = values.shape
     Q, k = idx.shape[1:]
+    if P == 0 or k == 0:  # nobody has a neighbor (P = 0 leaves only idx = -1)
+        return zeros_like_graph((B, Q, C), values.dtype, values.device, values, weights)
     idx = idx.long()
     valid = idx >= 0
     if reduce == "max":
@@ -62,7 +66,8 @@ def aggregate(values: torch.Tensor, idx: torch.Tensor, reduce: str = "mean", wei
         out = nbr.max(dim=2).values
         return torch.where(valid.any(-1, keepdim=True), out, torch.zeros_like(out))
     if reduce == "weighted":
-        w = weights
+        # where, not a product with the mask: a padded slot's NaN / Inf weight must add nothing
+        w = torch.where(valid, weights, torch.zeros_like(weights))
     elif reduce == "sum":
         w = valid.to(values.dtype)
     else:

@@ -29,6 +29,7 @@ from .._backend import backend_for
 from .._index1d import flatnonzero, take
 from .._threads import imap_ordered
 from ._cell_means import CellMeans, pointwise_linear, weight_matrix
+from ._inputs import zeros_like_graph
 from ._pointwise_pairs import PairSearch, Windows, cell_of, quantize
 
 
@@ -37,13 +38,19 @@ class PointwiseNeighbors:
     as two ``CellMeans`` matrices with weights ``1 / count(i, c)`` (the mean's denominator):
     ``gather`` (row ``i * 27 + c``, column j) computes the per-cell means of the forward,
     ``scatter`` (row ``j * 27 + c``, column i) those of its adjoint (the feature gradient). The
-    scatter matrix is built on first use: a layer whose input needs no gradient never builds it."""
+    scatter matrix is built on first use: a layer whose input needs no gradient never builds it.
 
-    def __init__(self, gather: CellMeans, gather_rows: torch.Tensor, cell_size: float, dilation: int):
+    It keeps what it was built for: ``lengths (B,)`` and a copy of the valid points ``(B, N, 3)``
+    (padding zeroed), so ``pointwise_conv`` can tell that it is given the structure of other
+    points (an O(N) comparison; the structure itself holds about 27 pairs per point)."""
+
+    def __init__(self, gather: CellMeans, gather_rows: torch.Tensor, cell_size: float, dilation: int,
+                 points: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
         self.gather = gather
         self.num_rows = gather.num_rows
         self.cell_size = cell_size
         self.dilation = dilation
+        self.points, self.lengths = points, lengths
         self._gather_rows = gather_rows  # per gather entry its row i * 27 + c, until scatter is built
         self._scatter = None
 
@@ -64,6 +71,33 @@ class PointwiseNeighbors:
             self._gather_rows = None
         return self._scatter
 
+    def built_for(self, points: torch.Tensor, lengths: torch.Tensor) -> bool:
+        """Whether these are the clouds (points and lengths) the structure was built for."""
+        if self.points is None:  # built by hand: nothing to compare
+            return True
+        if self.points.shape != points.shape or self.points.device != points.device:
+            return False
+        return torch.equal(self.lengths, lengths) and torch.equal(self.points, _valid_points(points, lengths))
+
+
+def _valid_points(points, lengths):
+    """A detached copy of ``points`` with the padding zeroed: padded points play no part."""
+    valid = torch.arange(points.shape[1], device=points.device)[None, :, None] < lengths[:, None, None]
+    return torch.where(valid, points.detach(), torch.zeros((), dtype=points.dtype, device=points.device))
+
+
+# Beyond any use (a cube of 2^31 cells per axis), and far from int64 overflow in the integer rule.
+# The pair search's grid, which spans the points and 2 dilation + 1 cells around them, has its own
+# limit (Windows: about 2^18 for a small cloud) and says so.
+MAX_DILATION = 1 << 30
+
+
+def _dilation(d) -> int:
+    d = _checks.positive_int("dilation", d)
+    if d > MAX_DILATION:
+        raise ValueError(f"dilation must be <= {MAX_DILATION} (2^30), got {d}")
+    return d
+
 
 def _check(points, features, cell_size, dilation, lengths):
     _checks.coords("points", points, ndim=3, dim=3)
@@ -74,7 +108,7 @@ def _check(points, features, cell_size, dilation, lengths):
         raise TypeError(f"features must be floating point, got {features.dtype}")
     _checks.same_device(points=points, features=features)
     cell_size = _checks.positive_float("cell_size", cell_size)
-    dilation = _checks.positive_int("dilation", dilation)
+    dilation = _dilation(dilation)
     lengths = _checks.lengths("lengths", lengths, points.shape[0], points.shape[1], points.device)
     return cell_size, dilation, lengths
 
@@ -112,7 +146,7 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
     several = isinstance(dilation, (list, tuple))
     if several and not dilation:
         raise ValueError("dilation must be an int or a non-empty sequence of ints, got an empty sequence")
-    dilations = [_checks.positive_int("dilation", d) for d in (dilation if several else [dilation])]
+    dilations = [_dilation(d) for d in (dilation if several else [dilation])]
     lengths = _checks.lengths("lengths", lengths, points.shape[0], points.shape[1], points.device)
     B, N, _ = points.shape
     R = B * N
@@ -129,6 +163,7 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
     searches = [PairSearch(quantized, batch, s, windows) for s in dilations]
     tasks = [(search, c0) for search in searches for c0 in search.starts]
     structures = []
+    built_for = _valid_points(points, lengths)  # one copy shared by the structures of every dilation
     # closed on the way out, errors included: it restores torch's thread count
     with contextlib.closing(imap_ordered(lambda task: task[0].step(task[1]), tasks, points.device)) as steps:
         for search in searches:
@@ -140,7 +175,7 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
                 neighbor = rows.index_select(0, neighbor)
             rows27, neighbor = rows27.to(itype), neighbor.to(itype)
             gather = CellMeans.from_sorted(rows27, neighbor, R)
-            structures.append(PointwiseNeighbors(gather, rows27, cell_size, search.dilation))
+            structures.append(PointwiseNeighbors(gather, rows27, cell_size, search.dilation, built_for, lengths))
     if windows is not None:
         windows.index.release()  # its table serves the next index (sparse.kernel_map)
     return structures if several else structures[0]
@@ -154,22 +189,29 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
             ``[o, i, cx, cy, cz]`` (cx the cell along x: 0 lower, 1 center, 2 upper).
         cell_size: the cell edge ``vs`` (> 0); dilation: the a-trous stride ``s`` (>= 1).
         lengths: optional ``(B,)``: padded points are neither centers nor neighbors; their output is 0.
-        bias: optional ``(C_out,)``. neighbors: a ``pointwise_neighbors`` result for these points.
+        bias: optional ``(C_out,)``. neighbors: a ``pointwise_neighbors`` result for these points
+            and lengths (checked: a structure built for other clouds raises ValueError).
 
     Returns:
-        ``(B, N, C_out)``.
+        ``(B, N, C_out)`` (empty when B = 0 or N = 0).
     """
     cell_size, dilation, lengths = _check(points, features, cell_size, dilation, lengths)
     B, N, cin = features.shape
     _check_weight(weight, cin, bias)
+    if neighbors is not None:
+        if not isinstance(neighbors, PointwiseNeighbors):
+            raise TypeError(f"neighbors must be a PointwiseNeighbors (pointwise_neighbors), got {type(neighbors).__name__}")
+        if neighbors.num_rows != B * N or neighbors.cell_size != cell_size or neighbors.dilation != dilation:
+            raise ValueError("neighbors were built for other points, cell_size or dilation")
+        if not neighbors.built_for(points, lengths):
+            raise ValueError("neighbors were built for other points or lengths (pointwise_neighbors(points, "
+                             "cell_size, dilation, lengths=lengths) builds them for these)")
+    if B * N == 0:  # no points, no output rows
+        return zeros_like_graph((B, N, weight.shape[0]), features.dtype, features.device, features, weight, bias)
     if backend_for(points.device) == "reference":
         return pointwise_conv_reference(points, features, weight, cell_size, dilation, lengths=lengths, bias=bias)
     if neighbors is None:
         neighbors = pointwise_neighbors(points, cell_size, dilation, lengths=lengths)
-    elif not isinstance(neighbors, PointwiseNeighbors):
-        raise TypeError(f"neighbors must be a PointwiseNeighbors (pointwise_neighbors), got {type(neighbors).__name__}")
-    elif neighbors.num_rows != B * N or neighbors.cell_size != cell_size or neighbors.dilation != dilation:
-        raise ValueError("neighbors were built for other points, cell_size or dilation")
     # the per-(point, cell) means times the weights as one (27 C_in, C_out) matrix, in row blocks;
     # half-precision features are computed in float32
     dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype

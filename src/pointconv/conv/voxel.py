@@ -15,14 +15,14 @@ import torch
 from .. import _checks
 from ..sparse.kernel_map import SiteIndex, linearize
 from ..sparse.tensor import SparseConvTensor
+from . import _inputs
+
+_MAX_COORD = (1 << 31) - 2  # sites are int32, and so must be the spatial shape (coordinate + 1)
 
 
 def _origin(points, valid, voxel_size, origin):
     if origin is not None:
-        o = torch.as_tensor(origin, dtype=points.dtype, device=points.device)
-        if o.shape != (points.shape[-1],):
-            raise ValueError(f"origin must hold {points.shape[-1]} coordinates, got shape {tuple(o.shape)}")
-        return o
+        return _inputs.origin(origin, points)
     if not bool(valid.any()):
         return points.new_zeros(points.shape[-1])
     lo = torch.where(valid[..., None], points, torch.full_like(points, float("inf"))).amin((0, 1))
@@ -35,6 +35,7 @@ def voxelize(points, features, voxel_size, *, lengths=None, origin=None, reduce=
     Args:
         points: ``(B, N, 3)``; features: ``(B, N, C)``; voxel_size: edge length (> 0).
         lengths: optional ``(B,)``; origin: optional grid origin (3,); reduce: "mean", "sum" or "max".
+        Every voxel coordinate must lie in [0, 2^31 - 2] (int32 sites): ValueError otherwise.
 
     Returns:
         ``(tensor, point_voxel)``: a ``pointconv.sparse.SparseConvTensor`` (int32 sites
@@ -54,11 +55,17 @@ def voxelize(points, features, voxel_size, *, lengths=None, origin=None, reduce=
     lengths = _checks.lengths("lengths", lengths, B, N, points.device)
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
     o = _origin(points.detach(), valid, voxel_size, origin)
-    coords = torch.floor((points.detach() - o) / voxel_size).long()
-    if bool((coords[valid] < 0).any()):
+    u = torch.floor((points.detach() - o) / voxel_size)[valid]
+    # tested before any cast (an int64 or int32 cast of a larger value wraps), and before the sign:
+    # a too small voxel_size can also make the default origin overshoot
+    if u.numel() and not float(u.abs().max()) <= _MAX_COORD:
+        raise ValueError(f"voxel coordinates (points - origin) / voxel_size must lie in [0, {_MAX_COORD}] (int32 "
+                         f"sites), got magnitudes up to {float(u.abs().max()):.4g}: voxel_size = {voxel_size:g} is "
+                         "too small for the points' extent, or origin too far from them")
+    if bool((u < 0).any()):
         raise ValueError("origin must not exceed any valid point's coordinates (voxel coordinates must be >= 0)")
     bid, pid = torch.nonzero(valid, as_tuple=True)
-    keys = torch.cat([bid[:, None], coords[bid, pid]], 1)
+    keys = torch.cat([bid[:, None], u.long()], 1)
     sites, inverse = torch.unique(keys, dim=0, return_inverse=True)
     f = features[bid, pid]
     M = sites.shape[0]
@@ -71,11 +78,21 @@ def voxelize(points, features, voxel_size, *, lengths=None, origin=None, reduce=
         if reduce == "mean":
             out = out / torch.bincount(inverse, minlength=M).clamp(min=1)[:, None].to(f.dtype)
     shape = [int(s) + 1 for s in sites[:, 1:].amax(0).tolist()] if M else [1, 1, 1]
+    _check_keys(shape, max(B, 1))
+    # a SparseConvTensor has batch_size >= 1: B = 0 gives an empty tensor of batch 1, which
+    # devoxelize accepts for an empty batch of points
     tensor = SparseConvTensor(out, sites.to(torch.int32).contiguous(), shape, max(B, 1))
     tensor.voxel_origin, tensor.voxel_size = o, voxel_size
     point_voxel = torch.full((B, N), -1, dtype=torch.int64, device=points.device)
     point_voxel[bid, pid] = inverse
     return tensor, point_voxel
+
+
+def _check_keys(shape, batch_size):
+    # the site lookups key a site by batch * prod(shape) + ... in int64
+    if batch_size * math.prod(shape) >= 1 << 62:
+        raise ValueError(f"the voxel grid {list(shape)} x batch {batch_size} has 2^62 cells or more: too many "
+                         "for int64 site keys (voxel_size too small for the points' extent?)")
 
 
 def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, lengths=None, mode="trilinear"):
@@ -85,6 +102,8 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
     ``mode="trilinear"``: the 8 voxel centers around the point, weighted trilinearly and
     renormalized over the ACTIVE ones (zeros if none is active); differentiable w.r.t. the
     features and the points. ``voxel_size`` / ``origin`` default to the ones ``voxelize`` stored.
+    ``points`` must have ``x.batch_size`` clouds; an empty batch (B = 0, as ``voxelize`` of B = 0
+    gives a tensor of batch 1 without sites) is accepted when ``x`` has no sites.
     """
     if not isinstance(x, SparseConvTensor):
         raise TypeError(f"x must be a SparseConvTensor, got {type(x).__name__}")
@@ -99,13 +118,18 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
     if origin is None:
         origin = getattr(x, "voxel_origin", None)
     o = torch.zeros(3, dtype=points.dtype, device=points.device) if origin is None else \
-        torch.as_tensor(origin, dtype=points.dtype, device=points.device)
+        _inputs.origin(origin, points)
     if mode not in ("trilinear", "nearest"):
         raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
     B, N, _ = points.shape
-    if B != x.batch_size:
+    empty = x.indices.shape[0] == 0
+    if B != x.batch_size and not (B == 0 and empty):
         raise ValueError(f"points has batch size {B} but x has {x.batch_size}")
     lengths = _checks.lengths("lengths", lengths, B, N, points.device)
+    _check_keys(x.spatial_shape, x.batch_size)
+    if empty or B * N == 0:  # nothing to read: zeros (and zero gradients)
+        return _inputs.zeros_like_graph((B, N, x.features.shape[1]), torch.result_type(x.features, points),
+                                        points.device, x.features, points)
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
     shape = torch.tensor(x.spatial_shape, device=points.device)
     sites = SiteIndex(x.indices, x.spatial_shape, x.batch_size)  # released at the end (table reuse)
@@ -124,11 +148,12 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
             return got * (rows >= 0)[..., None].to(got.dtype)
 
         if mode == "nearest":
-            return read(lookup(torch.floor(u.detach()).long()))
+            # clamped before the cast (far points would wrap); -1 and 2^31 are outside every grid
+            return read(lookup(torch.floor(u.detach()).clamp(-1, 1 << 31).long()))
         t = u - 0.5  # voxel centers sit at integer t
         base = torch.floor(t.detach())
         frac = t - base
-        base = base.long()
+        base = base.clamp(-2, 1 << 31).long()
         out, total = 0, 0
         for corner in itertools.product((0, 1), repeat=3):
             off = torch.tensor(corner, device=points.device)

@@ -24,6 +24,7 @@ from .. import _checks
 from .._backend import backend_for
 from .._weighted_sum import gather_sum
 from ..neighbors import gather, knn
+from ..conv._inputs import zeros_like_graph
 from ..neighbors._distance import sq_dist
 from ._exponent import gaussian_exponent
 from ._kernel_autograd import GaussianSum
@@ -71,6 +72,17 @@ def _check(q, p, f, sigma, R, K, p_lengths, select, sigma_last):
         raise ValueError(f"select must be one of {_SELECT}, got {select!r}")
     p_lengths = _checks.lengths("p_lengths", p_lengths, B, P, p.device)
     return K, p_lengths
+
+
+def _empty(q, p, f, sigma, R, K):
+    """The result without any point (P = 0): zero sums and weights, idx -1, dists inf; attached
+    to the inputs' graph (zero gradients)."""
+    B, Q, _ = q.shape
+    inputs = (q, p, f, sigma, R)
+    f_out = zeros_like_graph((B, Q, f.shape[2]), f.dtype, q.device, *inputs)
+    w = zeros_like_graph((B, Q, K), q.dtype, q.device, *inputs)
+    dists = w + float("inf")
+    return f_out, w, dists, torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
 
 
 def _fused_forward(q, p, f, sigma, R, select) -> bool:
@@ -126,7 +138,10 @@ def knn_aggregate_aniso(q, p, f, sigma, R, K, *, p_lengths=None, select="aniso")
         lower index). Missing neighbors: ``idx = -1``, weight 0, ``dists = inf``. All of
         ``f_out``, ``w_out`` and ``dists`` are differentiable w.r.t. q, p, f, sigma and R to any order.
     """
+    _checks.tensor("R", R)  # None is the isotropic call's
     K, p_lengths = _check(q, p, f, sigma, R, K, p_lengths, select, 3)
+    if p.shape[1] == 0:
+        return _empty(q, p, f, sigma, R, K)
     if backend_for(q.device) == "reference":
         return knn_aggregate_aniso_reference(q, p, f, sigma, R, K, p_lengths=p_lengths, select=select)
     return _aggregate(q, p, f, sigma, R, K, p_lengths, select)
@@ -136,6 +151,8 @@ def knn_aggregate_iso(q, p, f, sigma, K, *, p_lengths=None, select="aniso"):
     """Isotropic version: ``sigma (B, P, 1)``, ``m = sum_a sigma * (q - p)_a**2``. See knn_aggregate_aniso."""
     K, p_lengths = _check(q, p, f, sigma, None, K, p_lengths, select, 1)
     B, P, _ = p.shape
+    if P == 0:
+        return _empty(q, p, f, sigma, None, K)
     eye = torch.eye(3, dtype=p.dtype, device=p.device).expand(B, P, 3, 3)
     sigma3 = sigma.expand(B, P, 3)
     if backend_for(q.device) == "reference":

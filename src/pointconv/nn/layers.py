@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from .. import _checks
+from ..conv._inputs import layer_dtype, zeros_like_graph
 from ..conv.aggregate import aggregate
-from ..conv.pointwise import pointwise_conv
+from ..conv.pointwise import _dilation, pointwise_conv
 from ..neighbors import ball_query, gather, knn
 
 
-def _check_cloud(points, features, lengths, in_channels):
-    _checks.coords("points", points, ndim=3)
+def _check_cloud(points, features, lengths, in_channels, dim=None):
+    _checks.coords("points", points, ndim=3, dim=dim)
     _checks.tensor("features", features)
     if features.dim() != 3 or features.shape[:2] != points.shape[:2]:
         raise ValueError(f"features must have shape ({points.shape[0]}, {points.shape[1]}, C), "
@@ -27,6 +28,8 @@ def _check_cloud(points, features, lengths, in_channels):
 
 def _masked_reduce(x, valid, reduce):
     """Reduce ``x (B, Q, k, C)`` over valid neighbors; queries without any get zeros."""
+    if x.shape[2] == 0:  # no neighbor slots at all (an empty cloud)
+        return zeros_like_graph((*x.shape[:2], x.shape[3]), x.dtype, x.device, x)
     if reduce == "max":
         out = x.masked_fill(~valid[..., None], float("-inf")).max(dim=2).values
     else:
@@ -49,8 +52,10 @@ class KNNConv(nn.Module):
         self.linear = nn.Linear(in_channels, _checks.positive_int("out_channels", out_channels))
 
     def forward(self, points, features, lengths=None):
-        """``points (B, N, 3)``, ``features (B, N, C_in)`` -> ``(B, N, C_out)``; padded rows are 0."""
+        """``points (B, N, 3)``, ``features (B, N, C_in)`` (the layer's dtype) -> ``(B, N, C_out)``;
+        padded rows are 0."""
         lengths = _check_cloud(points, features, lengths, self.in_channels)
+        layer_dtype("features", features, self.linear.weight.dtype)
         idx = knn(points.detach(), points.detach(), self.k, query_lengths=lengths, points_lengths=lengths,
                   exclude_self=self.exclude_self).idx
         out = self.linear(aggregate(features, idx, self.reduce))
@@ -79,11 +84,20 @@ class RadiusConv(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, points, features, centers=None, lengths=None, center_lengths=None):
-        """``points (B, N, 3)``, ``features (B, N, C)``, ``centers (B, M, 3)`` (default: the points)
-        -> ``(B, M, mlp_channels[-1])``."""
-        lengths = _check_cloud(points, features, lengths, self.in_channels)
+        """``points (B, N, 3)``, ``features (B, N, C)``, ``centers (B, M, 3)`` (default: the points),
+        all in the layer's dtype (the offsets ``p_j - p_i`` enter its MLP) -> ``(B, M, mlp_channels[-1])``."""
+        lengths = _check_cloud(points, features, lengths, self.in_channels, dim=3)
+        dtype = self.mlp[0].weight.dtype
+        layer_dtype("points", points, dtype)
+        layer_dtype("features", features, dtype)
         if centers is None:
             centers, center_lengths = points, lengths if center_lengths is None else center_lengths
+        else:
+            _checks.coords("centers", centers, ndim=3, dim=3)
+            _checks.same_device(points=points, centers=centers)
+            layer_dtype("centers", centers, dtype)
+            if centers.shape[0] != points.shape[0]:
+                raise ValueError(f"centers has batch size {centers.shape[0]} but points has {points.shape[0]}")
         res = ball_query(centers.detach(), points.detach(), self.radius, self.k, query_lengths=center_lengths,
                          points_lengths=lengths)
         valid = res.idx >= 0
@@ -101,7 +115,7 @@ class PointwiseConv3d(nn.Module):
         self.in_channels = _checks.positive_int("in_channels", in_channels)
         self.out_channels = _checks.positive_int("out_channels", out_channels)
         self.cell_size = _checks.positive_float("cell_size", cell_size)
-        self.dilation = _checks.positive_int("dilation", dilation)
+        self.dilation = _dilation(dilation)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3, 3))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         bound = 1 / (in_channels * 27) ** 0.5
@@ -132,6 +146,7 @@ class EdgeConv(nn.Module):
         _checks.coords("features", features, ndim=3)
         if features.shape[2] != self.in_channels:
             raise ValueError(f"features have {features.shape[2]} channels, this layer expects {self.in_channels}")
+        layer_dtype("features", features, self.mlp[0].weight.dtype)
         lengths = _checks.lengths("lengths", lengths, features.shape[0], features.shape[1], features.device)
         idx = knn(features.detach(), features.detach(), self.k, query_lengths=lengths, points_lengths=lengths).idx
         fi = features[:, :, None, :].expand(-1, -1, self.k, -1)

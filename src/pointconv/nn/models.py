@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import _checks
+from ..conv._inputs import layer_dtype
 from ..conv.pointwise import PointwiseNeighbors, pointwise_neighbors
 from .layers import PointwiseConv3d, _check_cloud, _masked_reduce
 
@@ -49,6 +50,7 @@ class PointwiseCNN(nn.Module):
     def forward(self, points, features=None, lengths=None, neighbors=None):
         x = points if features is None else features
         lengths = _check_cloud(points, x, lengths, self.in_channels)
+        layer_dtype("points" if features is None else "features", x, self.head[0].weight.dtype)
         N = points.shape[1]
         if neighbors is None:
             neighbors = self.neighbors(points, lengths)
