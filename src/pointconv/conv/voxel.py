@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _checks
-from ..sparse.kernel_map import SiteIndex, linearize
+from ..sparse.kernel_map import SiteIndex, check_key_space, linearize
 from ..sparse.tensor import SparseConvTensor
 from . import _inputs
 
@@ -78,7 +78,7 @@ def voxelize(points, features, voxel_size, *, lengths=None, origin=None, reduce=
         if reduce == "mean":
             out = out / torch.bincount(inverse, minlength=M).clamp(min=1)[:, None].to(f.dtype)
     shape = [int(s) + 1 for s in sites[:, 1:].amax(0).tolist()] if M else [1, 1, 1]
-    _check_keys(shape, max(B, 1))
+    check_key_space(max(B, 1), shape, "the voxels (voxel_size too small for the points' extent?)")
     # a SparseConvTensor has batch_size >= 1: B = 0 gives an empty tensor of batch 1, which
     # devoxelize accepts for an empty batch of points
     tensor = SparseConvTensor(out, sites.to(torch.int32).contiguous(), shape, max(B, 1))
@@ -86,13 +86,6 @@ def voxelize(points, features, voxel_size, *, lengths=None, origin=None, reduce=
     point_voxel = torch.full((B, N), -1, dtype=torch.int64, device=points.device)
     point_voxel[bid, pid] = inverse
     return tensor, point_voxel
-
-
-def _check_keys(shape, batch_size):
-    # the site lookups key a site by batch * prod(shape) + ... in int64
-    if batch_size * math.prod(shape) >= 1 << 62:
-        raise ValueError(f"the voxel grid {list(shape)} x batch {batch_size} has 2^62 cells or more: too many "
-                         "for int64 site keys (voxel_size too small for the points' extent?)")
 
 
 def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, lengths=None, mode="trilinear"):
@@ -126,7 +119,7 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
     if B != x.batch_size and not (B == 0 and empty):
         raise ValueError(f"points has batch size {B} but x has {x.batch_size}")
     lengths = _checks.lengths("lengths", lengths, B, N, points.device)
-    _check_keys(x.spatial_shape, x.batch_size)
+    check_key_space(x.batch_size, x.spatial_shape)
     if empty or B * N == 0:  # nothing to read: zeros (and zero gradients)
         return _inputs.zeros_like_graph((B, N, x.features.shape[1]), torch.result_type(x.features, points),
                                         points.device, x.features, points)

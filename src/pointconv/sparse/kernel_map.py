@@ -78,7 +78,7 @@ class KernelMap:
         return None
 
 
-_INT32_MAX = 2**31 - 1
+INT32_MAX = 2**31 - 1  # sites and spatial shapes are int32, as in spconv
 _INT64_MAX = 2**63 - 1
 
 
@@ -234,9 +234,9 @@ def _group_by_offset(in_rows_2d: torch.Tensor, out_rows_2d: torch.Tensor):
 
 def _check_int32_shape(out, what):
     # output indices are int32 (as in spconv): a larger axis would wrap its coordinates
-    if any(o > _INT32_MAX for o in out):
+    if any(o > INT32_MAX for o in out):
         raise ValueError(f"{what} would be {out}: its coordinates do not fit the int32 indices "
-                         f"(at most {_INT32_MAX} per axis)")
+                         f"(at most {INT32_MAX} per axis)")
 
 
 def output_shape(in_shape, kernel_size, stride, padding, dilation):

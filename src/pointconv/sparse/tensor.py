@@ -13,9 +13,7 @@ import operator
 import torch
 
 from .. import _checks
-from .kernel_map import linearize
-
-_INT32_MAX = 2**31 - 1
+from .kernel_map import INT32_MAX, linearize
 
 
 def _int(name: str, v) -> int:
@@ -64,7 +62,7 @@ class SparseConvTensor:
         ndim = len(spatial_shape)
         if ndim < 1 or any(s < 1 for s in spatial_shape):
             raise ValueError(f"spatial_shape must hold >= 1 positive sizes, got {spatial_shape}")
-        if any(s > _INT32_MAX for s in spatial_shape):  # sizes and coordinates are int32, as in spconv
+        if any(s > INT32_MAX for s in spatial_shape):  # sizes and coordinates are int32, as in spconv
             raise ValueError(f"spatial_shape sizes must be at most 2**31 - 1 (int32 indices), got {spatial_shape}")
         if indices.dim() != 2 or indices.shape[1] != 1 + ndim or indices.shape[0] != features.shape[0]:
             raise ValueError(f"indices must have shape ({features.shape[0]}, {1 + ndim}) (batch first), "

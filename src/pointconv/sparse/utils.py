@@ -15,8 +15,7 @@ import numbers
 import torch
 
 from .. import _checks
-
-_INT32_MAX = 2**31 - 1
+from .kernel_map import INT32_MAX
 
 
 def _floats(name: str, values) -> torch.Tensor:
@@ -49,7 +48,7 @@ class PointToVoxel:
         grid = torch.round((self.hi - self.lo) / vsize).clamp(min=1)  # xyz, float64: no overflow yet
         # the voxel indices are int32 and a voxel's key, z * gy * gx + y * gx + x, int64
         cells = [int(g) for g in grid.tolist()]
-        if max(cells) > _INT32_MAX or math.prod(cells) > 2**63:
+        if max(cells) > INT32_MAX or math.prod(cells) > 2**63:
             raise ValueError(f"vsize_xyz {list(vsize_xyz)} is too small for coors_range_xyz {list(coors_range_xyz)}: "
                              f"the grid would have {cells} voxels (x, y, z), at most 2**31 - 1 per axis and 2**63 "
                              "in all")
