@@ -96,6 +96,18 @@ def test_clouds_far_from_the_origin():
     assert_same(out, knn_aggregate_aniso_reference(q + shift, p + shift, f, sigma, R, 9))
 
 
+@pytest.mark.parametrize("scale,precision", [(1e-20, 1e40), (1e20, 1e-40)])
+def test_float64_scales_beyond_float32_select_exactly(scale, precision):
+    """m = O(1), but the quadratic features of the ranking GEMM (sigma |R|^2, centered coordinates)
+    overflow float32: the GEMM then runs in float64, and non-finite bounds never certify a row."""
+    q, p, f, sigma, R = make(B=1, Q=30, P=40, dtype=torch.float64, seed=7)
+    q, p, sigma = q * scale, p * scale, sigma * (precision / 20)
+    assert_same(pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 6),
+                knn_aggregate_aniso_reference(q, p, f, sigma, R, 6))
+    assert_same(pointconv.knn_aggregate_iso(q, p, f, sigma[..., :1], 6),
+                knn_aggregate_iso_reference(q, p, f, sigma[..., :1], 6))
+
+
 def test_missing_neighbors_are_padded_not_garbage(device):
     q, p, f, sigma, R = (t.to(device) for t in make(P=6))
     lengths = torch.tensor([6, 0], device=device)

@@ -88,6 +88,8 @@ def test_coordinates_whose_squared_distances_overflow_are_refused():
                              points_batch=torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="coordinates beyond"):
         pointconv.farthest_point_sample(far, 2)
+    with pytest.raises(ValueError, match=r"overflow torch.float64 \(rescale the coordinates\)"):
+        pointconv.knn(torch.full((1, 2, 3), 1e160, dtype=torch.float64), torch.zeros(1, 2, 3, dtype=torch.float64), 1)
     # in float64 the same points are fine
     far64 = torch.tensor([[[0.0, 0, 0], [3e19, 0, 0]]], dtype=torch.float64)
     res = pointconv.knn(far64, far64, 2)

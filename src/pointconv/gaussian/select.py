@@ -113,7 +113,12 @@ def _select_gemm(q, p, sigma, R, K):
     s = float((sigma.double() * R.double().abs().sum(-1).square()).sum(-1).max())
     reach = (qc.norm(dim=1) + float(pc.norm(dim=1).max())).square()
     margin = (64 * torch.finfo(torch.float32).eps * lam_max + 8 * torch.finfo(q.dtype).eps * s) * reach
-    phi, psi = phi.float(), psi.float()
+    phi32, psi32 = phi.float(), psi.float()
+    if bool(torch.isfinite(phi32).all() and torch.isfinite(psi32).all()):
+        phi, psi = phi32, psi32
+    # else features beyond float32 (sigma |R|^2 or centered coordinates past ~1e19): the GEMM runs in
+    # the inputs' dtype (its error stays within the float32 margin); any inf or NaN left fails the
+    # certificate below and the row is evaluated densely
     step = max(1, _CHUNK_ELEMENTS // n)
     for st in range(0, q.shape[0], step):
         approx = phi[st:st + step] @ psi.T
@@ -121,7 +126,8 @@ def _select_gemm(q, p, sigma, R, K):
         idx, kth = _rank(_exponents(q[st:st + step], table, cand), cand, K)
         out[st:st + step] = idx
         if e < n:
-            bad = torch.nonzero(vals[:, -1].double() - margin[st:st + step] <= kth.double()).flatten()
+            # certified only where the bound holds: a NaN anywhere leaves the row uncertified
+            bad = torch.nonzero(~(vals[:, -1].double() - margin[st:st + step] > kth.double())).flatten()
             if bad.numel():
                 out[st + bad] = _select_dense(q[st + bad], p, sigma, R, K)
     return out

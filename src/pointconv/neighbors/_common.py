@@ -26,8 +26,9 @@ def check_magnitude(name: str, x: torch.Tensor) -> None:
     ``inf`` would read as a missing neighbor (float32: |x| up to about 5e18 in 3-D)."""
     limit = (torch.finfo(x.dtype).max / (4 * max(x.shape[-1], 1))) ** 0.5
     if x.numel() and float(x.detach().abs().amax()) > limit:
+        advice = "rescale the coordinates" if x.dtype == torch.float64 else "use float64 or rescale the coordinates"
         raise ValueError(f"{name} has coordinates beyond {limit:.3g} in magnitude: their squared distances "
-                         f"overflow {x.dtype} (use float64 or rescale the coordinates)")
+                         f"overflow {x.dtype} ({advice})")
 
 
 def check_query(query, points, *, query_lengths, exclude_self):
