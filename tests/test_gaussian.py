@@ -96,12 +96,15 @@ def test_clouds_far_from_the_origin():
     assert_same(out, knn_aggregate_aniso_reference(q + shift, p + shift, f, sigma, R, 9))
 
 
-@pytest.mark.parametrize("scale,precision", [(1e-20, 1e40), (1e20, 1e-40)])
-def test_float64_scales_beyond_float32_select_exactly(scale, precision):
-    """m = O(1), but the quadratic features of the ranking GEMM (sigma |R|^2, centered coordinates)
-    overflow float32: the GEMM then runs in float64, and non-finite bounds never certify a row."""
-    q, p, f, sigma, R = make(B=1, Q=30, P=40, dtype=torch.float64, seed=7)
-    q, p, sigma = q * scale, p * scale, sigma * (precision / 20)
+@pytest.mark.parametrize("scale,precision,stretch,dtype", [(1e-20, 1e40, 1.0, torch.float64),
+                                                           (1e20, 1e-40, 1.0, torch.float64),
+                                                           (1e-25, 1e30, 1e10, torch.float32)])
+def test_scales_beyond_float32_select_exactly(scale, precision, stretch, dtype):
+    """m = O(1), but the ranking GEMM's terms (sigma |R|^2, squared centered coordinates) overflow
+    float32: the GEMM then runs in float64 (float32 inputs too, with R stretched 1e10 and sigma
+    1e30, so M = R^T diag(sigma) R is about 1e50)."""
+    q, p, f, sigma, R = make(B=1, Q=30, P=40, dtype=dtype, seed=7)
+    q, p, sigma, R = q * scale, p * scale, sigma * (precision / 20), R * stretch
     assert_same(pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 6),
                 knn_aggregate_aniso_reference(q, p, f, sigma, R, 6))
     assert_same(pointconv.knn_aggregate_iso(q, p, f, sigma[..., :1], 6),

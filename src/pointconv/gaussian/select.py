@@ -94,7 +94,7 @@ def _quadratic_features(q, p, sigma, R):
 
 
 def _select_gemm(q, p, sigma, R, K):
-    """Exact: a float64 GEMM ranks every point approximately, the exact formula re-ranks the best.
+    """Exact: a float32 GEMM ranks every point approximately, the exact formula re-ranks the best.
 
     Each query keeps the K + 4 smallest approximate exponents as candidates, evaluates them with
     ``gaussian_exponent`` and ranks by (m, index). Every other point's approximate exponent is at
@@ -106,19 +106,36 @@ def _select_gemm(q, p, sigma, R, K):
     table = torch.cat([p, sigma, R.reshape(-1, 9)], 1).contiguous()
     out = torch.full((q.shape[0], K), -1, dtype=torch.int64, device=q.device)
     e = min(K + 4, n)
-    # The GEMM runs in float32: its terms are at most lam_max (|q| + |p|)^2 (centered), each
-    # rounded once and summed over 10 products; the exact formula's own rounding is at most
-    # 8 eps s (|q| + |p|)^2 with s = sum_a sigma_a (sum_b |R_ab|)^2.
+    # Every product and partial sum of the GEMM is at most max_i sum_l |phi_il| * max |psi|: below
+    # float32's range the GEMM runs in float32, else (sigma |R|^2 or centered coordinates past
+    # ~1e19, where m itself may still be O(1)) in float64 (its error is within the float32 margin),
+    # and beyond float64's range every row is evaluated densely
+    gemm_dtype = torch.float64
+    if n and q.shape[0]:
+        bound = float(phi.abs().sum(1).max()) * float(psi.abs().max())
+        if not bound < torch.finfo(torch.float64).max / 16:
+            return _select_dense(q, p, sigma, R, K)
+        if bound < torch.finfo(torch.float32).max / 16:
+            gemm_dtype = torch.float32
+    # The GEMM's terms are at most lam_max (|q| + |p|)^2 (centered), each rounded once and summed
+    # over 10 products; the exact formula's own rounding is at most 8 eps s (|q| + |p|)^2 with
+    # s = sum_a sigma_a (sum_b |R_ab|)^2.
     lam_max = float(torch.linalg.eigvalsh(M)[:, -1].max())
-    s = float((sigma.double() * R.double().abs().sum(-1).square()).sum(-1).max())
+    sigma64, R64 = sigma.double(), R.double()
+    s = float((sigma64 * R64.abs().sum(-1).square()).sum(-1).max())
     reach = (qc.norm(dim=1) + float(pc.norm(dim=1).max())).square()
     margin = (64 * torch.finfo(torch.float32).eps * lam_max + 8 * torch.finfo(q.dtype).eps * s) * reach
-    phi32, psi32 = phi.float(), psi.float()
-    if bool(torch.isfinite(phi32).all() and torch.isfinite(psi32).all()):
-        phi, psi = phi32, psi32
-    # else features beyond float32 (sigma |R|^2 or centered coordinates past ~1e19): the GEMM runs in
-    # the inputs' dtype (its error stays within the float32 margin); any inf or NaN left fails the
-    # certificate below and the row is evaluated densely
+    # Below the normal range a rounding errs absolutely, by up to the smallest subnormal (``tiny``),
+    # not relatively: in the GEMM's features, products and sums (the features' absolute sums bound
+    # what each costs), and in the exact formula's u = R d, u^2, sigma u^2 and sums (|u_a| <= sum_b
+    # |R_ab| |d|). Negligible unless m is itself near the subnormal range of those terms.
+    tiny_g, tiny_q = (torch.finfo(dt).smallest_normal * torch.finfo(dt).eps for dt in (gemm_dtype, q.dtype))
+    if n:
+        s0 = float(sigma64.sum(-1).max())
+        s1 = float((sigma64 * R64.abs().sum(-1)).sum(-1).max())
+        margin = margin + 2 * (tiny_g * (float(psi.abs().sum(1).max()) + phi.abs().sum(1) + 20)
+                               + tiny_q * (10 * s1 * reach.sqrt() + s0 + 5))
+    phi, psi = phi.to(gemm_dtype), psi.to(gemm_dtype)
     step = max(1, _CHUNK_ELEMENTS // n)
     for st in range(0, q.shape[0], step):
         approx = phi[st:st + step] @ psi.T
@@ -126,7 +143,7 @@ def _select_gemm(q, p, sigma, R, K):
         idx, kth = _rank(_exponents(q[st:st + step], table, cand), cand, K)
         out[st:st + step] = idx
         if e < n:
-            # certified only where the bound holds: a NaN anywhere leaves the row uncertified
+            # certified only where the bound holds (a NaN, from an overflow, never does)
             bad = torch.nonzero(~(vals[:, -1].double() - margin[st:st + step] > kth.double())).flatten()
             if bad.numel():
                 out[st + bad] = _select_dense(q[st + bad], p, sigma, R, K)
