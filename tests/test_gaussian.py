@@ -54,6 +54,18 @@ def test_tree_path_for_large_clouds_is_exact(monkeypatch):
     assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 16))
 
 
+def test_tree_path_with_exponents_in_the_subnormal_range(monkeypatch):
+    """float32 points 1e-25 apart with sigma 1e30: every computed m underflows to about 0, so the
+    K smallest are ties broken by index over the whole cloud, not the K nearest points."""
+    monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)
+    used = _count(monkeypatch, "_select_tree")
+    q, p, f, sigma, R = make(B=1, Q=30, P=300, seed=3)
+    q, p, sigma = q * 1e-25, p * 1e-25, sigma * 1e30
+    assert_same(pointconv.knn_aggregate_iso(q, p, f, sigma[..., :1], 6),
+                knn_aggregate_iso_reference(q, p, f, sigma[..., :1], 6))
+    assert used
+
+
 def test_tree_path_takes_more_candidate_rounds(monkeypatch):
     monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)
     q, p, f, sigma, R = make(Q=200, P=300, aniso=2000.0)

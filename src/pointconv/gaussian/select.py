@@ -161,6 +161,12 @@ def _select_tree(q, p, sigma, R, K, bound, spread):
     table = torch.cat([p, sigma, R.reshape(-1, 9)], 1).contiguous()
     out = torch.full((q.shape[0], K), -1, dtype=torch.int64)
     rows = torch.arange(q.shape[0])
+    # below the normal range the computed m also errs absolutely (``_select_gemm``'s margin): a point
+    # at distance x has computed m >= bound x^2 - lin x - const, which grows beyond x = lin / (2 bound)
+    tiny = torch.finfo(q.dtype).smallest_normal * torch.finfo(q.dtype).eps
+    sigma64 = sigma.double()
+    lin = 20 * tiny * float((sigma64 * R.double().abs().sum(-1)).sum(-1).max())
+    const = 2 * tiny * (float(sigma64.sum(-1).max()) + 5)
     c = min(n, int(K * (1 + min(spread, 64.0) ** 1.5)))
     q64 = q.double().numpy()
     while rows.numel():
@@ -175,8 +181,9 @@ def _select_tree(q, p, sigma, R, K, bound, spread):
             if c == n:
                 certified = torch.ones(len(r), dtype=torch.bool)
             else:
-                unseen = bound * torch.from_numpy(dd[:, -1] ** 2) * (1 - 1e-12)
-                certified = unseen > kth.double()
+                far = torch.from_numpy(dd[:, -1])
+                unseen = bound * far.square() * (1 - 1e-12) - lin * far - const
+                certified = (unseen > kth.double()) & (far >= lin / (2 * bound))
             out[r[certified]] = idx[certified]
             pending.append(r[~certified])
         rows = torch.cat(pending)
