@@ -167,6 +167,30 @@ def test_deterministic_outputs_and_gradients(monkeypatch, deterministic_mode):
         assert torch.equal(a, b)
 
 
+def test_the_same_bits_for_any_thread_count(monkeypatch):
+    """float32 gradients to second order, the weight's included (a reduction over every point:
+    one block per thread, blocks summed in order), do not depend on torch's thread count."""
+    monkeypatch.setattr(_cell_means, "_BLOCK_ELEMENTS", 27 * 9 * 64)  # many blocks
+    g = torch.Generator().manual_seed(5)
+    pts = torch.rand(2, 600, 3, generator=g)
+    feats = torch.randn(2, 600, 9, generator=g)
+    weight = torch.randn(9, 9, 3, 3, 3, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            f, w = feats.clone().requires_grad_(), weight.clone().requires_grad_()
+            y = pointconv.pointwise_conv(pts, f, w, 0.1, 2)
+            gf, gw = torch.autograd.grad(y.square().sum(), (f, w), create_graph=True)
+            ggf, ggw = torch.autograd.grad(gf.square().sum() + gw.square().sum(), (f, w))
+            results.append((y, gf, gw, ggf, ggw))
+    finally:
+        torch.set_num_threads(threads)
+    for one, several in zip(*results):
+        assert torch.equal(one, several)
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(cell_size=0.0), ValueError, "cell_size must be a finite number > 0"),
     (dict(dilation=0), ValueError, "dilation must be >= 1"),

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._backend import backend_for
+from .._threads import map_ordered
 
 # torch warns once per process that CSR tensors are "beta"; the CSR x dense product used here is
 # stable and tested, and the warning would only confuse users of pointconv
@@ -81,26 +82,37 @@ class CellMeans:
             self._values[dtype] = torch.reciprocal(self.count.to(dtype))
         return self._values[dtype]
 
+    def blocks(self, channels: int) -> list:
+        """Consecutive row blocks ``(r0, r1, a, b)`` (points ``r0 .. r1``, their entries ``a .. b``)
+        whose ``(rows, 27 C)`` means hold about ``_BLOCK_ELEMENTS`` values."""
+        cap = _BLOCK_ELEMENTS_CUDA if self.crow.is_cuda else _BLOCK_ELEMENTS
+        step = max(1, cap // (27 * max(channels, 1)))
+        bounds = self.crow[:: 27 * step].tolist() + [int(self.crow[-1])]
+        return [(r0, min(self.num_rows, r0 + step), bounds[k], bounds[k + 1])
+                for k, r0 in enumerate(range(0, self.num_rows, step))]
+
+    def means(self, x: torch.Tensor, block, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(A x)`` of one block's rows, viewed ``(r1 - r0, 27 C)``, written into ``out`` (a buffer
+        of at least that many values) or a new tensor."""
+        r0, r1, a, b = block
+        channels = x.shape[1]
+        crow = self.crow[27 * r0: 27 * r1 + 1] - a
+        values = self.values(x.dtype)
+        with _unchecked_sparse():
+            S = torch.sparse_csr_tensor(crow, self.col[a:b], values[a:b], (27 * (r1 - r0), self.num_rows),
+                                        check_invariants=False)
+        means = x.new_empty((27 * (r1 - r0), channels)) if out is None else out[: 27 * (r1 - r0)]
+        torch.addmm(means, S, x, beta=0, out=means)
+        return means.view(r1 - r0, 27 * channels)
+
     def block_means(self, x: torch.Tensor):
         """``(r0, r1, (A x)[27 r0 : 27 r1].view(r1 - r0, 27 C))`` over consecutive row blocks. Every
         block is computed into one buffer, valid until the next block: ``A @ x`` would allocate,
         zero and copy a fresh result per block, which costs more than the product itself."""
-        channels = x.shape[1]
-        cap = _BLOCK_ELEMENTS_CUDA if self.crow.is_cuda else _BLOCK_ELEMENTS
-        step = max(1, cap // (27 * max(channels, 1)))
-        values = self.values(x.dtype)
-        bounds = self.crow[:: 27 * step].tolist() + [int(self.crow[-1])]
-        buffer = x.new_empty((27 * min(step, self.num_rows), channels))
-        for k, r0 in enumerate(range(0, self.num_rows, step)):
-            r1 = min(self.num_rows, r0 + step)
-            a, b = bounds[k], bounds[k + 1]
-            crow = self.crow[27 * r0: 27 * r1 + 1] - a
-            with _unchecked_sparse():
-                S = torch.sparse_csr_tensor(crow, self.col[a:b], values[a:b], (27 * (r1 - r0), self.num_rows),
-                                            check_invariants=False)
-            means = buffer[: 27 * (r1 - r0)]
-            torch.addmm(means, S, x, beta=0, out=means)
-            yield r0, r1, means.view(r1 - r0, 27 * channels)
+        blocks = self.blocks(x.shape[1])
+        buffer = x.new_empty((27 * max(r1 - r0 for r0, r1, _, _ in blocks), x.shape[1])) if blocks else None
+        for block in blocks:
+            yield block[0], block[1], self.means(x, block, buffer)
 
 
 def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -148,12 +160,12 @@ def _weight_grad(x, g, A: CellMeans):
     if _use_triton(x, cin, g.shape[1]):
         from ..kernels.pointwise import cell_weight_grad
         return cell_weight_grad(A.crow, A.col, A.values(torch.float32), x, g)
-    # accumulated transposed, (C_out, 27 C_in): g^T M runs several times faster than M^T g (the
-    # same narrow-factor effect as in _conv)
-    out_t = x.new_zeros((g.shape[1], 27 * cin))
-    for r0, r1, means in A.block_means(x):
-        out_t.addmm_(g[r0:r1].t(), means)  # blocks in order: deterministic
-    return out_t.t().contiguous()
+    # transposed, (C_out, 27 C_in): g^T M runs several times faster than M^T g (the same
+    # narrow-factor effect as in _conv)
+    def term(block):
+        return g[block[0]:block[1]].t() @ A.means(x, block)
+
+    return _sum_in_order(_block_terms(term, A.blocks(cin), x), (g.shape[1], 27 * cin), x).t().contiguous()
 
 
 def _conv_grads(x, w, g, At: CellMeans):
@@ -162,11 +174,29 @@ def _conv_grads(x, w, g, At: CellMeans):
     cin, cout = x.shape[1], g.shape[1]
     w_adj = _column_major(_swap_channels(w, cin))
     gx = x.new_empty(x.shape)
-    gw = x.new_zeros((cin, 27 * cout))
-    for r0, r1, T in At.block_means(g):
-        torch.mm(T, w_adj, out=gx[r0:r1])
-        gw.addmm_(x[r0:r1].t(), T)
+
+    def term(block):
+        r0, r1 = block[:2]
+        T = At.means(g, block)
+        torch.mm(T, w_adj, out=gx[r0:r1])  # rows of its own
+        return x[r0:r1].t() @ T
+
+    gw = _sum_in_order(_block_terms(term, At.blocks(cout), x), (cin, 27 * cout), x)
     return gx, gw.view(cin, 27, cout).transpose(0, 1).reshape(27 * cin, cout)
+
+
+def _block_terms(term, blocks, x):
+    """``[term(block) for block in blocks]``, on the threads (``_threads``: one torch thread each).
+    A weight gradient sums over rows: one GEMM split over threads by MKL would add its terms in an
+    order that depends on the thread count; a block per thread, summed in block order, does not."""
+    return map_ordered(term, blocks, x.device) if x.device.type == "cpu" else [term(b) for b in blocks]
+
+
+def _sum_in_order(terms, shape, like):
+    out = like.new_zeros(shape)
+    for t in terms:
+        out += t
+    return out
 
 
 def pointwise_linear(x, w, mats):
