@@ -16,9 +16,9 @@ pass, exact to any order.
 
 On CPU (and for float64 or more than 128 channels anywhere) the products run over blocks of rows,
 so the ``(rows, 27 C)`` means of a block stay in cache and memory stays bounded whatever the cloud
-size; each output row is summed by one thread in a fixed order (CSR times dense), so results are
-bitwise reproducible from run to run (the weight gradient's GEMM, ``g^T means`` per block, is
-split by MKL over the threads: its bits depend on the thread count). On the Triton backend two fused kernels (``pointconv.kernels.pointwise``)
+size; each output row is summed by one thread in a fixed order (CSR times dense) and the weight
+gradient, a sum over all rows, per block on the threads (one torch thread each), blocks added in
+order, so results are bitwise the same for any thread count. On the Triton backend two fused kernels (``pointconv.kernels.pointwise``)
 compute the same sums without writing the means.
 """
 from __future__ import annotations
