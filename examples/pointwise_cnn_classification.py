@@ -16,6 +16,7 @@ import time
 import torch
 
 import pointconv
+from pointconv.demos._cli import check_out, positive_int
 from pointconv.demos.shapes import CLASSES, make_dataset
 
 
@@ -71,14 +72,18 @@ def plot_confusion(cm, path, accuracy):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--per-class", type=int, default=128, help="training clouds per class")
-    ap.add_argument("--test-per-class", type=int, default=32)
-    ap.add_argument("--points", type=int, default=1024, help="points per cloud")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--out", default="pointwise_cnn_confusion.png")
+    ap.add_argument("--epochs", type=positive_int, default=20)
+    ap.add_argument("--per-class", type=positive_int, default=128, help="training clouds per class")
+    ap.add_argument("--test-per-class", type=positive_int, default=32)
+    ap.add_argument("--points", type=positive_int, default=1024, help="points per cloud")
+    ap.add_argument("--batch", type=positive_int, default=32)
+    ap.add_argument("--out", default="pointwise_cnn_confusion.png", help="the confusion matrix (.png, .pdf, ...)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    try:
+        check_out(args.out)  # before the training, not after it
+    except ValueError as e:
+        ap.error(str(e))
     from tqdm import tqdm
 
     torch.manual_seed(args.seed)

@@ -18,3 +18,16 @@ def test_neighbor_demo_prints_its_table():
                "grid_subsample", "gather"):
         assert f"| {op}" in out
     assert "FPS picked 2048 distinct points" in out  # 1024 per cloud, 2 clouds
+
+
+def test_subcommand_help_lists_the_subcommand_options():
+    for args, options in [(["demo", "--help"], ["--steps", "--points", "--out", "--device"]),
+                          (["demo", "neighbors", "--help"], ["--points", "--k", "--device"]),
+                          (["bench", "--help"], ["--sizes", "--repeat", "--batches", "--fps"])]:
+        out = _run(*args)
+        assert all(o in out for o in options), (args, out)
+
+
+def test_info_refuses_extra_arguments():
+    out = subprocess.run([sys.executable, "-m", "pointconv", "info", "extra"], capture_output=True, text=True)
+    assert out.returncode == 2 and "info takes no arguments" in out.stderr

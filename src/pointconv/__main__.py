@@ -89,10 +89,19 @@ def bench(argv) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pointconv")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(
+        prog="python -m pointconv", usage="python -m pointconv [-h] {demo [neighbors],bench,info} ...",
+        description="demo: fit a neural SDF; demo neighbors: the neighbor-search tour; bench: the neighbor "
+                    "benchmarks; info: versions and backends. 'python -m pointconv COMMAND --help' lists "
+                    "the options of a command.")
     ap.add_argument("command", choices=["demo", "bench", "info"])
-    args, rest = ap.parse_known_args(argv)
+    # only the first word is the top-level parser's: the rest, -h included, goes to the command's parser
+    args = ap.parse_args(argv[:1])
+    rest = argv[1:]
     if args.command == "info":
+        if rest:
+            ap.error(f"info takes no arguments, got {' '.join(rest)}")
         info()
     elif args.command == "demo":
         if rest[:1] == ["neighbors"]:

@@ -13,6 +13,7 @@ import torch
 import pointconv
 from pointconv._backend import backend_for
 from pointconv._timing import timed_ms
+from pointconv.demos._cli import check_device, positive_int
 
 
 def torus(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -29,12 +30,17 @@ def _timed(fn, device):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pointconv demo neighbors", description=__doc__)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--points", type=int, default=100_000, help="points in the generated cloud")
-    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--points", type=positive_int, default=100_000, help="points in the generated cloud (>= 1)")
+    ap.add_argument("--k", type=positive_int, default=16, help="neighbors per point (>= 1)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = check_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.k >= args.points:
+        ap.error(f"--k ({args.k}) must be smaller than --points ({args.points})")
     g = torch.Generator().manual_seed(args.seed)
     pts = torch.stack([torus(args.points, g), torus(args.points, g)]).to(device)  # B = 2 clouds
     queries = torch.stack([torus(args.points // 4, g), torus(args.points // 4, g)]).to(device)

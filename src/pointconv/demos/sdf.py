@@ -17,13 +17,16 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
+import re
 import time
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
 import pointconv
+from pointconv.demos._cli import check_device, check_out, positive_int
 
 TORUS_R, TORUS_r = 0.6, 0.25
 
@@ -50,64 +53,170 @@ def torus_surface(n: int, g: torch.Generator):
 
 
 def read_points(path: str) -> torch.Tensor:
-    """An (N, 3) float32 cloud from .npy, .xyz (text, x y z first) or .ply (ascii or binary_little_endian)."""
+    """An (N, 3) float32 cloud from .npy, .xyz (text, x y z first) or .ply (ascii or binary, any elements).
+
+    Exact duplicate points are dropped (the first of each is kept, in order). ValueError (naming the
+    file) for unreadable files, fewer than 16 distinct points, a cloud of zero extent, and coordinates
+    that are NaN, Inf or beyond the float32 range."""
     p = pathlib.Path(path)
     suffix = p.suffix.lower()
-    if suffix == ".npy":
-        arr = np.load(p)
-    elif suffix in (".xyz", ".txt"):
-        arr = np.loadtxt(p, usecols=(0, 1, 2))
-    elif suffix == ".ply":
-        arr = _read_ply(p)
-    else:
+    if suffix not in (".npy", ".xyz", ".txt", ".ply"):
         raise ValueError(f"--points must be a .ply, .xyz or .npy file, got {path!r}")
-    arr = np.asarray(arr, dtype=np.float64)
+    if suffix == ".ply":
+        return _checked_cloud(path, _read_ply(p))
+    try:
+        if suffix == ".npy":
+            arr = np.load(p)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # empty file: the size check below says it
+                arr = np.loadtxt(p, usecols=(0, 1, 2), ndmin=2)
+    except (ValueError, TypeError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read the points: {e}") from None
+    return _checked_cloud(path, arr)
+
+
+def _checked_cloud(path: str, arr: np.ndarray) -> torch.Tensor:
+    if arr.dtype.names is not None:  # a structured .npy: take its x, y, z fields
+        if not {"x", "y", "z"} <= set(arr.dtype.names):
+            raise ValueError(f"{path}: a structured array needs x, y, z fields, got {arr.dtype.names}")
+        arr = np.stack([arr[c] for c in "xyz"], -1)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{path}: the coordinates must be integers or floats, got dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] < 3 or len(arr) < 16:
-        raise ValueError(f"--points must hold at least 16 points with x, y, z; got shape {arr.shape}")
+        raise ValueError(f"{path}: --points must hold at least 16 points with x, y, z; got shape {arr.shape}")
     arr = arr[:, :3]
-    if not np.isfinite(arr).all():
-        raise ValueError("--points contains NaN or Inf coordinates")
-    return torch.from_numpy(arr).float()
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr32 = arr.astype(np.float32)
+    if not np.isfinite(arr32).all():
+        if np.isfinite(arr).all():
+            raise ValueError(f"{path}: coordinates beyond the float32 range (|x| > 3.4e38)")
+        raise ValueError(f"{path}: --points contains NaN or Inf coordinates")
+    if not (arr32.max(0) > arr32.min(0)).any():
+        raise ValueError(f"{path}: all the points are the same point (the cloud has zero extent)")
+    _, first = np.unique(arr32, axis=0, return_index=True)
+    if len(first) < 16:
+        raise ValueError(f"{path}: --points must hold at least 16 distinct points, got {len(first)}")
+    return torch.from_numpy(arr32[np.sort(first)])
 
 
 _PLY_TYPES = {"char": "i1", "uchar": "u1", "short": "i2", "ushort": "u2", "int": "i4", "uint": "u4",
               "float": "f4", "double": "f8", "int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2",
               "int32": "i4", "uint32": "u4", "float32": "f4", "float64": "f8"}
+_PLY_FORMATS = {"ascii": None, "binary_little_endian": "<", "binary_big_endian": ">"}
+
+
+def _ply_header(path, data: bytes):
+    """(format, body offset, elements): elements are [name, count, [(name, type or (count type, item type))]]."""
+    if not data.startswith(b"ply"):
+        raise ValueError(f"{path}: not a PLY file (it does not start with 'ply')")
+    match = re.search(rb"^end_header[ \t]*(\r\n|\n|\r|\Z)", data, re.M)
+    if match is None:
+        raise ValueError(f"{path}: PLY header has no end_header line")
+    fmt, elements = None, []
+    for line in data[:match.start()].decode("ascii", "replace").splitlines()[1:]:
+        w = line.split()
+        try:
+            if not w or w[0] in ("comment", "obj_info"):
+                continue
+            if w[0] == "format" and len(w) >= 2:
+                fmt = w[1]
+            elif w[0] == "element" and len(w) == 3 and int(w[2]) >= 0:
+                elements.append([w[1], int(w[2]), []])
+            elif w[0] == "property" and elements and w[1] == "list" and len(w) == 5:
+                elements[-1][2].append((w[4], (_PLY_TYPES[w[2]], _PLY_TYPES[w[3]])))
+            elif w[0] == "property" and elements and len(w) == 3:
+                elements[-1][2].append((w[2], _PLY_TYPES[w[1]]))
+            else:
+                raise ValueError
+        except KeyError as e:
+            raise ValueError(f"{path}: unknown PLY property type {e.args[0]!r} in {line.strip()!r}") from None
+        except (ValueError, IndexError):
+            raise ValueError(f"{path}: malformed PLY header line {line.strip()!r}") from None
+    if fmt not in _PLY_FORMATS:
+        raise ValueError(f"{path}: PLY format {fmt!r} is not supported (ascii, binary_little_endian or "
+                         "binary_big_endian)")
+    return fmt, match.end(), elements
 
 
 def _read_ply(path: pathlib.Path) -> np.ndarray:
+    """x, y, z (float64, (N, 3)) of the vertex element of an ascii or binary PLY file."""
     data = path.read_bytes()
-    end = data.index(b"end_header") + len(b"end_header")
-    end = data.index(b"\n", end) + 1
-    header = data[:end].decode("ascii").splitlines()
-    fmt = next(line.split()[1] for line in header if line.startswith("format"))
-    count, props, in_vertex = 0, [], False
-    for line in header:
-        words = line.split()
-        if words[:2] == ["element", "vertex"]:
-            count, in_vertex = int(words[2]), True
-        elif words and words[0] == "element":
-            in_vertex = False
-        elif in_vertex and words[:1] == ["property"] and words[1] != "list":
-            props.append((words[2], _PLY_TYPES[words[1]]))
+    fmt, offset, elements = _ply_header(path, data)
+    vi = next((i for i, e in enumerate(elements) if e[0] == "vertex"), None)
+    if vi is None:
+        raise ValueError(f"{path}: the PLY file has no vertex element")
+    _, count, props = elements[vi]
     names = [n for n, _ in props]
     if not {"x", "y", "z"} <= set(names):
         raise ValueError(f"{path}: the vertex element has no x, y, z properties")
     cols = [names.index(c) for c in "xyz"]
-    if fmt == "ascii":
-        rows = data[end:].decode("ascii").split("\n")[:count]
-        return np.array([[float(r.split()[c]) for c in cols] for r in rows])
-    if fmt != "binary_little_endian":
-        raise ValueError(f"{path}: PLY format {fmt} is not supported (ascii or binary_little_endian)")
-    dtype = np.dtype([(n, "<" + t) for n, t in props])
-    verts = np.frombuffer(data, dtype=dtype, count=count, offset=end)
-    return np.stack([verts[c].astype(np.float64) for c in "xyz"], 1)
+    truncated = ValueError(f"{path}: the PLY file is truncated or its data does not match the header")
+    if fmt == "ascii":  # one line per element item
+        lines = [ln for ln in data[offset:].decode("ascii", "replace").splitlines() if ln.strip()]
+        first = sum(e[1] for e in elements[:vi])
+        rows = lines[first:first + count]
+        if len(rows) < count:
+            raise truncated
+        try:
+            if all(isinstance(t, str) for _, t in props):
+                return np.array([[float(r.split()[c]) for c in cols] for r in rows], dtype=np.float64).reshape(-1, 3)
+            out = np.empty((count, 3))
+            for i, r in enumerate(rows):
+                words, at, where = r.split(), 0, []
+                for _, t in props:
+                    where.append(at)
+                    at += 1 if isinstance(t, str) else 1 + int(words[at])
+                out[i] = [float(words[where[c]]) for c in cols]
+            return out
+        except (ValueError, IndexError):
+            raise truncated from None
+    order = _PLY_FORMATS[fmt]
+
+    def scalar(t, at):
+        if at + np.dtype(t).itemsize > len(data):
+            raise truncated
+        return np.frombuffer(data, order + t, 1, at)[0]
+
+    for _, n, eprops in elements[:vi + 1]:
+        if all(isinstance(t, str) for _, t in eprops):  # fixed size: one structured read or one jump
+            dtype = np.dtype([(f"p{j}", order + t) for j, (_, t) in enumerate(eprops)])
+            if offset + n * dtype.itemsize > len(data):
+                raise truncated
+            if eprops is props:
+                rec = np.frombuffer(data, dtype, count, offset)
+                return np.stack([rec[f"p{c}"].astype(np.float64) for c in cols], 1).reshape(-1, 3)
+            offset += n * dtype.itemsize
+            continue
+        is_vertex = eprops is props
+        out = np.empty((n, 3)) if is_vertex else None
+        for i in range(n):  # walk the list counts
+            values = []
+            for _, t in eprops:
+                if isinstance(t, str):
+                    values.append(scalar(t, offset) if is_vertex else None)
+                    offset += np.dtype(t).itemsize
+                else:
+                    k = int(scalar(t[0], offset))
+                    values.append(None)
+                    offset += np.dtype(t[0]).itemsize + k * np.dtype(t[1]).itemsize
+            if offset > len(data):
+                raise truncated
+            if is_vertex:
+                out[i] = [values[c] for c in cols]
+        if is_vertex:
+            return out
+    raise AssertionError("unreachable")
 
 
 def normalize_cloud(x: torch.Tensor) -> torch.Tensor:
-    """Center and scale into [-0.8, 0.8]^3 (the box the SDF is fitted in)."""
-    lo, hi = x.min(0).values, x.max(0).values
-    return (x - (lo + hi) / 2) / ((hi - lo).max() / 1.6)
+    """Center and scale into [-0.8, 0.8]^3 (the box the SDF is fitted in); ValueError for a single point."""
+    x64 = x.double()
+    lo, hi = x64.min(0).values, x64.max(0).values
+    extent = float((hi - lo).max())
+    if not extent > 0:
+        raise ValueError("the cloud has zero extent (all its points are the same point)")
+    return ((x64 - (lo + hi) / 2) / (extent / 1.6)).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -126,8 +235,10 @@ class GaussianPointSDF(nn.Module):
     def __init__(self, anchors: torch.Tensor, features: int = 16, hidden: int = 64, k: int = 8):
         super().__init__()
         n = anchors.shape[0]
-        spacing = float(pointconv.knn(anchors[None], anchors[None], 2, exclude_self=True).dists[..., 0]
-                        .sqrt().mean())
+        nearest = pointconv.knn(anchors[None], anchors[None], 2, exclude_self=True).dists[0, :, 0].sqrt()
+        nearest = nearest[nearest > 0]  # duplicated anchors are at distance 0 from each other
+        extent = float((anchors.max(0).values - anchors.min(0).values).max())
+        spacing = float(nearest.mean()) if len(nearest) else max(extent, 1e-3) / max(n, 1) ** (1 / 3)
         self.k = k
         self.p = nn.Parameter(anchors.clone())
         self.f = nn.Parameter(0.1 * torch.randn(n, features))
@@ -272,16 +383,21 @@ def train(steps=1000, device="cpu", points=None, n_features=768, batch=1536, see
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pointconv demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=1000)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="The neighbor-search demo: python -m pointconv demo neighbors --help")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--steps", type=positive_int, default=1000, help="training steps (>= 1)")
     ap.add_argument("--points", default=None, help="a .ply, .xyz or .npy cloud to fit instead of the torus")
-    ap.add_argument("--out", default="pointconv_sdf.png", help="where to write the slices (PNG)")
+    ap.add_argument("--out", default="pointconv_sdf.png",
+                    help="where to write the slices (.png, or another format matplotlib writes: pdf, svg, ...)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.steps < 1:
-        ap.error("--steps must be >= 1")
-    points = read_points(args.points) if args.points else None
+    try:  # user errors: a usage message and status 2, before any training
+        check_device(args.device)
+        check_out(args.out)
+        points = read_points(args.points) if args.points else None
+    except (ValueError, OSError, TypeError) as e:
+        ap.error(str(e))
     shape = args.points or "built-in torus"
     print(f"pointconv {pointconv.__version__}: fitting a neural SDF to the {shape} on {args.device}, {args.steps} steps")
     model, metrics, true_sdf, surface = train(args.steps, args.device, points, seed=args.seed)
