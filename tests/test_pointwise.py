@@ -167,18 +167,17 @@ def test_deterministic_outputs_and_gradients(monkeypatch, deterministic_mode):
         assert torch.equal(a, b)
 
 
-def test_the_same_bits_for_any_thread_count(monkeypatch):
+def test_the_same_bits_for_any_thread_count():
     """float32 gradients to second order, the weight's included (a reduction over every point:
     one block per thread, blocks summed in order), do not depend on torch's thread count."""
-    monkeypatch.setattr(_cell_means, "_BLOCK_ELEMENTS", 27 * 9 * 64)  # many blocks
-    g = torch.Generator().manual_seed(5)
-    pts = torch.rand(2, 600, 3, generator=g)
-    feats = torch.randn(2, 600, 9, generator=g)
+    g = torch.Generator().manual_seed(0)
+    pts = torch.rand(8, 2048, 3, generator=g)  # blocks of thousands of rows: GEMMs MKL would split
+    feats = torch.randn(8, 2048, 9, generator=g)
     weight = torch.randn(9, 9, 3, 3, 3, generator=g)
     threads = torch.get_num_threads()
     results = []
     try:
-        for n in (1, 3):
+        for n in (1, 2):
             torch.set_num_threads(n)
             f, w = feats.clone().requires_grad_(), weight.clone().requires_grad_()
             y = pointconv.pointwise_conv(pts, f, w, 0.1, 2)
