@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import numpy as np
 import torch
@@ -55,20 +56,29 @@ def same_dtype(**tensors: torch.Tensor) -> None:
             raise TypeError(f"{n} has dtype {t.dtype} but {named[0][0]} has dtype {named[0][1].dtype}")
 
 
+def integer(name: str, v) -> int:
+    """``v`` as an int: Python and numpy ints, integer 0-dim tensors; not bools, floats or strings
+    (``int(1.7)`` would silently truncate)."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}") from None
+
+
 def positive_int(name: str, k) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    k = integer(name, k)
     if k < 1:
         raise ValueError(f"{name} must be >= 1, got {k}")
-    return int(k)
+    return k
 
 
 def nonneg_int(name: str, k) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    k = integer(name, k)
     if k < 0:
         raise ValueError(f"{name} must be >= 0, got {k}")
-    return int(k)
+    return k
 
 
 def flag(name: str, value) -> bool:

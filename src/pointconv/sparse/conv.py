@@ -29,7 +29,7 @@ from ._implicit_gemm import use_triton
 from ._pair_gemm import accumulation_dtype
 from .kernel_map import KernelMap, build_conv, build_subm, build_transposed, inverse_of
 from .modules import SparseModule
-from .tensor import SparseConvTensor, _int, check_layer_input
+from .tensor import SparseConvTensor, check_layer_input
 
 
 def _tuple(name, v, ndim):
@@ -38,7 +38,7 @@ def _tuple(name, v, ndim):
     vals = list(v) if isinstance(v, (tuple, list)) else [v] * ndim
     if len(vals) != ndim:
         raise ValueError(f"{name} must be an int or {ndim} ints, got {v!r}")
-    return tuple(_int(name, x) for x in vals)
+    return tuple(_checks.integer(name, x) for x in vals)
 
 
 def _scatter_add_rows(out, rows, src):

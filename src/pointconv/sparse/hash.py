@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .tensor import _int
 
 _KEY_DTYPES = (torch.int32, torch.int64)
 
@@ -25,7 +24,7 @@ class HashTable:
         except (RuntimeError, TypeError):
             raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
         self.key_dtype, self.value_dtype = key_dtype, value_dtype
-        self.max_size = _int("max_size", max_size)  # < 0: no limit
+        self.max_size = _checks.integer("max_size", max_size)  # < 0: no limit
         self._keys = torch.empty(0, dtype=key_dtype, device=self.device)
         self._values = torch.empty(0, dtype=value_dtype, device=self.device)
 
@@ -99,6 +98,6 @@ class HashTable:
     def items(self, max_size: int | None = -1):
         """``(keys, values, count)`` in ascending key order: the first ``max_size`` keys (negative or
         None, spconv's default -1: all of them)."""
-        max_size = -1 if max_size is None else _int("max_size", max_size)
+        max_size = -1 if max_size is None else _checks.integer("max_size", max_size)
         n = len(self) if max_size < 0 else min(len(self), max_size)
         return self._keys[:n], self._values[:n], torch.tensor([len(self)], dtype=torch.int32)

@@ -8,23 +8,11 @@ sites they map back to). Tensors made by ``replace_feature`` share the dict.
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 
 from .. import _checks
 from .kernel_map import INT32_MAX, linearize
-
-
-def _int(name: str, v) -> int:
-    """``v`` as an int: Python and numpy ints, integer 0-dim tensors; not bools, floats or strings
-    (``int(1.7)`` would silently truncate)."""
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}") from None
 
 
 def _feature_tensor(name: str, value, n: int) -> torch.Tensor:
@@ -69,7 +57,7 @@ class SparseConvTensor:
                              f"got shape {tuple(indices.shape)}")
         if indices.device != features.device:
             raise ValueError(f"indices is on {indices.device} but features is on {features.device}")
-        batch_size = _int("batch_size", batch_size)
+        batch_size = _checks.integer("batch_size", batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if indices.shape[0]:
