@@ -10,7 +10,10 @@ pointconv is timed as ``pointconv.knn`` (index build included) and as a query on
 
 A second table times self-kNN on batches of small clouds (``--batches``, B x N: the deep-learning
 case) against cKDTree built and queried per cloud (``workers=-1``) and batched ``cdist`` + ``topk``.
-A third times farthest point sampling (``--fps``, B x N -> n) against the plain vectorized torch
+A third times self-kNN on clouds that are hard for a kd-tree (``--hard``): voxel centers of a sphere
+shell (integer coordinates: the k-th neighbor ties with many points), half the points at the origin
+(zero padding counted as points), and 1,000 sites repeated 100 times each, against cKDTree.
+A fourth times farthest point sampling (``--fps``, B x N -> n) against the plain vectorized torch
 loop (``_fps_torch``, also its reference), the two timed in turns; the indices must be equal.
 
     python benchmarks/bench_neighbors.py --device cpu
@@ -52,7 +55,8 @@ def ckdtree_knn(q, p, k):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000, 1_000_000],
+                    help="N of the single-cloud table (none: skip it)")
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--max-pairs", type=float, default=None,
@@ -60,19 +64,32 @@ def main(argv=None):
     ap.add_argument("--chunk-bytes", type=int, default=1 << 30)
     ap.add_argument("--batches", nargs="*", default=["32x1024", "128x512", "8x4096", "16x2048"],
                     help="B x N of the batched table (none: skip it)")
+    ap.add_argument("--hard", nargs="*", default=list(HARD_CLOUDS), choices=list(HARD_CLOUDS),
+                    help="clouds of the hard-cloud table (none: skip it)")
     ap.add_argument("--fps", nargs="*", default=["32x1024x512", "16x4096x1024", "8x8192x2048", "1x100000x4096"],
                     help="B x N x n of the farthest-point-sampling table (none: skip it)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     max_pairs = args.max_pairs or (1e12 if device.type == "cuda" else 1e10)
-    k = args.k
 
     print(provenance("bench_neighbors", device))
+    gen = torch.Generator().manual_seed(0)
+    if args.sizes:
+        single_cloud_table(args, device, gen, max_pairs)
+    if args.batches:
+        batched_table(args, device, gen)
+    if args.hard:
+        hard_table(args, device)
+    if args.fps:
+        fps_table(args, device, gen)
+
+
+def single_cloud_table(args, device, gen, max_pairs):
+    k = args.k
     print(f"> k = {k}, float32 uniform points in the unit cube, B = 1, median of {args.repeat} runs")
     print()
     print("| N | task | method | ms | ms / pointconv.knn ms | matches cKDTree |")
     print("|---:|---|---|---:|---:|---|")
-    gen = torch.Generator().manual_seed(0)
     for n in args.sizes:
         p = torch.rand(1, n, 3, generator=gen)
         qs = {"self": p, "query": torch.rand(1, n, 3, generator=gen)}
@@ -104,10 +121,47 @@ def main(argv=None):
                 ratio = "" if t is None else f"{t / t_pc:.2f}x"
                 check = "" if ok is None else ("yes" if ok else "NO")
                 print(f"| {n:,} | {task} | {method} | {ms} | {ratio} | {check} |", flush=True)
-    if args.batches:
-        batched_table(args, device, gen)
-    if args.fps:
-        fps_table(args, device, gen)
+
+
+def voxel_shell(gen):
+    v = torch.randn(400_000, 3, generator=gen)
+    return torch.unique((v / v.norm(dim=1, keepdim=True) * 120).round(), dim=0)
+
+
+def half_at_origin(gen):
+    p = torch.rand(100_000, 3, generator=gen)
+    p[::2] = 0
+    return p
+
+
+def repeated_sites(gen):
+    return torch.rand(1_000, 3, generator=gen)[torch.randint(0, 1_000, (100_000,), generator=gen)]
+
+
+HARD_CLOUDS = {"voxel-shell": ("voxel centers of a sphere shell of radius 120", voxel_shell),
+               "half-origin": ("100,000 uniform points, every other one moved to the origin", half_at_origin),
+               "repeated": ("1,000 sites repeated 100 times each (100,000 points)", repeated_sites)}
+
+
+def hard_table(args, device):
+    k = args.k
+    print()
+    print(f"> clouds hard for a kd-tree: self-kNN, k = {k}, float32, median of {args.repeat} runs")
+    print()
+    print("| cloud | N | method | ms | ms / pointconv.knn ms | matches cKDTree |")
+    print("|---|---:|---|---:|---:|---|")
+    for name in args.hard:
+        title, make = HARD_CLOUDS[name]
+        p = make(torch.Generator().manual_seed(0))
+        p_dev = p[None].to(device)
+        p64 = p.double().numpy()
+        t_pc, res = timed(lambda: pointconv.knn(p_dev, p_dev, k), device, args.repeat)
+        ref_d, _ = ckdtree_knn(p64, p64, k)
+        ok = np.allclose(res.dists[0].cpu().double().numpy(), ref_d ** 2, rtol=1e-5, atol=1e-10)
+        t_tree, _ = timed(lambda: ckdtree_knn(p64, p64, k), device, args.repeat)
+        for method, t, check in (("pointconv.knn (build + query)", t_pc, "yes" if ok else "NO"),
+                                 ("scipy cKDTree (build + query, workers=-1)", t_tree, "")):
+            print(f"| {title} | {len(p):,} | {method} | {t:.1f} | {t / t_pc:.2f}x | {check} |", flush=True)
 
 
 def fps_table(args, device, gen):

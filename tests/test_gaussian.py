@@ -78,6 +78,22 @@ def test_tree_path_takes_more_candidate_rounds(monkeypatch):
     assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 12))
 
 
+def test_tree_path_over_repeated_points(monkeypatch):
+    """Points repeated hundreds of times: the kd-tree is built over one point per group of identical
+    points (``GroupedTree``) and its candidates expand to the group's points; the answer is exact."""
+    from pointconv.neighbors import _grouped_tree
+    monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)
+    grouped = []
+    real = _grouped_tree.GroupedTree
+    monkeypatch.setattr(select_module, "build_tree", lambda p: grouped.append(1) or real(p.double().numpy()))
+    q, p, f, sigma, R = make(B=1, Q=80, P=600, seed=4)
+    p = p[:, torch.randint(0, 6, (600,), generator=torch.Generator().manual_seed(5))]
+    assert _grouped_tree.repeats_are_costly(p[0].double().numpy())
+    out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 10)
+    assert grouped
+    assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 10))
+
+
 def test_singular_R_has_no_tree_bound_and_uses_the_gemm(monkeypatch):
     monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)
     gemm = _count(monkeypatch, "_select_gemm")

@@ -1,10 +1,16 @@
 """Neighbor search at the edges of floating point and of sizes: underflowed distances, clouds of
 many identical points, coordinates whose squares overflow, absurd output sizes, sparse cloud ids."""
+import math
+
+import numpy as np
 import pytest
 import torch
+from scipy.spatial import cKDTree
 
 import pointconv
 import pointconv.neighbors._cpu as cpu
+import pointconv.neighbors._trees as _trees
+from pointconv.neighbors._grouped_tree import GroupedTree, repeats_are_costly
 
 
 def reference(fn, *args, **kwargs):
@@ -45,26 +51,27 @@ def test_distances_that_underflow_to_zero_are_ties_broken_by_index():
 
 
 def test_thousands_of_identical_points_are_searched_as_groups(monkeypatch):
-    """3000 copies of one point: every query ties with all of them. The exact fallback takes each
-    group of identical points once (at most k + 1 of its lowest indices) instead of 3000 x 3000
-    candidates; the answers are the reference's."""
-    made = []
-    real = cpu._DuplicateGroups
+    """3000 copies of one point: cKDTree cannot split them (one leaf of 3000 points, scanned by
+    every query near it) and every query ties with all of them. The tree is built over one point
+    per group of identical points, each group standing for its k + 1 lowest indices; the answers
+    are the reference's."""
+    trees = []
+    real = cpu.build_tree
 
-    def spy(tree, keep):
-        made.append(keep)
-        return real(tree, keep)
+    def spy(points):
+        trees.append(real(points))
+        return trees[-1]
 
-    monkeypatch.setattr(cpu, "_DuplicateGroups", spy)
+    monkeypatch.setattr(cpu, "build_tree", spy)
+    monkeypatch.setattr(_trees, "build_tree", spy)
     p = torch.zeros(1, 3000, 3)
     got = pointconv.knn(p, p, 16)
     assert torch.equal(got.idx[0], torch.arange(16).expand(3000, 16)) and not got.dists.any()
-    assert made == [16]
+    assert isinstance(trees[-1], GroupedTree) and trees[-1].tree.n == 1
     # exclude_self: the 16 lowest other indices
     j = torch.arange(16)[None]
     want = torch.where(j >= torch.arange(3000)[:, None], j + 1, j)
     assert torch.equal(pointconv.knn(p, p, 16, exclude_self=True).idx[0], want)
-    assert made == [16, 17]
     # a cluster of copies inside a random cloud, with ball queries too
     g = torch.Generator().manual_seed(1)
     mixed = torch.rand(1, 3000, 3, generator=g)
@@ -73,7 +80,75 @@ def test_thousands_of_identical_points_are_searched_as_groups(monkeypatch):
         assert_same(pointconv.knn(mixed, mixed, 8, exclude_self=exclude_self),
                     reference(pointconv.knn, mixed, mixed, 8, exclude_self=exclude_self))
     assert_same(pointconv.ball_query(mixed, mixed, 0.05, 8), reference(pointconv.ball_query, mixed, mixed, 0.05, 8))
-    assert len(made) >= 4
+    assert isinstance(trees[-1], GroupedTree) and trees[-1].tree.n == 800
+    # other queries than the points, k beyond the cloud's distinct points, and float64
+    q = torch.rand(1, 500, 3, generator=g)
+    q[0, :100] = mixed[0, 7]
+    for k in (3, 40):
+        assert_same(pointconv.knn(q, mixed, k), reference(pointconv.knn, q, mixed, k))
+    wide = mixed.double()
+    assert_same(pointconv.knn(wide, wide, 5), reference(pointconv.knn, wide, wide, 5))
+    few = torch.zeros(1, 40, 3)
+    few[0, 20:] = 1
+    assert_same(pointconv.knn(few, few, 30), reference(pointconv.knn, few, few, 30))
+    # small clouds of a batch share one lifted tree: its groups are per cloud
+    batch = torch.rand(6, 700, 3, generator=g)
+    batch[:, 100:] = 0
+    lengths = torch.tensor([700, 650, 700, 300, 700, 699])
+    trees.clear()
+    assert_same(pointconv.knn(batch, batch, 12, query_lengths=lengths, points_lengths=lengths, exclude_self=True),
+                reference(pointconv.knn, batch, batch, 12, query_lengths=lengths, points_lengths=lengths, exclude_self=True))
+    assert [type(t) for t in trees] == [GroupedTree] and trees[0].tree.n == 6 * 101
+
+
+def test_grouped_tree_queries_as_a_tree_over_all_points():
+    """``GroupedTree.query`` returns what cKDTree over every point would: the m nearest points in
+    float64 order, inf / n past the bound, each group's points from its lowest index on."""
+    g = torch.Generator().manual_seed(2)
+    sites = torch.rand(30, 3, generator=g, dtype=torch.float64)
+    data = sites[torch.randint(0, 30, (2000,), generator=g)].numpy()
+    assert repeats_are_costly(data) and not repeats_are_costly(torch.rand(2000, 3, generator=g).double().numpy())
+    tree = GroupedTree(data)
+    plain = cKDTree(data)
+    x = torch.rand(50, 3, generator=g, dtype=torch.float64).numpy()
+    for m, bound in ((1, math.inf), (7, math.inf), (150, math.inf), (90, 0.2)):
+        dd, ii = tree.query(x, k=m, distance_upper_bound=bound)
+        want_d = plain.query(x, k=m, distance_upper_bound=bound)[0].reshape(50, m)
+        assert np.array_equal(dd, want_d)
+        found = ii < len(data)
+        assert np.array_equal(found, np.isfinite(want_d))
+        # each returned point is at its listed distance, and no point is listed twice in a row
+        got_d = np.linalg.norm(data[np.where(found, ii, 0)] - x[:, None], axis=2)
+        assert np.allclose(np.where(found, got_d, np.inf), dd, rtol=0, atol=1e-12)
+        assert all(len(set(row[ok])) == ok.sum() for row, ok in zip(ii, found))
+    # a group's points come lowest index first
+    group = np.flatnonzero((data == data[0]).all(1))
+    assert np.array_equal(tree.query(data[:1], k=len(group))[1][0], group)
+    assert sorted(tree.indices.tolist()) == list(range(len(data)))
+    # hashes that all collide: groups are runs of equal coordinates, copies of one point split into
+    # several groups, and the answers are still every point's
+    collided = GroupedTree(data, torch.zeros(len(data), dtype=torch.int64), torch.arange(len(data)))
+    assert 30 < collided.tree.n < len(data)
+    dd, ii = collided.query(x, k=40)
+    assert np.array_equal(dd, plain.query(x, k=40)[0])
+    assert np.allclose(np.linalg.norm(data[ii] - x[:, None], axis=2), dd, rtol=0, atol=1e-12)
+    assert all(len(set(row)) == 40 for row in ii)
+
+
+def test_ties_at_the_kth_neighbor_on_a_lattice_match_the_reference():
+    """Voxel centers of a sphere shell: integer coordinates, so the k-th neighbor ties with many
+    points at the same distance and most queries go to the exact fallback (which asks the tree for
+    more candidates until the last one lies beyond the tie)."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(6000, 3, generator=g)
+    shell = torch.unique((v / v.norm(dim=1, keepdim=True) * 15).round(), dim=0)[None]
+    for k in (6, 19, 27):
+        for exclude_self in (False, True):
+            assert_same(pointconv.knn(shell, shell, k, exclude_self=exclude_self),
+                        reference(pointconv.knn, shell, shell, k, exclude_self=exclude_self))
+    assert_same(pointconv.ball_query(shell, shell, 1.5, 12), reference(pointconv.ball_query, shell, shell, 1.5, 12))
+    queries = shell[:, ::3] + 0.5  # halfway between lattice points: ties in every direction
+    assert_same(pointconv.knn(queries, shell, 8), reference(pointconv.knn, queries, shell, 8))
 
 
 def test_coordinates_whose_squared_distances_overflow_are_refused():

@@ -19,10 +19,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 from .._threads import imap_ordered
 from ._distance import sq_dist, sq_dist_gathered
+from ._grouped_tree import GroupedTree, kd_tree
 
 KDTREE_MAX_DIM = 8  # above this a kd-tree degrades towards brute force
 _CHUNK_BYTES = 64 << 20  # memory cap of one brute-force chunk
@@ -33,13 +33,13 @@ _CHUNK_ROWS = 8192  # largest chunk of queries sent to one pool thread
 _THREADS = os.cpu_count() or 1
 
 
-def build_tree(points: torch.Tensor) -> cKDTree:
-    """A kd-tree over ``(n, D)`` points.
+def build_tree(points: torch.Tensor):
+    """A kd-tree over ``(n, D)`` points: cKDTree, or ``GroupedTree`` when points repeat many times.
 
     Sliding-midpoint splits with 32-point leaves: built about 2x faster than scipy's default and
     queried about 10% faster (benchmarks/bench_neighbors.py measures the whole path).
     """
-    return cKDTree(points.detach().double().numpy(), leafsize=32, balanced_tree=False, compact_nodes=False)
+    return kd_tree(points.detach().double().numpy())
 
 
 class LiftedQueries(NamedTuple):
@@ -96,12 +96,18 @@ def morton_order(x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.T
 
 
 def _select_sorted(d: torch.Tensor, idx: torch.Tensor, k: int):
-    """Per row, the k smallest (d, idx) pairs ascending; rows with fewer are padded with inf / -1."""
-    order = torch.argsort(idx, dim=1, stable=True)
-    d, idx = d.gather(1, order), idx.gather(1, order)
-    order = torch.argsort(d, dim=1, stable=True)
-    d, idx = d.gather(1, order), idx.gather(1, order)
-    return _first_k(d, idx, k)
+    """Per row, the k smallest (d, idx) pairs ascending; rows with fewer are padded with inf / -1.
+
+    ``d`` holds no NaN and no negative number (squared distances, inf for no candidate)."""
+    if d.dtype == torch.float32 and idx.numel() and int(idx.max()) < 1 << 31:
+        # one sort of 64-bit keys: the bits of a non-negative float32 order as its value does
+        key = (d.view(torch.int32).long() << 32) | (idx & 0xFFFFFFFF)
+        order = torch.argsort(key, dim=1)
+    else:
+        order = torch.argsort(idx, dim=1, stable=True)
+        d, idx = d.gather(1, order), idx.gather(1, order)
+        order = torch.argsort(d, dim=1, stable=True)
+    return _first_k(d.gather(1, order), idx.gather(1, order), k)
 
 
 def _first_k(d: torch.Tensor, idx: torch.Tensor, k: int):
@@ -220,7 +226,7 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None, lift=None)
         if radius2 is not None:
             last = last.clamp(max=radius2)
         limit = (last * (1 + rel) + 2 * tiny) / (1 - rel) * (1 + 1e-9)
-        out_d[bad], out_i[bad] = _ball_fallback(q[bad], p, tree, k, radius2, exclude_self, rows[bad], limit,
+        out_d[bad], out_i[bad] = _exact_fallback(q[bad], p, tree, k, radius2, exclude_self, rows[bad], limit,
                                                 None if q_lift is None else q_lift[bad])
     if order is not None:
         inverse = torch.empty_like(order)
@@ -271,74 +277,52 @@ def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel, tin
     return out_d, out_i, torch.nonzero(~certified).flatten()
 
 
-class _DuplicateGroups:
-    """The points of a kd-tree grouped by identical (tree) coordinates, with a tree over one point
-    per group: a ball around a point repeated D times lists it D times, and D queries there cost D^2
-    candidates (minutes for a few thousand copies, such as zero padding counted as points). Only the
-    ``keep`` lowest indices of a group can be among a query's answer (their distances are equal and
-    ties go to the lower index), so each group stands for at most ``keep`` candidates."""
+def _exact_fallback(qb, p, tree, k, radius2, exclude_self, self_ids, limit2, q_lift=None):
+    """Exact answer for queries ``qb`` from every point within ``sqrt(limit2)`` (float64) of them.
 
-    def __init__(self, tree: cKDTree, keep: int):
-        unique, inverse, counts = np.unique(tree.data, axis=0, return_inverse=True, return_counts=True)
-        self.tree = cKDTree(unique, leafsize=32, balanced_tree=False, compact_nodes=False)
-        self.members = torch.from_numpy(np.argsort(inverse.reshape(-1), kind="stable"))  # by group, then index
-        counts = torch.from_numpy(counts)
-        self.first = torch.cumsum(counts, 0) - counts
-        self.size = counts.clamp(max=keep)
-
-    def expand(self, groups: torch.Tensor) -> torch.Tensor:
-        """The candidates that ``groups`` (int64, flat) stand for, group after group."""
-        size = self.size[groups]
-        ends = torch.cumsum(size, 0)
-        within = torch.arange(int(ends[-1]) if len(ends) else 0) - torch.repeat_interleave(ends - size, size)
-        return self.members[torch.repeat_interleave(self.first[groups], size) + within]
-
-
-def _ball_fallback(qb, p, tree, k, radius2, exclude_self, self_ids, limit2, q_lift=None):
-    """Exact answer for queries ``qb`` from every point within ``sqrt(limit2)`` (float64) of them."""
+    The tree is asked for more and more nearest candidates (4x per round) until the last one lies
+    beyond a row's limit: then every point within it is a candidate, and the candidates sorted by
+    (distance in the input dtype, index) give the answer. Ties at the k-th neighbor (points on a
+    lattice, repeated points) need a few dozen candidates, and a kNN query returns them as arrays,
+    where a ball query built a Python list per row (71K fallback rows of a voxelized shell took
+    1.5 s that way). Over a ``GroupedTree`` the candidates are groups, each standing for its
+    ``k + exclude_self`` lowest points: the others tie with those and come later.
+    """
     if torch.isinf(limit2).any():  # no finite bound: fall back to brute force
         if q_lift is not None:  # unreachable: CloudTrees lifts only clouds whose distances stay finite
             raise AssertionError("a lifted kd-tree query fell back to brute force")
         return brute_force_search(qb, p, k, radius2, exclude_self, self_ids)
     q64 = _tree_coords(qb, q_lift)
-    r = np.sqrt(limit2.numpy())
-    counts = tree.query_ball_point(q64, r, return_length=True)
-    groups = None
-    # far more candidates than answers, and more than the grouping costs (a sort of the points, about
-    # as long as five candidates each): duplicated points
-    if int(counts.sum()) > max(8 * (k + 1) * len(qb), 5 * tree.n):
-        groups = _DuplicateGroups(tree, k + int(exclude_self))
-        group_lists = groups.tree.query_ball_point(q64, r)
-        counts = np.array([int(groups.size[x].sum()) if x else 0 for x in group_lists], dtype=np.int64)
+    r = torch.from_numpy(np.sqrt(limit2.numpy()))
+    grouped = isinstance(tree, GroupedTree)
+    units = tree.tree if grouped else tree  # what the kd-tree returns: groups or points
     out_d = torch.full((len(qb), k), float("inf"), dtype=qb.dtype)
     out_i = torch.full((len(qb), k), -1, dtype=torch.int64)
-    start = 0
-    csum = np.cumsum(counts)
-    while start < len(qb):
-        base = csum[start - 1] if start else 0
-        stop = max(start + 1, int(np.searchsorted(csum, base + _FALLBACK_CANDIDATES, side="right")))
-        lists = tree.query_ball_point(q64[start:stop], r[start:stop]) if groups is None else group_lists[start:stop]
-        flat = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64) for x in lists]))
-        if groups is None:
-            lens, cand = torch.tensor([len(x) for x in lists], dtype=torch.int64), flat
-        else:
-            lens, cand = torch.from_numpy(counts[start:stop]), groups.expand(flat)
-        rows = torch.repeat_interleave(torch.arange(stop - start), lens)
-        d = sq_dist(qb[start:stop][rows], p[cand])
-        d = _mask(d, cand, self_ids[start:stop][rows], radius2, exclude_self)
-        # Sort by (row, distance, index) with stable sorts, least significant key first.
-        order = torch.argsort(cand, stable=True)
-        cand, d, rows = cand[order], d[order], rows[order]
-        order = torch.argsort(d, stable=True)
-        cand, d, rows = cand[order], d[order], rows[order]
-        order = torch.argsort(rows, stable=True)
-        cand, d, rows = cand[order], d[order], rows[order]
-        first = torch.cumsum(lens, 0) - lens
-        rank = torch.arange(len(rows)) - first[rows]
-        keep = (rank < k) & ~torch.isinf(d)
-        out_d[start + rows[keep], rank[keep]] = d[keep]
-        out_i[start + rows[keep], rank[keep]] = cand[keep]
-        start = stop
+    pending = torch.arange(len(qb))
+    m = min(2 * (k + 1 + int(exclude_self)), units.n)
+    per_group = k + int(exclude_self)  # the most points of one group that can be in an answer
+    p_columns = p.t().contiguous()
+    while pending.numel():
+        rows_per_batch = max(1, _FALLBACK_CANDIDATES // (m * (per_group if grouped else 1)))
+        unfinished = []
+        for s in range(0, pending.numel(), rows_per_batch):
+            rows = pending[s:s + rows_per_batch]
+            bound = float(r[rows].max()) * (1 + 1e-12) + 1e-300  # the tree's bound is strict
+            dd, uu = units.query(q64[rows.numpy()], k=m, distance_upper_bound=bound, workers=-1)
+            dd = torch.from_numpy(np.asarray(dd).reshape(len(rows), m))
+            uu = torch.from_numpy(np.asarray(uu).reshape(len(rows), m)).long()
+            # complete: fewer than m units within the bound, or the m-th beyond the row's limit
+            done = torch.isinf(dd[:, -1]) | (dd[:, -1] > r[rows]) | (m == units.n)
+            unfinished.append(rows[~done])
+            rows, uu = rows[done], uu[done]
+            if grouped:
+                uu = tree.expand_rows(uu, per_group)[1]
+            cand = torch.where(uu < tree.n, uu, -1)
+            d = _mask(sq_dist_gathered(qb[rows], p_columns, cand.clamp(min=0)), cand, self_ids[rows, None],
+                      radius2, exclude_self)
+            out_d[rows], out_i[rows] = _select_sorted(d, cand, k)
+        pending = torch.cat(unfinished)
+        m = min(4 * m, units.n)
     return out_d, out_i
 
 
