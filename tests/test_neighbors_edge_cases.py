@@ -1,10 +1,13 @@
 """Neighbor search at the edges of floating point and of sizes: underflowed distances, clouds of
 many identical points, coordinates whose squares overflow, absurd output sizes, sparse cloud ids."""
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.spatial import cKDTree
 
 import pointconv
@@ -99,6 +102,37 @@ def test_thousands_of_identical_points_are_searched_as_groups(monkeypatch):
     assert_same(pointconv.knn(batch, batch, 12, query_lengths=lengths, points_lengths=lengths, exclude_self=True),
                 reference(pointconv.knn, batch, batch, 12, query_lengths=lengths, points_lengths=lengths, exclude_self=True))
     assert [type(t) for t in trees] == [GroupedTree] and trees[0].tree.n == 6 * 101
+
+
+def _grouped(points):
+    return GroupedTree(points.detach().double().numpy())
+
+
+@settings(max_examples=50, deadline=None)
+@given(B=st.integers(1, 3), N=st.integers(1, 120), D=st.integers(1, 4), sites=st.integers(1, 8),
+       k=st.integers(1, 40), exclude_self=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
+def test_grouped_trees_answer_as_the_reference(B, N, D, sites, k, exclude_self, seed, data):
+    """Every kd-tree built over groups (small clouds too, lifted or not): clouds that repeat a few
+    sites, with some distinct points among them, ragged lengths, self and other queries, kNN and
+    ball query, against the dense reference."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.rand(sites, D, generator=g)
+    p = pool[torch.randint(0, sites, (B, N), generator=g)]
+    loose = torch.rand(B, N, generator=g) < data.draw(st.sampled_from([0.0, 0.2, 0.7]))
+    p = torch.where(loose[..., None], torch.rand(B, N, D, generator=g), p)
+    lengths = torch.tensor(data.draw(st.lists(st.integers(0, N), min_size=B, max_size=B)))
+    q = p if exclude_self else torch.rand(B, N // 2 + 1, D, generator=g)
+    q_lengths = lengths if exclude_self else None
+    made = []
+    with mock.patch.object(_trees, "build_tree", lambda x: made.append(len(x)) or _grouped(x)):
+        got = pointconv.knn(q, p, k, query_lengths=q_lengths, points_lengths=lengths, exclude_self=exclude_self)
+        ball = pointconv.ball_query(q, p, 0.4, k, query_lengths=q_lengths, points_lengths=lengths,
+                                    exclude_self=exclude_self)
+    assert made or not int(lengths.max())
+    assert_same(got, reference(pointconv.knn, q, p, k, query_lengths=q_lengths, points_lengths=lengths,
+                               exclude_self=exclude_self))
+    assert_same(ball, reference(pointconv.ball_query, q, p, 0.4, k, query_lengths=q_lengths,
+                                points_lengths=lengths, exclude_self=exclude_self))
 
 
 def test_grouped_tree_queries_as_a_tree_over_all_points():
