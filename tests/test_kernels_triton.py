@@ -166,9 +166,16 @@ def test_pointwise_kernels_match_the_torch_path(s):
     torch.testing.assert_close(pointwise_kernels.cell_weight_grad(A.crow, A.col, values, x, gout), wgrad)
 
 
-def test_pointwise_conv_on_the_triton_backend_to_second_order():
-    from pointconv.conv import pointwise_conv_reference
+@pytest.mark.parametrize("repeated", [False, True])
+def test_pointwise_conv_on_the_triton_backend_to_second_order(repeated, monkeypatch):
+    from pointconv.conv import pointwise as pointwise_module
+    from pointconv.conv import pointwise_conv_reference, pointwise_neighbors
     pts, feats, weight, lengths = _pointwise_case(30)
+    if repeated:  # every other point a copy of the first: the structure over groups of equal points
+        monkeypatch.setattr(pointwise_module, "_COSTLY_REPEATS", -1)
+        pts = pts.clone()
+        pts[:, ::2] = pts[:, :1]
+        assert pointwise_neighbors(pts, 0.3, 1, lengths=lengths).groups is not None
 
     def derivatives(conv):
         out = conv(pts, feats, weight, 0.3, 1, lengths=lengths)

@@ -4,6 +4,7 @@ import torch
 import pointconv
 from pointconv.conv import pointwise_conv_reference, pointwise_neighbors
 from pointconv.conv import _cell_means
+from pointconv.conv import pointwise as pointwise_module
 from pointconv.conv.pointwise import pointwise_reference_loops
 
 
@@ -152,9 +153,12 @@ def test_several_dilations_share_one_grid():
         pointwise_neighbors(pts, 0.125, [1, 2.0])
 
 
-def test_deterministic_outputs_and_gradients(monkeypatch, deterministic_mode):
+@pytest.mark.parametrize("repeated", [False, True])
+def test_deterministic_outputs_and_gradients(monkeypatch, deterministic_mode, repeated):
     monkeypatch.setattr(_cell_means, "_BLOCK_ELEMENTS", 27 * 8 * 16)
-    pts = cloud("uniform", N=200, seed=9).float()
+    # repeated: two sites about 70 times each among distinct points, convolved as groups
+    pts = (_repeated_cloud(1, 200, 2, seed=6) if repeated else cloud("uniform", N=200, seed=9)).float()
+    assert (pointwise_neighbors(pts, 0.1).groups is not None) == repeated
     layer = pointconv.nn.PointwiseConv3d(8, 8, 0.1)
     results = []
     for _ in range(2):
@@ -188,6 +192,52 @@ def test_the_same_bits_for_any_thread_count():
         torch.set_num_threads(threads)
     for one, several in zip(*results):
         assert torch.equal(one, several)
+
+
+def _repeated_cloud(B, N, sites, seed):
+    """Clouds that repeat a few sites hundreds of times, with some distinct points among them."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.rand(B, sites, 3, generator=g, dtype=torch.float64)
+    pts = pool[torch.arange(B)[:, None], torch.randint(0, sites, (B, N), generator=g)]
+    loose = torch.rand(B, N, generator=g) < 0.3
+    return torch.where(loose[..., None], torch.rand(B, N, 3, generator=g, dtype=torch.float64), pts)
+
+
+def test_repeated_points_are_convolved_as_groups():
+    """Hundreds of copies of a few sites: each of L copies pairs with all L (L^2 pairs; 20,000 copies
+    of one point ran out of 12 GB). The structure is built over the groups of equal (snapped)
+    points, and the result is the reference's, padding and dilations included."""
+    pts = _repeated_cloud(2, 600, 6, seed=1)
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(2, 600, 3, generator=g, dtype=torch.float64)
+    weight = torch.randn(4, 3, 3, 3, 3, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([600, 451])
+    structures = pointwise_neighbors(pts, 0.2, [1, 2], lengths=lengths)
+    for s, nbrs in zip([1, 2], structures):
+        assert nbrs.groups is not None and nbrs.gather.num_rows < 2 * 600 / 2
+        assert nbrs.num_pairs < 600 * 27  # about 1 / 30 of the point pairs
+        out = pointconv.pointwise_conv(pts, feats, weight, 0.2, s, lengths=lengths, neighbors=nbrs)
+        torch.testing.assert_close(out, pointwise_conv_reference(pts, feats, weight, 0.2, s, lengths=lengths))
+        assert bool((out[1, 451:] == 0).all())
+    # a cloud with few repeats keeps the point structure (the same bits as before)
+    assert pointwise_neighbors(cloud("uniform", N=300, seed=3), 0.2).groups is None
+
+
+def test_grouped_structure_gradients_to_second_order(monkeypatch):
+    """Grouping forced on a small cloud with copies: features and weights, to second order."""
+    monkeypatch.setattr(pointwise_module, "_COSTLY_REPEATS", -1)
+    pts = _repeated_cloud(1, 14, 3, seed=4)
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(1, 14, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 2, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert pointwise_neighbors(pts, 0.3).groups is not None
+    fn = lambda f, w: pointconv.pointwise_conv(pts, f, w, 0.3) ** 2  # noqa: E731
+    torch.autograd.gradcheck(fn, (feats, weight))
+    torch.autograd.gradgradcheck(fn, (feats, weight))
+    ref = lambda f, w: pointwise_conv_reference(pts, f, w, 0.3) ** 2  # noqa: E731
+    for a, b in zip(torch.autograd.grad(fn(feats, weight).sum(), (feats, weight)),
+                    torch.autograd.grad(ref(feats, weight).sum(), (feats, weight))):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

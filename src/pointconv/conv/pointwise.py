@@ -42,12 +42,20 @@ class PointwiseNeighbors:
 
     It keeps what it was built for: ``lengths (B,)`` and a copy of the valid points ``(B, N, 3)``
     (padding zeroed), so ``pointwise_conv`` can tell that it is given the structure of other
-    points (an O(N) comparison; the structure itself holds about 27 pairs per point)."""
+    points (an O(N) comparison; the structure itself holds about 27 pairs per point).
+
+    ``groups``: None, or ``PointGroups`` when many points share their (snapped) coordinates: then
+    the matrices are over the groups (``gather.num_rows`` of them), each column standing for all
+    the points of its group (entries ``1 / count`` with ``count`` the points in the cell, so that
+    the group sums of the features give the means), and every point takes its group's output.
+    ``num_rows``: the flattened padded points ``B * N`` either way."""
 
     def __init__(self, gather: CellMeans, gather_rows: torch.Tensor, cell_size: float, dilation: int,
-                 points: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
+                 points: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                 groups: "PointGroups | None" = None):
         self.gather = gather
-        self.num_rows = gather.num_rows
+        self.groups = groups
+        self.num_rows = gather.num_rows if groups is None else groups.num_rows
         self.cell_size = cell_size
         self.dilation = dilation
         self.points, self.lengths = points, lengths
@@ -66,7 +74,7 @@ class PointwiseNeighbors:
             # gather's entries are in center order, so a stable sort by scatter row keeps the centers
             # ascending within each row
             scatter_rows, order = torch.sort(self.gather.col * 27 + cells, stable=True)
-            self._scatter = CellMeans.from_sorted(scatter_rows, take(centers, order), self.num_rows,
+            self._scatter = CellMeans.from_sorted(scatter_rows, take(centers, order), self.gather.num_rows,
                                                   take(self.gather.count, order))
             self._gather_rows = None
         return self._scatter
@@ -78,6 +86,51 @@ class PointwiseNeighbors:
         if self.points.shape != points.shape or self.points.device != points.device:
             return False
         return torch.equal(self.lengths, lengths) and torch.equal(self.points, _valid_points(points, lengths))
+
+
+# Group the points by snapped coordinates when the runs of equal ones, summed as length^2, pass
+# this many per point: each of L copies pairs with all L in its center cell (L^2 pairs; 20,000
+# copies of one point took more than 12 GB and 30 s to enumerate), where a cloud has about 20
+# pairs per point and dilation.
+_COSTLY_REPEATS = 32
+
+
+class PointGroups:
+    """The valid points grouped by (cloud, snapped coordinates): ``of_row (R,)`` each flattened
+    padded point's group (0 for padding, which is masked), ``members`` the valid rows, ``of_member``
+    their groups, ``size (G,)`` the points per group, ``num_rows`` R."""
+
+    def __init__(self, of_row, members, of_member, size, num_rows: int):
+        self.of_row, self.members, self.of_member, self.size, self.num_rows = of_row, members, of_member, size, num_rows
+
+    @staticmethod
+    def find(quantized: torch.Tensor, batch: torch.Tensor, rows: torch.Tensor | None, num_rows: int):
+        """The groups of the valid points ``quantized (V, 3)`` of clouds ``batch``, if costly
+        repeats make them pay, with the groups' coordinates and clouds: ``(groups, U, batch)``;
+        else ``(None, quantized, batch)``. ``rows``: each valid point's flattened row (None: all)."""
+        keyed = torch.cat([batch[:, None], quantized], 1)
+        h = keyed[:, 0].clone()
+        for c in range(1, 4):  # FNV-style mixing; int64 products wrap around
+            h = (h * 1099511628211) ^ keyed[:, c]
+        runs = torch.unique_consecutive(torch.sort(h).values, return_counts=True)[1].double()
+        if float((runs * (runs - 1)).sum()) <= _COSTLY_REPEATS * len(h):
+            return None, quantized, batch
+        unique, of_member, size = torch.unique(keyed, dim=0, return_inverse=True, return_counts=True)
+        members = torch.arange(len(keyed), device=keyed.device) if rows is None else rows
+        of_row = torch.zeros(num_rows, dtype=torch.int64, device=keyed.device)
+        of_row[members] = of_member
+        return PointGroups(of_row, members, of_member, size, num_rows), unique[:, 1:].contiguous(), unique[:, 0]
+
+    def sums(self, f: torch.Tensor) -> torch.Tensor:
+        """``(G, C)``: each group's sum of the rows of ``f (R, C)`` (differentiable to any order)."""
+        return f.new_zeros((len(self.size), f.shape[1])).index_add(0, self.of_member, f.index_select(0, self.members))
+
+    def entry_counts(self, rows27: torch.Tensor, neighbor: torch.Tensor) -> torch.Tensor:
+        """Per entry (row ``group * 27 + cell``, column ``neighbor`` group): its mean's denominator,
+        the points of all the groups in its row."""
+        in_row = torch.zeros(27 * len(self.size), dtype=torch.int64, device=rows27.device)
+        in_row.index_add_(0, rows27.long(), self.size.index_select(0, neighbor.long()))
+        return in_row.index_select(0, rows27.long())
 
 
 def _valid_points(points, lengths):
@@ -155,6 +208,9 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
     flat = points.reshape(R, 3)
     quantized = quantize(flat if rows is None else flat[rows], cell_size)
     batch = (torch.arange(R, device=points.device) if rows is None else rows) // max(N, 1)
+    groups = None
+    if quantized.shape[0]:
+        groups, quantized, batch = PointGroups.find(quantized, batch, rows, R)
     windows = Windows(quantized, batch, max(dilations)) if quantized.shape[0] else None
     # int32 indices where they fit: less memory traffic, and their sorts are faster
     itype = torch.int32 if 27 * R < 1 << 31 else torch.int64
@@ -170,6 +226,12 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
             # gather's entries (center * 27 + cell, neighbor), sorted by row; each entry's row size
             # is its mean's denominator
             rows27, neighbor = search.finish([next(steps) for _ in search.starts])
+            if groups is not None:  # rows and columns are groups; a mean counts their points
+                count = groups.entry_counts(rows27, neighbor)
+                gather = CellMeans.from_sorted(rows27, neighbor, len(groups.size), count)
+                structures.append(PointwiseNeighbors(gather, rows27, cell_size, search.dilation, built_for, lengths,
+                                                     groups))
+                continue
             if rows is not None:  # rows of the valid points -> rows of the padded batch
                 rows27 = rows.index_select(0, rows27 // 27) * 27 + rows27 % 27
                 neighbor = rows.index_select(0, neighbor)
@@ -217,7 +279,12 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
     dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
     f = features.reshape(B * N, cin).to(dtype)
     W = weight_matrix(weight.to(dtype))
-    out = pointwise_linear(f, W, neighbors).to(features.dtype)
+    groups = neighbors.groups
+    if groups is None:
+        out = pointwise_linear(f, W, neighbors)
+    else:  # the group sums in, each point's group out
+        out = pointwise_linear(groups.sums(f), W, neighbors).index_select(0, groups.of_row)
+    out = out.to(features.dtype)
     if bias is not None:
         out = out + bias
     valid = (torch.arange(N, device=points.device)[None, :] < lengths[:, None]).reshape(-1, 1)
