@@ -25,6 +25,7 @@ import math
 import torch
 
 from .. import _checks
+from .._rows import repeat_cost, sorted_row_hashes, unique_rows
 from .._backend import backend_for
 from .._index1d import flatnonzero, take
 from .._threads import imap_ordered
@@ -109,13 +110,9 @@ class PointGroups:
         repeats make them pay, with the groups' coordinates and clouds: ``(groups, U, batch)``;
         else ``(None, quantized, batch)``. ``rows``: each valid point's flattened row (None: all)."""
         keyed = torch.cat([batch[:, None], quantized], 1)
-        h = keyed[:, 0].clone()
-        for c in range(1, 4):  # FNV-style mixing; int64 products wrap around
-            h = (h * 1099511628211) ^ keyed[:, c]
-        runs = torch.unique_consecutive(torch.sort(h).values, return_counts=True)[1].double()
-        if float((runs * (runs - 1)).sum()) <= _COSTLY_REPEATS * len(h):
+        if repeat_cost(sorted_row_hashes(keyed)[0], 1) <= _COSTLY_REPEATS * len(keyed):
             return None, quantized, batch
-        unique, of_member, size = torch.unique(keyed, dim=0, return_inverse=True, return_counts=True)
+        unique, of_member, size = unique_rows(keyed)
         members = torch.arange(len(keyed), device=keyed.device) if rows is None else rows
         of_row = torch.zeros(num_rows, dtype=torch.int64, device=keyed.device)
         of_row[members] = of_member

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from .._rows import repeat_cost, sorted_row_hashes
+
 LEAF_SIZE = 32  # sliding-midpoint splits with 32-point leaves: see _cpu.build_tree
 # Group when the runs of equal points longer than a leaf, summed as length^2, pass this many per point
 # of the cloud: a query's share of a run of D copies costs the exact fallback about D candidates
@@ -45,19 +47,12 @@ def repeats_are_costly(data: np.ndarray) -> bool:
 
 
 def _sorted_hashes(data: np.ndarray):
-    """A hash of each point's coordinate bits, sorted (stable): ``(hashes, order)``. Equal points
-    have equal hashes, and a collision only makes a run look longer."""
-    bits = torch.from_numpy(np.ascontiguousarray(data)).view(torch.int64)
-    h = bits[:, 0].clone()
-    for c in range(1, bits.shape[1]):  # FNV-style mixing; int64 products wrap around
-        h = (h * 1099511628211) ^ bits[:, c]
-    return torch.sort(h, stable=True)
+    """The points' hashes (of their coordinate bits), sorted: ``(hashes, order)``."""
+    return sorted_row_hashes(torch.from_numpy(np.ascontiguousarray(data)).view(torch.int64))
 
 
 def _repeats_are_costly(hashes: torch.Tensor) -> bool:
-    runs = torch.unique_consecutive(hashes, return_counts=True)[1]
-    runs = runs[runs > LEAF_SIZE].double()
-    return float((runs * runs).sum()) > _COSTLY_REPEATS * len(hashes)
+    return repeat_cost(hashes, LEAF_SIZE) > _COSTLY_REPEATS * len(hashes)
 
 
 class GroupedTree:

@@ -9,6 +9,7 @@ import torch
 
 from .. import _checks
 from .._backend import backend_for
+from .._rows import unique_rows
 from ._common import check_points
 
 __all__ = ["farthest_point_sample", "grid_subsample", "GridSubsample"]
@@ -144,26 +145,6 @@ def grid_subsample_reference(points, voxel_size, lengths=None) -> GridSubsample:
     return GridSubsample(out, torch.tensor([len(c) for c in clouds], dtype=torch.int64))
 
 
-def _unique_rows(keys: torch.Tensor):
-    """``torch.unique(keys, dim=0, ...)`` (rows sorted lexicographically), through one int64 key
-    per row when the rows' ranges allow it: a 1-D unique is about 10x faster."""
-    if keys.shape[0] == 0:
-        return torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
-    lo = keys.amin(0)
-    span = keys.amax(0) - lo + 1
-    if float(torch.prod(span.double())) >= 2.0**62:
-        return torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
-    shifted = keys - lo
-    lin = shifted[:, 0]
-    for c in range(1, keys.shape[1]):
-        lin = lin * span[c] + shifted[:, c]
-    uniq_lin, inverse, counts = torch.unique(lin, return_inverse=True, return_counts=True)
-    first = torch.zeros(uniq_lin.shape[0], dtype=torch.int64, device=keys.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(keys.shape[0], device=keys.device), "amin",
-                                 include_self=False)
-    return keys[first], inverse, counts
-
-
 def grid_subsample(points: torch.Tensor, voxel_size: float, *, lengths=None) -> GridSubsample:
     """Replace the points of each occupied voxel by their mean.
 
@@ -187,7 +168,7 @@ def grid_subsample(points: torch.Tensor, voxel_size: float, *, lengths=None) -> 
         raise ValueError(f"voxel_size {voxel_size} is too small for these coordinates: |x| / voxel_size "
                          "must stay below 2^61")
     vox = vox.long()
-    uniq, inverse, counts = _unique_rows(torch.cat([bid[:, None], vox], dim=1))
+    uniq, inverse, counts = unique_rows(torch.cat([bid[:, None], vox], dim=1))
     # index_put with accumulation: deterministic on CUDA under torch.use_deterministic_algorithms.
     sums = x.new_zeros((uniq.shape[0], D)).index_put((inverse,), x, accumulate=True)
     means = sums / counts[:, None].to(x.dtype)
