@@ -38,6 +38,19 @@ def test_gather_deterministic_gradient(deterministic_mode):
     assert torch.equal(grads[0], grads[1])
 
 
+def test_gather_gradient_is_bitwise_repeatable_on_cpu_in_any_mode():
+    # thousands of repeated indices: an accumulating index_put_ on CPU adds them on threads, in an
+    # order (and so to bits) that changes from run to run outside deterministic mode
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(1, 3000, 3, generator=g, requires_grad=True)
+    idx = torch.randint(0, 3000, (1, 4000, 8), generator=g)
+    cot = torch.randn(1, 4000, 8, 3, generator=g)
+    grads = [torch.autograd.grad(pointconv.gather(v, idx), v, cot)[0] for _ in range(6)]
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
+    torch.testing.assert_close(grads[0][0], torch.zeros(3000, 3).index_put_((idx.reshape(-1),), cot.reshape(-1, 3),
+                                                                            accumulate=True))
+
+
 def test_gather_bad_input():
     v = torch.randn(2, 5, 3)
     with pytest.raises(ValueError, match="idx must lie in"):

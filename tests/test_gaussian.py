@@ -208,6 +208,21 @@ def test_deterministic_mode_is_bitwise_reproducible(deterministic_mode):
         assert torch.equal(a, b)
 
 
+def test_cpu_gradients_are_bitwise_repeatable_without_deterministic_mode():
+    # the first and the Eikonal second order: no accumulation may depend on the thread schedule
+    q, p, f, sigma, R = make(B=1, Q=4000, P=3000, F=16, seed=3)
+    runs = []
+    for _ in range(4):
+        leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
+        f_out, w, d, i = pointconv.knn_aggregate_aniso(*leaves, 8)
+        (g,) = torch.autograd.grad(f_out.sum(), leaves[0], create_graph=True)
+        loss = f_out.square().sum() + w.sum() + g.square().sum()
+        runs.append(list(torch.autograd.grad(loss, leaves)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
 def test_reference_backend_forced():
     q, p, f, sigma, R = make()
     with pointconv.use_backend("reference"):

@@ -73,6 +73,13 @@ def test_grid_subsample_gradient_and_empty():
     assert res.points.shape == (2, 0, 3) and res.lengths.tolist() == [0, 0]
 
 
+def test_grid_subsample_is_bitwise_repeatable_on_cpu():
+    # about 25 points per voxel: their sums must not depend on how threads split them
+    x = torch.rand(1, 200_000, 3, generator=torch.Generator().manual_seed(5))
+    runs = [pointconv.grid_subsample(x, 0.05).points for _ in range(6)]
+    assert all(torch.equal(runs[0], other) for other in runs[1:])
+
+
 def test_grid_subsample_huge_key_range_uses_the_general_unique():
     # Voxel coordinates spanning ~1e15 per axis: no single int64 key fits (the other code path).
     x = torch.tensor([[[1e6, -1e6, 3.0], [-1e6, 1e6, 3.0], [1e6, -1e6, 3.0], [0.5, 0.5, 0.5]]], dtype=torch.float64)

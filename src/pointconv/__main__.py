@@ -63,7 +63,7 @@ _OPS = [
     ("farthest_point_sample, float32", lambda b, d: {
         "triton": "triton", "reference": "reference (the torch loop)"}.get(
         b, "torch (the reference loop, in NumPy)" if d.type == "cpu" else "torch (the reference loop)")),
-    ("grid_subsample", lambda b, d: "torch (unique + index_put)"),
+    ("grid_subsample", lambda b, d: "torch (unique + index_add)" if d.type == "cpu" else "torch (unique + index_put)"),
     ("knn_aggregate_aniso / _iso, float32", lambda b, d: {
         "reference": "reference (dense)",
         "triton": "triton (one fused kernel without autograd; else selection + weighted-sum kernels, "
