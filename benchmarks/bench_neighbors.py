@@ -15,6 +15,10 @@ shell (integer coordinates: the k-th neighbor ties with many points), half the p
 (zero padding counted as points), and 1,000 sites repeated 100 times each, against cKDTree.
 A fourth times farthest point sampling (``--fps``, B x N -> n) against the plain vectorized torch
 loop (``_fps_torch``, also its reference), the two timed in turns; the indices must be equal.
+A fifth times self-kNN in more dimensions than the kd-tree takes (``--dims``, B x N x D: feature
+space, as DGCNN's EdgeConv searches it) against batched ``cdist`` + ``topk`` and the literal exact
+method (``exact_rows_search``: every distance with ``sq_dist``, each row sorted; skipped above
+--literal-max-pairs), whose answer ours must equal bitwise.
 
     python benchmarks/bench_neighbors.py --device cpu
     python benchmarks/bench_neighbors.py --device cuda --sizes 1000 10000 100000 1000000
@@ -68,6 +72,10 @@ def main(argv=None):
                     help="clouds of the hard-cloud table (none: skip it)")
     ap.add_argument("--fps", nargs="*", default=["32x1024x512", "16x4096x1024", "8x8192x2048", "1x100000x4096"],
                     help="B x N x n of the farthest-point-sampling table (none: skip it)")
+    ap.add_argument("--dims", nargs="*", default=["2x6000x16", "2x6000x64", "1x20000x32"],
+                    help="B x N x D of the high-dimensional table (none: skip it)")
+    ap.add_argument("--literal-max-pairs", type=float, default=1e8,
+                    help="largest B*N*N for the literal method in the high-dimensional table")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     max_pairs = args.max_pairs or (1e12 if device.type == "cuda" else 1e10)
@@ -82,6 +90,8 @@ def main(argv=None):
         hard_table(args, device)
     if args.fps:
         fps_table(args, device, gen)
+    if args.dims:
+        dims_table(args, device, gen)
 
 
 def single_cloud_table(args, device, gen, max_pairs):
@@ -187,6 +197,35 @@ def fps_table(args, device, gen):
         same = "yes" if torch.equal(a.cpu(), b.cpu()) else "NO"
         print(f"| {B} x {n_points:,} -> {n:,} | {t_ours:.1f} | {t_loop:.1f} | {t_loop / t_ours:.2f}x | {same} |",
               flush=True)
+
+
+def dims_table(args, device, gen):
+    from pointconv.neighbors._brute_force import exact_rows_search
+
+    k = args.k
+    print()
+    print(f"> more dimensions than the kd-tree takes: self-kNN, k = {k}, float32 normal points, "
+          f"median of {args.repeat} runs")
+    print()
+    print("| B x N x D | method | ms | ms / pointconv.knn ms | equals the literal method |")
+    print("|---|---|---:|---:|---|")
+    for spec in args.dims:
+        B, n, D = (int(v) for v in spec.lower().split("x"))
+        p = torch.randn(B, n, D, generator=gen).to(device)
+        literal = None
+        rows = []
+        t_pc, res = timed(lambda: pointconv.knn(p, p, k), device, args.repeat)
+        rows.append(("pointconv.knn", t_pc))
+        if B * n * n <= args.literal_max_pairs:
+            t, literal = timed(lambda: [exact_rows_search(x, x, k, None, False) for x in p], device, 1, warmup=0)
+            rows.append(("literal exact method (sq_dist, sorted rows)", t))
+        t, _ = timed(lambda: cdist_topk_batched(p, k, args.chunk_bytes), device, args.repeat)
+        rows.append(("torch cdist + topk (batched, not exact)", t))
+        same = "" if literal is None else ("yes" if all(
+            torch.equal(res.dists[b], d) and torch.equal(res.idx[b], i) for b, (d, i) in enumerate(literal)) else "NO")
+        for method, t in rows:
+            print(f"| {B} x {n:,} x {D} | {method} | {t:.1f} | {t / t_pc:.2f}x | {same if method == 'pointconv.knn' else ''} |",
+                  flush=True)
 
 
 def ckdtree_per_cloud(p64, k):

@@ -117,6 +117,27 @@ def test_gemm_near_ties_fall_back_to_dense_rows(monkeypatch):
     assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 9))
 
 
+def test_reduced_precision_matmul_ranks_in_float64(monkeypatch):
+    """Under TF32 / bf16 matmul settings the float32 GEMM's error bound would not hold."""
+    ranked = []
+    topk = torch.topk
+    def spy(x, *args, **kwargs):  # the GEMM's output is the only floating-point top-k (the rest rank int64 keys)
+        if x.is_floating_point():
+            ranked.append(x.dtype)
+        return topk(x, *args, **kwargs)
+
+    monkeypatch.setattr(select_module.torch, "topk", spy)
+    q, p, f, sigma, R = make(Q=50, P=80)
+    expect = knn_aggregate_aniso_reference(q, p, f, sigma, R, 8)
+    assert_same(pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 8), expect)
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert_same(pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 8), expect)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert ranked == [torch.float32] * 2 + [torch.float64] * 2  # one GEMM per cloud
+
+
 def test_clouds_far_from_the_origin():
     q, p, f, sigma, R = make(Q=80, P=70)
     shift = torch.tensor([1000.0, -2000.0, 500.0])

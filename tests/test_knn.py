@@ -182,17 +182,17 @@ def _clustered_with_outliers(n, seed):
 
 @pytest.mark.parametrize("exclude_self", [False, True])
 def test_large_self_search_matches_brute_force(exclude_self):
-    from pointconv.neighbors._cpu import brute_force_search
+    from pointconv.neighbors._brute_force import exact_rows_search
 
     p = _clustered_with_outliers(6000, seed=22)  # self-search: queries in the tree's leaf order
     res = pointconv.knn(p, p, 9, exclude_self=exclude_self)
-    d, i = brute_force_search(p[0], p[0], 9, None, exclude_self)
+    d, i = exact_rows_search(p[0], p[0], 9, None, exclude_self)
     assert torch.equal(res.idx[0], i) and torch.equal(res.dists[0], d)
 
 
 @pytest.mark.parametrize("radius", [None, 0.3])
 def test_many_queries_with_a_sampled_bound_match_brute_force(radius):
-    from pointconv.neighbors._cpu import brute_force_search
+    from pointconv.neighbors._brute_force import exact_rows_search
     from pointconv.neighbors._distance import radius_squared
 
     q = _clustered_with_outliers(25000, seed=23)  # >= 20000 queries: bounded first pass
@@ -202,5 +202,5 @@ def test_many_queries_with_a_sampled_bound_match_brute_force(radius):
     else:
         res = pointconv.ball_query(q, p, radius, 12)
     r2 = None if radius is None else radius_squared(radius, torch.float32)
-    d, i = brute_force_search(q[0], p[0], 12, r2, False)
+    d, i = exact_rows_search(q[0], p[0], 12, r2, False)
     assert torch.equal(res.idx[0], i) and torch.equal(res.dists[0], d)

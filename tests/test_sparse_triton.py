@@ -175,3 +175,15 @@ def test_rows_times_channels_past_int32_on_cuda():
     want = tail[1:] @ w[:, 1].t() + tail[:-1] @ w[:, 0].t()
     want[:-1] += tail[2:] @ w[:, 2].t()
     torch.testing.assert_close(out[-8:].float(), want, rtol=2e-2, atol=5e-2)
+
+
+def test_tf32_products_follow_torchs_matmul_setting():
+    from pointconv.kernels.sparse_conv import _precision
+
+    assert _precision(torch.float32) == "ieee" and _precision(torch.float64) == "ieee"
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert _precision(torch.float32) == "tf32" and _precision(torch.float64) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert _precision(torch.float32) == "ieee"

@@ -5,7 +5,8 @@ dense Q x P matrix unless it must. Three strategies, each exact:
 
 * triton backend, float32: a brute-force kernel with a packed-key top-k (``kernels/gaussian.py``).
 * clouds up to 65536 points (and CUDA float64): ``_select_gemm``. ``m = d^T M d`` is a dot
-  product of quadratic features, so one float32 GEMM ranks every point; the K + 4 best are
+  product of quadratic features, so one float32 GEMM (float64 where torch's matmul precision
+  settings allow TF32 / bf16) ranks every point; the K + 4 best are
   re-ranked with the exact formula, and a bound on both roundings certifies that no other point
   can enter. Near-tie rows are evaluated densely (``_select_dense``).
 * larger clouds on CPU: ``_select_tree``. ``m_ij >= c * |q_i - p_j|^2`` with ``c`` the smallest
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from .._backend import backend_for
+from .._matmul_precision import ieee_float32_matmul
 from ..neighbors._cpu import build_tree
 from ._exponent import exponent_bounds, gaussian_exponent
 
@@ -115,7 +117,8 @@ def _select_gemm(q, p, sigma, R, K):
         bound = float(phi.abs().sum(1).max()) * float(psi.abs().max())
         if not bound < torch.finfo(torch.float64).max / 16:
             return _select_dense(q, p, sigma, R, K)
-        if bound < torch.finfo(torch.float32).max / 16:
+        # (and only where float32 products round as IEEE float32: not under TF32 / bf16 settings)
+        if bound < torch.finfo(torch.float32).max / 16 and ieee_float32_matmul(q.device):
             gemm_dtype = torch.float32
     # The GEMM's terms are at most lam_max (|q| + |p|)^2 (centered), each rounded once and summed
     # over 10 products; the exact formula's own rounding is at most 8 eps s (|q| + |p|)^2 with

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._matmul_precision import ieee_float32_matmul
 from . import accumulator, channel_block
 
 
@@ -72,7 +73,8 @@ def _pair_gemm_t_kernel(a_rows_ptr, b_rows_ptr, chunk_start_ptr, chunk_end_ptr, 
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """TF32 products where torch's own float32 matmuls on CUDA would use them, as in nn.Linear."""
+    return "tf32" if dtype == torch.float32 and not ieee_float32_matmul(torch.device("cuda")) else "ieee"
 
 
 def _caps(dtype: torch.dtype):

@@ -1,4 +1,4 @@
-"""Exact neighbor search without a dense Q x P matrix: scipy's cKDTree, or chunked brute force.
+"""Exact neighbor search on CPU without a dense Q x P matrix: scipy's cKDTree (D <= 8).
 
 cKDTree ranks candidates by float64 distances; the reference ranks float32 (or float64) distances
 computed by ``sq_dist`` with ties broken by index. To return exactly the reference's answer, each
@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from .._threads import imap_ordered
-from ._distance import sq_dist, sq_dist_gathered
+from ._brute_force import brute_force_search
+from ._distance import sq_dist_gathered
+from ._select import first_k, mask_candidates, select_sorted
 from ._grouped_tree import GroupedTree, kd_tree
 
 KDTREE_MAX_DIM = 8  # above this a kd-tree degrades towards brute force
-_CHUNK_BYTES = 64 << 20  # memory cap of one brute-force chunk
 _FALLBACK_CANDIDATES = 1 << 22  # candidates per batch of uncertified queries
 _GUESS_ROWS = 20000  # from this many queries on, a sampled distance bound pays off
 _PIPELINE_ROWS = 20000  # from this many queries on, a thread pool overlaps queries and post-processing
@@ -93,40 +94,6 @@ def morton_order(x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.T
     if groups is not None:
         code |= groups << 30
     return torch.argsort(code)
-
-
-def _select_sorted(d: torch.Tensor, idx: torch.Tensor, k: int):
-    """Per row, the k smallest (d, idx) pairs ascending; rows with fewer are padded with inf / -1.
-
-    ``d`` holds no NaN and no negative number (squared distances, inf for no candidate)."""
-    if d.dtype == torch.float32 and idx.numel() and int(idx.max()) < 1 << 31:
-        # one sort of 64-bit keys: the bits of a non-negative float32 order as its value does
-        key = (d.view(torch.int32).long() << 32) | (idx & 0xFFFFFFFF)
-        order = torch.argsort(key, dim=1)
-    else:
-        order = torch.argsort(idx, dim=1, stable=True)
-        d, idx = d.gather(1, order), idx.gather(1, order)
-        order = torch.argsort(d, dim=1, stable=True)
-    return _first_k(d.gather(1, order), idx.gather(1, order), k)
-
-
-def _first_k(d: torch.Tensor, idx: torch.Tensor, k: int):
-    n, m = d.shape
-    out_d = torch.full((n, k), float("inf"), dtype=d.dtype)
-    out_i = torch.full((n, k), -1, dtype=torch.int64)
-    c = min(k, m)
-    out_d[:, :c] = d[:, :c]
-    out_i[:, :c] = torch.where(torch.isinf(d[:, :c]), -1, idx[:, :c])
-    return out_d, out_i
-
-
-def _mask(d, cand, rows, radius2, exclude_self):
-    bad = cand < 0
-    if exclude_self:
-        bad = bad | (cand == rows)
-    if radius2 is not None:
-        bad = bad | (d > radius2)
-    return d.masked_fill(bad, float("inf"))
 
 
 def _drop_self(cand: torch.Tensor, d64: torch.Tensor, rows: torch.Tensor):
@@ -255,14 +222,14 @@ def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel, tin
     clean = ((hi * (1 - rel) - tiny > lo * (1 + rel) + tiny) | torch.isinf(lo)).all(1)
     kk = min(k, mm)
     d = sq_dist_gathered(q, p_columns, cand[:, :kk].clamp(min=0))
-    d = _mask(d, cand[:, :kk], rows[:, None], radius2, exclude_self)
-    out_d, out_i = _first_k(d, cand[:, :kk], k)
+    d = mask_candidates(d, cand[:, :kk], rows[:, None], radius2, exclude_self)
+    out_d, out_i = first_k(d, cand[:, :kk], k)
     messy = torch.nonzero(~clean).flatten()
     if messy.numel():
         cm = cand[messy]
-        dm = _mask(sq_dist_gathered(q[messy], p_columns, cm.clamp(min=0)), cm, rows[messy, None], radius2,
-                   exclude_self)
-        out_d[messy], out_i[messy] = _select_sorted(dm, cm, k)
+        dm = mask_candidates(sq_dist_gathered(q[messy], p_columns, cm.clamp(min=0)), cm, rows[messy, None],
+                             radius2, exclude_self)
+        out_d[messy], out_i[messy] = select_sorted(dm, cm, k)
     if m == n:  # every point was a candidate
         return out_d, out_i, torch.empty(0, dtype=torch.int64)
     # The first unseen point is at least this far (squared, float64).
@@ -318,30 +285,9 @@ def _exact_fallback(qb, p, tree, k, radius2, exclude_self, self_ids, limit2, q_l
             if grouped:
                 uu = tree.expand_rows(uu, per_group)[1]
             cand = torch.where(uu < tree.n, uu, -1)
-            d = _mask(sq_dist_gathered(qb[rows], p_columns, cand.clamp(min=0)), cand, self_ids[rows, None],
+            d = mask_candidates(sq_dist_gathered(qb[rows], p_columns, cand.clamp(min=0)), cand, self_ids[rows, None],
                       radius2, exclude_self)
-            out_d[rows], out_i[rows] = _select_sorted(d, cand, k)
+            out_d[rows], out_i[rows] = select_sorted(d, cand, k)
         pending = torch.cat(unfinished)
         m = min(4 * m, units.n)
-    return out_d, out_i
-
-
-def brute_force_search(q, p, k, radius2, exclude_self, row_ids=None):
-    """Exact search by chunks of queries against all of ``p``; any D, memory capped."""
-    nq, dim = q.shape
-    n = p.shape[0]
-    rows_all = torch.arange(nq, device=q.device) if row_ids is None else row_ids
-    out_d = torch.full((nq, k), float("inf"), dtype=q.dtype, device=q.device)
-    out_i = torch.full((nq, k), -1, dtype=torch.int64, device=q.device)
-    if n == 0:
-        return out_d, out_i
-    chunk = max(1, _CHUNK_BYTES // (max(n, 1) * dim * q.element_size()))
-    cand = torch.arange(n, device=q.device)[None, :]
-    for s in range(0, nq, chunk):
-        d = sq_dist(q[s:s + chunk, None, :], p[None, :, :])
-        d = _mask(d, cand.expand_as(d), rows_all[s:s + chunk, None], radius2, exclude_self)
-        d_sorted, order = torch.sort(d, dim=1, stable=True)
-        c = min(k, n)
-        out_d[s:s + chunk, :c] = d_sorted[:, :c]
-        out_i[s:s + chunk, :c] = torch.where(torch.isinf(d_sorted[:, :c]), -1, order[:, :c])
     return out_d, out_i

@@ -2,7 +2,7 @@
 
 It validates nothing (the public functions do) and picks the implementation per call:
 reference (dense), triton (CUDA float32, or forced under TRITON_INTERPRET=1), or torch
-(cKDTree on CPU for D <= 8, small clouds of a batch sharing one tree (``_trees``); chunked brute
+(cKDTree on CPU for D <= 8, small clouds of a batch sharing one tree (``_trees``); the GEMM-ranked brute
 force otherwise).
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 
 from .. import _checks
 from .._backend import backend_for
-from ._cpu import KDTREE_MAX_DIM, brute_force_search, kdtree_search
+from ._brute_force import brute_force_search
+from ._cpu import KDTREE_MAX_DIM, kdtree_search
 from ._trees import CloudTrees, extent_of
 from ._reference import search_reference
 

@@ -1,0 +1,35 @@
+"""Whether float32 matrix products run in IEEE float32 on a device, or may round more.
+
+Exact neighbor selection ranks candidates with a float32 GEMM and certifies the ranking with a
+bound on float32 rounding. ``torch.set_float32_matmul_precision("high")``,
+``torch.backends.cuda.matmul.allow_tf32 = True`` and their newer ``fp32_precision`` forms let
+float32 products use TF32 on CUDA (10-bit mantissa) or bf16 / TF32 through oneDNN on CPU: a
+bound written for float32 would then certify wrong answers. Where this says no, the callers
+compute the product in float64, which has no reduced-precision mode.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _setting(path: str) -> str:
+    """The first ``fp32_precision`` other than "none" from ``torch.backends.<path>`` up to the root."""
+    parts = path.split(".")
+    for depth in range(len(parts), -1, -1):
+        obj = torch.backends
+        for name in parts[:depth]:
+            obj = getattr(obj, name, None)
+        value = getattr(obj, "fp32_precision", "none") if obj is not None else "none"
+        if value != "none":
+            return value
+    return "none"
+
+
+def ieee_float32_matmul(device: torch.device) -> bool:
+    """True when float32 matmuls on ``device`` round as IEEE float32 under the current settings."""
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9: per-backend settings
+        path = "cuda.matmul" if device.type == "cuda" else "mkldnn.matmul"
+        return _setting(path) in ("none", "ieee")
+    if device.type == "cuda":
+        return not torch.backends.cuda.matmul.allow_tf32
+    return torch.get_float32_matmul_precision() == "highest"

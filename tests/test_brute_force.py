@@ -1,0 +1,89 @@
+"""The GEMM-ranked brute force (any D; CPU above 8 dimensions, CUDA float64) against the literal method."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import pointconv
+from pointconv._matmul_precision import ieee_float32_matmul
+from pointconv.neighbors import ball_query_reference, knn_reference
+from pointconv.neighbors import _brute_force
+from pointconv.neighbors._brute_force import brute_force_search, exact_rows_search
+from clouds import KINDS, make_cloud
+
+
+def _same(a, b):
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    Q=st.integers(0, 60), P=st.integers(0, 60), D=st.integers(1, 20), k=st.integers(1, 70),
+    kind=st.sampled_from(["uniform", "lattice", "shifted", "spread", "tiny"]), dtype=st.sampled_from(["float32", "float64"]),
+    radius=st.sampled_from([None, 0.5, 2.0]), exclude_self=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_matches_the_literal_method(Q, P, D, k, kind, dtype, radius, exclude_self, seed):
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, dtype)
+    if kind == "lattice":  # exact ties and repeated points: rows need more candidates
+        q, p = (torch.randint(0, 3, (n, D), generator=g).to(dtype) for n in (Q, P))
+    else:
+        q, p = (torch.rand(n, D, generator=g, dtype=torch.float64) for n in (Q, P))
+        if kind == "shifted":  # far from the origin: the GEMM cancels, its bound must hold
+            q, p = q + 1e4, p + 1e4
+        if kind == "spread" and P:  # neighbors 1e-3 apart in a cloud 1e4 wide: the GEMM's rounding
+            p = p * 1e4              # exceeds their distances, only the margin keeps them
+            q = p[torch.randint(0, P, (Q,), generator=g)] + 1e-3 * q
+        if kind == "tiny":  # squared distances near float32's subnormal range
+            q, p = q * 1e-20, p * 1e-20
+        q, p = q.to(dtype), p.to(dtype)
+    r2 = None if radius is None else torch.tensor(radius * radius, dtype=dtype).item()
+    if kind == "tiny" and r2 is not None:
+        r2 *= 1e-40
+    row_ids = torch.randint(0, max(P, 1), (Q,), generator=g) if exclude_self else None
+    _same(brute_force_search(q, p, k, r2, exclude_self, row_ids), exact_rows_search(q, p, k, r2, exclude_self, row_ids))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("D", [9, 16])
+def test_public_search_above_the_tree_dimensions(kind, D):
+    p = make_cloud(kind, 2, 700, D, seed=5)
+    q = make_cloud(kind, 2, 300, D, seed=6)
+    lengths = torch.tensor([700, 420])
+    assert_res = pointconv.knn(p, p, 12, query_lengths=lengths, points_lengths=lengths, exclude_self=True)
+    _same(assert_res, knn_reference(p, p, 12, query_lengths=lengths, points_lengths=lengths, exclude_self=True))
+    res = pointconv.ball_query(q, p, 0.9, 10, points_lengths=lengths)
+    _same(res, ball_query_reference(q, p, 0.9, 10, points_lengths=lengths))
+
+
+def test_every_point_equal_escalates_to_the_whole_cloud(monkeypatch):
+    rounds = []
+    topk = torch.topk
+    monkeypatch.setattr(_brute_force.torch, "topk", lambda x, m, **kw: rounds.append(m) or topk(x, m, **kw))
+    p = torch.ones(500, 10)
+    d, i = brute_force_search(p, p, 4, None, True)
+    assert rounds[0] < 500 and rounds[-1] == 500  # 2k + 8 candidates, 4x per round, then all
+    assert torch.equal(i, torch.tensor([[j for j in range(5) if j != r][:4] for r in range(500)]))
+    assert bool((d == 0).all())
+
+
+def test_reduced_precision_matmul_ranks_in_float64(monkeypatch):
+    q, p = torch.rand(50, 12), torch.rand(80, 12)
+    dtypes = []
+    original = _brute_force._gemm_dtype
+    monkeypatch.setattr(_brute_force, "_gemm_dtype", lambda *a: dtypes.append(original(*a)) or dtypes[-1])
+    expect = exact_rows_search(q, p, 5, None, False)
+    _same(brute_force_search(q, p, 5, None, False), expect)
+    torch.set_float32_matmul_precision("high")  # TF32 on CUDA, TF32 / bf16 through oneDNN on CPU
+    try:
+        assert not ieee_float32_matmul(torch.device("cpu")) and not ieee_float32_matmul(torch.device("cuda"))
+        _same(brute_force_search(q, p, 5, None, False), expect)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert ieee_float32_matmul(torch.device("cpu"))
+    assert dtypes == [torch.float32, torch.float64]
+
+
+def test_squares_beyond_float64_take_the_literal_method():
+    q = torch.tensor([[1e160, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    p = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1e160, 0.0]], dtype=torch.float64)
+    _same(brute_force_search(q, p, 3, None, False), exact_rows_search(q, p, 3, None, False))
