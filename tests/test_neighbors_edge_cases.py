@@ -205,6 +205,18 @@ def test_coordinates_whose_squared_distances_overflow_are_refused():
     assert res.idx.tolist() == [[[0, 1], [1, 0]]] and res.dists[0, 0, 1].item() == 3e19 * 3e19
 
 
+def test_nan_padding_beyond_lengths_is_refused_too():
+    """The finiteness check covers the whole tensor, padding included (as the README says): one
+    check with no per-cloud pass, and NaN padding is usually a bug upstream."""
+    x = torch.rand(2, 6, 3)
+    x[1, 4:] = float("nan")
+    lengths = torch.tensor([6, 4])
+    with pytest.raises(ValueError, match="points contains NaN or Inf"):
+        pointconv.knn(x, x, 2, query_lengths=lengths, points_lengths=lengths)
+    res = pointconv.knn(torch.nan_to_num(x), torch.nan_to_num(x), 2, query_lengths=lengths, points_lengths=lengths)
+    assert bool((res.idx[1, :4] < 4).all()) and bool((res.idx[1, 4:] == -1).all())
+
+
 def test_absurd_output_sizes_and_non_bool_flags():
     p = torch.rand(1, 4, 3)
     with pytest.raises(ValueError, match="k asks for an output of shape"):
