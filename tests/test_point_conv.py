@@ -51,6 +51,26 @@ def test_adjacency_is_the_aggregation():
     assert w.grad is not None and bool((w.grad[idx[1] < 0] == 0).all())
 
 
+def test_adjacency_in_float64_is_the_aggregation_and_differentiable():
+    values, idx, weights = _inputs(B=2)  # float64
+    adj = pointconv.adjacency(idx, values.shape[1], dtype=torch.float64)
+    assert adj.dtype == torch.float64
+    got = torch.sparse.mm(adj, values.reshape(-1, values.shape[2])).reshape(2, idx.shape[1], -1)
+    torch.testing.assert_close(got, pointconv.aggregate(values, idx, "mean"), rtol=1e-12, atol=1e-12)
+    assert pointconv.adjacency(idx, values.shape[1], weights=weights).dtype == weights.dtype
+    assert pointconv.adjacency(idx, values.shape[1], weights=weights, dtype=torch.float32).dtype == torch.float32
+    w = weights[1].clone().requires_grad_()
+
+    def product(w, v):
+        return torch.sparse.mm(pointconv.adjacency(idx[1], values.shape[1], weights=w), v)
+
+    torch.autograd.gradcheck(product, (w, values[1].clone().requires_grad_()))
+    with pytest.raises(TypeError, match="dtype must be a floating"):
+        pointconv.adjacency(idx, 9, dtype=torch.int64)
+    with pytest.raises(TypeError, match="weights must be a floating-point"):
+        pointconv.adjacency(idx, 9, weights=idx)
+
+
 def test_knn_conv_against_manual():
     g = torch.Generator().manual_seed(2)
     pts = torch.rand(2, 30, 3, generator=g)

@@ -6,7 +6,8 @@ import torch
 from .. import _checks
 
 
-def adjacency(idx: torch.Tensor, num_points: int, *, weights: torch.Tensor | None = None, normalize: str | None = "row"):
+def adjacency(idx: torch.Tensor, num_points: int, *, weights: torch.Tensor | None = None, normalize: str | None = "row",
+              dtype: torch.dtype | None = None):
     """A sparse COO matrix whose product with features aggregates neighbors.
 
     Args:
@@ -16,6 +17,8 @@ def adjacency(idx: torch.Tensor, num_points: int, *, weights: torch.Tensor | Non
         normalize: ``"row"`` divides each row by its number of valid neighbors (the mean; with
             weights, by the sum of the row's weights; a row whose weights sum to 0 is all zeros,
             like a row without neighbors), ``None`` keeps the raw values.
+        dtype: the entries' floating dtype, to match the features it multiplies (``torch.sparse.mm``
+            takes one dtype): default the weights' dtype, or float32 without weights.
 
     Returns:
         ``(Q, P)``, or block-diagonal ``(B * Q, B * P)`` for a batch: row ``b * Q + q`` holds query q
@@ -38,13 +41,17 @@ def adjacency(idx: torch.Tensor, num_points: int, *, weights: torch.Tensor | Non
     B, Q, k = idx3.shape
     if idx3.numel() and (int(idx3.min()) < -1 or int(idx3.max()) >= P):
         raise ValueError(f"idx must lie in [-1, {P - 1}] (num_points = {P})")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if weights is None:
-        w = torch.ones(idx3.shape, dtype=torch.float32, device=idx.device)
+        w = torch.ones(idx3.shape, dtype=dtype or torch.float32, device=idx.device)
     else:
         _checks.tensor("weights", weights)
         if weights.shape != idx.shape:
             raise ValueError(f"weights must have the shape of idx {tuple(idx.shape)}, got {tuple(weights.shape)}")
-        w = weights if batched else weights[None]
+        if not weights.is_floating_point():
+            raise TypeError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
+        w = (weights if batched else weights[None]).to(dtype or weights.dtype)
     valid = idx3 >= 0
     w = torch.where(valid, w, torch.zeros_like(w))
     if normalize == "row":
