@@ -56,12 +56,17 @@ def test_public_search_above_the_tree_dimensions(kind, D):
 
 
 def test_every_point_equal_escalates_to_the_whole_cloud(monkeypatch):
-    rounds = []
-    topk = torch.topk
+    rounds, decided = [], []
+    topk, gathered = torch.topk, _brute_force.sq_dist_gathered
     monkeypatch.setattr(_brute_force.torch, "topk", lambda x, m, **kw: rounds.append(m) or topk(x, m, **kw))
+    monkeypatch.setattr(_brute_force, "sq_dist_gathered", lambda q, pc, c: decided.append(c.numel()) or gathered(q, pc, c))
+    monkeypatch.setattr(_brute_force, "_APPROX_BYTES", 4 * 500 * 16)  # 16 queries per GEMM
+    monkeypatch.setattr(_brute_force, "_DECIDE_ENTRIES", 20_000)
     p = torch.ones(500, 10)
     d, i = brute_force_search(p, p, 4, None, True)
     assert rounds[0] < 500 and rounds[-1] == 500  # 2k + 8 candidates, 4x per round, then all
+    # 500 x 500 candidates in the last round, decided in batches of at most the cap plus a chunk
+    assert sum(decided) == 500 * 500 and max(decided) <= 20_000 + 16 * 500
     assert torch.equal(i, torch.tensor([[j for j in range(5) if j != r][:4] for r in range(500)]))
     assert bool((d == 0).all())
 

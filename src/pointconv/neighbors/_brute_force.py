@@ -17,6 +17,9 @@ searches feature space). Here, per chunk of queries:
    ``approx`` exceeds that, no point outside the candidates can enter. Other rows (ties and
    near-ties: lattices, repeated points) try again with 4x more candidates, ending at every point.
 
+Memory: one chunk's approx matrix (4 MiB, so it stays in cache from the GEMM to the top-k) and
+the candidates of finished rows, decided in batches of about 4M entries.
+
 ``exact_rows_search`` is the literal method, kept for coordinates whose squares overflow float64
 and as an independent check in the tests.
 """
@@ -29,7 +32,8 @@ from ._distance import sq_dist, sq_dist_gathered
 from ._select import mask_candidates, select_sorted
 
 _CHUNK_BYTES = 64 << 20  # memory cap of one chunk's query x point matrix (the literal method)
-_APPROX_BYTES = 4 << 20  # one chunk's float64 approx matrix: stays in cache from the GEMM to the top-k
+_APPROX_BYTES = 4 << 20  # one chunk's approx matrix: stays in cache from the GEMM to the top-k
+_DECIDE_ENTRIES = 1 << 22  # candidates decided together (their distances and sort keys: ~100 MB)
 
 
 def _padded(nq: int, k: int, like: torch.Tensor):
@@ -88,12 +92,18 @@ def brute_force_search(q, p, k, radius2, exclude_self, row_ids=None):
     p_rows = torch.cat([-2 * p64, p64.square().sum(1, keepdim=True), torch.ones_like(p64[:, :1])], 1).to(gemm)
     p_columns = p.t().contiguous()
     out_d, out_i = _padded(nq, k, q)
+
+    def decide(rows, cand):  # exact distances of finished rows, in few large ops rather than many small
+        d = sq_dist_gathered(q[rows], p_columns, cand.clamp(min=0))
+        d = mask_candidates(d, cand, rows_all[rows, None], radius2, exclude_self)
+        out_d[rows], out_i[rows] = select_sorted(d, cand, k)
+
     pending = torch.arange(nq, device=q.device)
     m = min(n, 2 * k + 8)
     while pending.numel():
         # the approx matrix in chunks that stay in cache from the GEMM to the top-k
         chunk = max(1, _APPROX_BYTES // (q_rows.element_size() * n))
-        cands, finished = [], []
+        unfinished, ready, ready_size = [], [], 0
         for s in range(0, pending.numel(), chunk):
             rows = pending[s:s + chunk]
             approx = q_rows[rows] @ p_rows.t()
@@ -106,16 +116,16 @@ def brute_force_search(q, p, k, radius2, exclude_self, row_ids=None):
             vals, cand = torch.topk(approx, m, dim=1, largest=False, sorted=True)
             if m < n:
                 limit = vals[:, min(k, m) - 1].double() + 2 * err[rows]
-                finished.append(torch.isinf(vals[:, -1]) | (vals[:, -1].double() > limit))
-            else:
-                finished.append(torch.ones_like(rows, dtype=torch.bool))
-            cands.append(torch.where(torch.isinf(vals), -1, cand))  # -1: excluded
-        done = torch.cat(finished)
-        rows, cand = pending[done], torch.cat(cands)[done]
-        # the exact distances of every finished row at once: a few large ops instead of many small ones
-        d = sq_dist_gathered(q[rows], p_columns, cand.clamp(min=0))
-        d = mask_candidates(d, cand, rows_all[rows, None], radius2, exclude_self)
-        out_d[rows], out_i[rows] = select_sorted(d, cand, k)
-        pending = pending[~done]
+                done = torch.isinf(vals[:, -1]) | (vals[:, -1].double() > limit)
+                unfinished.append(rows[~done])
+                rows, vals, cand = rows[done], vals[done], cand[done]
+            ready.append((rows, torch.where(torch.isinf(vals), -1, cand)))  # -1: excluded
+            ready_size += cand.numel()
+            if ready_size >= _DECIDE_ENTRIES:  # memory stays bounded when m grows towards n
+                decide(torch.cat([r for r, _ in ready]), torch.cat([c for _, c in ready]))
+                ready, ready_size = [], 0
+        if ready:
+            decide(torch.cat([r for r, _ in ready]), torch.cat([c for _, c in ready]))
+        pending = torch.cat(unfinished) if unfinished else pending[:0]
         m = min(n, 4 * m)
     return out_d, out_i
