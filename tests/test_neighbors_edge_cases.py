@@ -13,6 +13,8 @@ from scipy.spatial import cKDTree
 import pointconv
 import pointconv.neighbors._cpu as cpu
 import pointconv.neighbors._trees as _trees
+from pointconv.neighbors._brute_force import brute_force_search
+from pointconv.neighbors._distance import radius_squared
 from pointconv.neighbors._grouped_tree import GroupedTree, repeats_are_costly
 
 
@@ -183,6 +185,31 @@ def test_ties_at_the_kth_neighbor_on_a_lattice_match_the_reference():
     assert_same(pointconv.ball_query(shell, shell, 1.5, 12), reference(pointconv.ball_query, shell, shell, 1.5, 12))
     queries = shell[:, ::3] + 0.5  # halfway between lattice points: ties in every direction
     assert_same(pointconv.knn(queries, shell, 8), reference(pointconv.knn, queries, shell, 8))
+
+
+def test_lattice_ties_widen_the_first_query(monkeypatch):
+    """From 4096 queries on, a sample sizes the first query: on a lattice it asks for the tied
+    candidates at once instead of sending most rows to the fallback; the answers stay exact."""
+    widths = []
+    first = cpu._first_candidates
+    monkeypatch.setattr(cpu, "_first_candidates", lambda tree, q64, m, *a: widths.append((m, first(tree, q64, m, *a)))
+                        or widths[-1][1])
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(40000, 3, generator=g)
+    shell = torch.unique((v / v.norm(dim=1, keepdim=True) * 26).round(), dim=0)[None]
+    assert shell.shape[1] > 4096
+    x = shell[0]
+    for k, exclude_self in ((16, False), (9, True)):  # the brute force (tested on its own) as the oracle
+        res = pointconv.knn(shell, shell, k, exclude_self=exclude_self)
+        d, i = brute_force_search(x, x, k, None, exclude_self)
+        assert torch.equal(res.dists[0], d) and torch.equal(res.idx[0], i)
+    res = pointconv.ball_query(shell, shell, 2.5, 20)
+    d, i = brute_force_search(x, x, 20, radius_squared(2.5, torch.float32), False)
+    assert torch.equal(res.dists[0], d) and torch.equal(res.idx[0], i)
+    assert all(wide > m for m, wide in widths) and len(widths) == 3
+    uniform = torch.rand(1, 5000, 3, generator=g)
+    pointconv.knn(uniform, uniform, 16)
+    assert widths[-1] == (17, 17)  # no ties: one more than needed, as before
 
 
 def test_coordinates_whose_squared_distances_overflow_are_refused():

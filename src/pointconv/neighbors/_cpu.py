@@ -31,6 +31,7 @@ _FALLBACK_CANDIDATES = 1 << 22  # candidates per batch of uncertified queries
 _GUESS_ROWS = 20000  # from this many queries on, a sampled distance bound pays off
 _PIPELINE_ROWS = 20000  # from this many queries on, a thread pool overlaps queries and post-processing
 _CHUNK_ROWS = 8192  # largest chunk of queries sent to one pool thread
+_PROBE_ROWS = 4096  # from this many queries on, a sample sizes the first query (ties on lattices)
 _THREADS = os.cpu_count() or 1
 
 
@@ -122,6 +123,29 @@ def _guess_bound(tree, q64, m, bound):
     return min(bound, float(np.quantile(finite, 0.95))) if finite.size else bound
 
 
+def _first_candidates(tree, q64, m, kk, bound, rel, tiny):
+    """How many candidates the first query asks for: ``m`` (one more than the ``kk`` needed), or
+    more where a sample shows ties at the kk-th neighbor.
+
+    A row is certified when its first unseen candidate is farther, by more than the rounding
+    error, than its kk-th; on a lattice (voxel centers) the kk-th ties with several points, nearly
+    every row fails with ``m``, and the fallback queries the tree a second time. The sample (up to
+    200 rows, 4m candidates each) counts the candidates each row needs; when the 95th percentile
+    exceeds ``m`` the first query asks for that many. Not over a ``GroupedTree``: there the ties
+    are mostly copies of one point, which its fallback expands per group (a wider first query over
+    groups of 100 copies took 2x longer in bench_neighbors' hard table).
+    """
+    nq, n = q64.shape[0], tree.n
+    if nq < _PROBE_ROWS or m >= n or isinstance(tree, GroupedTree):
+        return m
+    probe = min(n, 4 * m)
+    dd = np.asarray(tree.query(q64[:: max(1, nq // 200)], k=probe, distance_upper_bound=bound, workers=1)[0])
+    d2 = dd.reshape(-1, probe) ** 2
+    kth = d2[:, kk - 1:kk]
+    needed = (d2 <= kth * (1 + 4 * rel) + 4 * tiny).sum(1) + 1
+    return int(min(probe, max(m, np.percentile(needed, 95))))
+
+
 def _query_chunk(tree, q64, m, guess, bound, workers=1):
     dd, ii = tree.query(q64, k=m, distance_upper_bound=guess, workers=workers)
     dd, ii = np.asarray(dd).reshape(len(q64), m), np.asarray(ii).reshape(len(q64), m)
@@ -165,6 +189,7 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None, lift=None)
         q, rows = q[order], rows[order]
         q_lift = None if q_lift is None else q_lift[order]
     q64 = _tree_coords(q, q_lift)
+    m = _first_candidates(tree, q64, m, min(k + int(exclude_self), n), bound, rel, tiny)
     guess = _guess_bound(tree, q64, m, bound)
     p_columns = p.detach().t().contiguous()
     out_d = torch.empty((nq, k), dtype=q.dtype)
