@@ -210,6 +210,8 @@ def test_lattice_ties_widen_the_first_query(monkeypatch):
     uniform = torch.rand(1, 5000, 3, generator=g)
     pointconv.knn(uniform, uniform, 16)
     assert widths[-1] == (17, 17)  # no ties: one more than needed, as before
+    pointconv.ball_query(uniform, uniform, 0.01, 16)  # most rows have fewer than 16 in the ball
+    assert widths[-1] == (17, 17)
 
 
 def test_coordinates_whose_squared_distances_overflow_are_refused():

@@ -143,6 +143,8 @@ def _first_candidates(tree, q64, m, kk, bound, rel, tiny):
     d2 = dd.reshape(-1, probe) ** 2
     kth = d2[:, kk - 1:kk]
     needed = (d2 <= kth * (1 + 4 * rel) + 4 * tiny).sum(1) + 1
+    # a row with fewer than kk points within the search bound is certified by any query
+    needed = np.where(np.isfinite(kth[:, 0]), needed, m)
     return int(min(probe, max(m, np.percentile(needed, 95))))
 
 
