@@ -1,16 +1,17 @@
-"""Exact brute-force neighbor search for any D, on any device: a float64 GEMM ranks, ``sq_dist`` decides.
+"""Exact brute-force neighbor search for any D, on any device: a GEMM ranks, ``sq_dist`` decides.
 
 The reference evaluates ``sq_dist`` (the input dtype, coordinate by coordinate) for every
 query-point pair and sorts each row. Done literally that is D passes over a Q x P matrix and a
 full sort per query: 7 s for kNN over 2 x 6,000 points in 16 dimensions (DGCNN's EdgeConv
 searches feature space). Here, per chunk of queries:
 
-1. ``approx = |q'|^2 + |p'|^2 - 2 q' . p'`` for coordinates centered on the points' mean, in
-   float64: one GEMM (float64 has no TF32 / bf16 mode, so torch's float32 matmul precision
-   settings cannot loosen it);
+1. ``approx = |q'|^2 + |p'|^2 - 2 q' . p'`` for coordinates centered on the points' mean: one
+   GEMM, in float32 for float32 coordinates (2x faster than float64 on CPU), in float64 for
+   float64 ones and wherever torch's matmul precision settings allow TF32 / bf16 (float64 has no
+   such mode) or the squares approach float32's range (``_gemm_dtype``);
 2. the ``m = 2k + 8`` smallest ``approx`` of each row are the candidates; ``sq_dist`` of those,
    ranked by (distance, index), is the answer if it is certified:
-3. ``|approx - sq_dist|`` is at most ``err_i = 2 (D + 6) (eps_dtype + eps_64) reach_i^2`` (plus
+3. ``|approx - sq_dist|`` is at most ``err_i = 2 (D + 6) (eps_dtype + eps_gemm) reach_i^2`` (plus
    a subnormal term) for every point, with ``reach_i = |q'_i| + max_j |p'_j|`` bounding the
    magnitudes in both formulas. The k-th exact distance is at most the k-th ``approx`` plus
    ``err_i``, so every point of the answer has ``approx <= kth + 2 err_i``: when the m-th
