@@ -254,9 +254,10 @@ def test_knn_and_edge_conv_feature_dtype(dtype):
     pts, f = torch.rand(1, 9, 3), torch.rand(1, 9, 4)
     with pytest.raises(TypeError, match=f"features has dtype {dtype} but the layer's parameters are torch.float32"):
         pointconv.nn.KNNConv(4, 8, k=3)(pts, f.to(dtype))
-    if dtype == torch.float64:  # EdgeConv's features are coordinates (float32 / float64)
-        with pytest.raises(TypeError, match="features has dtype torch.float64"):
-            pointconv.nn.EdgeConv(4, 8, k=3)(f.to(dtype))
+    with pytest.raises(TypeError, match=f"features has dtype {dtype} but the layer's parameters are torch.float32"):
+        pointconv.nn.EdgeConv(4, 8, k=3)(f.to(dtype))
+    with pytest.raises(TypeError, match="features must be a floating-point tensor, got dtype torch.int64"):
+        pointconv.nn.EdgeConv(4, 8, k=3)(torch.ones(1, 9, 4, dtype=torch.int64))
     conv = pointconv.nn.KNNConv(4, 8, k=3).double()
     ref = conv.linear(pointconv.aggregate(f.double(), pointconv.knn(pts, pts, 3, exclude_self=True).idx))
     torch.testing.assert_close(conv(pts, f.double()), ref)  # float32 points, float64 features

@@ -116,6 +116,25 @@ def test_edge_conv_uses_feature_space_neighbors():
     torch.autograd.gradgradcheck(lambda f: conv(f), (feats[:1, :12].clone().requires_grad_(),))
 
 
+def test_edge_conv_on_half_precision_features():
+    """DGCNN under autocast feeds one EdgeConv's bf16 output to the next, whose kNN runs on the
+    exact float32 values of those features; a half-precision layer takes half features."""
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(2, 40, 6, generator=g)
+    first, second = pointconv.nn.EdgeConv(6, 8, k=4), pointconv.nn.EdgeConv(8, 5, k=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = first(feats)
+        assert hidden.dtype == torch.bfloat16
+        out = second(hidden)
+        assert torch.equal(out, second(hidden.float()))  # the same neighbors, the same bf16 products
+    half = pointconv.nn.EdgeConv(6, 8, k=4).to(torch.float16)
+    y = half(feats.half())
+    assert y.dtype == torch.float16
+    ref = pointconv.nn.EdgeConv(6, 8, k=4)
+    ref.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    torch.testing.assert_close(y.float(), ref(feats.half().float()), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("call,exc,match", [
     (lambda v, i, w: pointconv.aggregate(v, i, "median"), ValueError, "reduce must be one of"),
     (lambda v, i, w: pointconv.aggregate(v, i, "weighted"), ValueError, "weights are required"),

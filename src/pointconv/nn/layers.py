@@ -142,13 +142,21 @@ class EdgeConv(nn.Module):
                                  nn.LeakyReLU(0.2))
 
     def forward(self, features, lengths=None):
-        """``features (B, N, C)`` -> ``(B, N, out_channels)``; padded rows are 0."""
-        _checks.coords("features", features, ndim=3)
+        """``features (B, N, C)`` -> ``(B, N, out_channels)``; padded rows are 0.
+
+        fp16 / bf16 features (a half-precision layer, or the output of the previous EdgeConv under
+        autocast) are searched as their exact float32 values: the neighbors of the same numbers."""
+        _checks.tensor("features", features)
+        if not features.is_floating_point():
+            raise TypeError(f"features must be a floating-point tensor, got dtype {features.dtype}")
+        half = features.dtype in (torch.float16, torch.bfloat16)
+        searched = features.detach().float() if half else features.detach()
+        _checks.coords("features", searched, ndim=3)
         if features.shape[2] != self.in_channels:
             raise ValueError(f"features have {features.shape[2]} channels, this layer expects {self.in_channels}")
         layer_dtype("features", features, self.mlp[0].weight.dtype)
         lengths = _checks.lengths("lengths", lengths, features.shape[0], features.shape[1], features.device)
-        idx = knn(features.detach(), features.detach(), self.k, query_lengths=lengths, points_lengths=lengths).idx
+        idx = knn(searched, searched, self.k, query_lengths=lengths, points_lengths=lengths).idx
         fi = features[:, :, None, :].expand(-1, -1, self.k, -1)
         x = torch.cat([fi, gather(features, idx) - fi], -1)
         return _masked_reduce(self.mlp(x), idx >= 0, "max")
