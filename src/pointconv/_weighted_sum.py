@@ -10,7 +10,7 @@ Three ops over flat tensors (batches are folded into the row dimension by the ca
 differentiation (the gradient of each is made of the others), so each backward is written with
 them and autograd differentiates it again: exact gradients of every order. Each op works over
 chunks of rows, so memory stays at ``chunk x k x C`` whatever Q is. ``scatter_sum`` accumulates with
-``index_add_`` on CPU (sequential, deterministic) and ``index_put_(accumulate=True)`` on CUDA
+``_row_sums.add_rows_``: ``index_add_`` on CPU (sequential, deterministic), ``index_put_(accumulate=True)`` on CUDA
 (deterministic under ``torch.use_deterministic_algorithms``). On the triton backend (CUDA,
 float32/16) the three run as the kernels of ``pointconv.kernels.weighted_sum`` (deterministic by
 construction: no atomics).
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import backend_for
+from ._row_sums import add_rows_
 
 _CHUNK_ELEMENTS = 1 << 22  # rows x k x C per chunk
 
@@ -53,10 +54,7 @@ def _scatter_sum(w, g, idx, num_rows):
         contrib = (w[s:s + step] * (ii >= 0).to(w.dtype)).unsqueeze(-1) * g[s:s + step].unsqueeze(1)
         flat = ii.clamp(min=0).reshape(-1)
         contrib = contrib.reshape(-1, g.shape[1])
-        if out.device.type == "cpu":
-            out.index_add_(0, flat, contrib)
-        else:
-            out.index_put_((flat,), contrib, accumulate=True)
+        add_rows_(out, flat, contrib)
     return out
 
 

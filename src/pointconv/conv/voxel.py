@@ -13,6 +13,7 @@ import math
 import torch
 
 from .. import _checks
+from .._row_sums import add_rows
 from ..sparse.kernel_map import SiteIndex, check_key_space, linearize
 from ..sparse.tensor import SparseConvTensor
 from . import _inputs
@@ -74,7 +75,7 @@ def voxelize(points, features, voxel_size, *, lengths=None, origin=None, reduce=
                                                                include_self=False)
     else:
         out = f.new_zeros((M, C))
-        out = out.index_add(0, inverse, f) if out.device.type == "cpu" else out.index_put((inverse,), f, accumulate=True)
+        out = add_rows(out, inverse, f)
         if reduce == "mean":
             out = out / torch.bincount(inverse, minlength=M).clamp(min=1)[:, None].to(f.dtype)
     shape = [int(s) + 1 for s in sites[:, 1:].amax(0).tolist()] if M else [1, 1, 1]

@@ -9,6 +9,7 @@ import torch
 
 from .. import _checks
 from .._backend import backend_for
+from .._row_sums import add_rows
 from .._rows import unique_rows
 from ._common import check_points
 
@@ -169,11 +170,7 @@ def grid_subsample(points: torch.Tensor, voxel_size: float, *, lengths=None) -> 
                          "must stay below 2^61")
     vox = vox.long()
     uniq, inverse, counts = unique_rows(torch.cat([bid[:, None], vox], dim=1))
-    # Sums in a fixed order: index_add on CPU (sequential; index_put's accumulation runs on threads
-    # there and rounds differently from run to run), index_put with accumulation on CUDA
-    # (deterministic under torch.use_deterministic_algorithms).
-    sums = x.new_zeros((uniq.shape[0], D))
-    sums = sums.index_add(0, inverse, x) if x.device.type == "cpu" else sums.index_put((inverse,), x, accumulate=True)
+    sums = add_rows(x.new_zeros((uniq.shape[0], D)), inverse, x)
     means = sums / counts[:, None].to(x.dtype)
     ub = uniq[:, 0]
     new_lengths = torch.bincount(ub, minlength=B)

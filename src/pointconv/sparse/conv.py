@@ -6,7 +6,7 @@ backend) the implicit GEMM of ``_implicit_gemm`` (each output row written by one
 through the bilinear autograd Function of ``_bilinear``: exact gradients w.r.t. features and
 weights to any order, deterministic. Grouped convolutions, CUDA's torch backend and the reference
 backend run ``apply_kernel_map_ops``: plain differentiable torch ops per offset (index_select,
-matmul, ``index_add_`` on CPU, ``index_put_(accumulate=True)`` on CUDA, deterministic under
+matmul, ``_row_sums.add_rows_``: ``index_add_`` on CPU, ``index_put_(accumulate=True)`` on CUDA, deterministic under
 ``torch.use_deterministic_algorithms``), the reference the fast paths are tested against.
 Under ``torch.autocast`` the layers compute in the region's dtype, fp16 or bf16 (spconv always
 casts to fp16), summing over kernel offsets in float32.
@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import _checks
 from .._backend import backend_for
+from .._row_sums import add_rows_
 from ._bilinear import bilinear_conv
 from ._implicit_gemm import use_triton
 from ._pair_gemm import accumulation_dtype
@@ -39,14 +40,6 @@ def _tuple(name, v, ndim):
     if len(vals) != ndim:
         raise ValueError(f"{name} must be an int or {ndim} ints, got {v!r}")
     return tuple(_checks.integer(name, x) for x in vals)
-
-
-def _scatter_add_rows(out, rows, src):
-    # In place: ``out`` is a fresh accumulator no other op saved, so autograd allows it, and an
-    # out-of-place add would copy the whole output once per kernel offset.
-    if out.device.type == "cpu":
-        return out.index_add_(0, rows, src)
-    return out.index_put_((rows,), src, accumulate=True)
 
 
 def compute_dtype(features: torch.Tensor) -> torch.dtype:
@@ -87,7 +80,9 @@ def apply_kernel_map_ops(features, W, kmap: KernelMap, groups: int = 1) -> torch
             out = out + _offset_matmul(features, W[:, o], groups).to(out.dtype)
             continue
         src = features.index_select(0, kmap.in_rows[a:b])
-        out = _scatter_add_rows(out, kmap.out_rows[a:b], _offset_matmul(src, W[:, o], groups).to(out.dtype))
+        # in place: ``out`` is a fresh accumulator no other op saved, so autograd allows it, and an
+        # out-of-place add would copy the whole output once per kernel offset
+        out = add_rows_(out, kmap.out_rows[a:b], _offset_matmul(src, W[:, o], groups).to(out.dtype))
     return out.to(features.dtype)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .._row_sums import add_rows
 from .kernel_map import check_key_space, delinearize, linearize
 from .tensor import SparseConvTensor
 
@@ -29,9 +30,6 @@ def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
     uniq, inverse = torch.unique(torch.cat(keys), sorted=True, return_inverse=True)
     feats = torch.cat([t.features for t in tensors])
     out = feats.new_zeros((uniq.shape[0], feats.shape[1]))
-    if out.device.type == "cpu":
-        out = out.index_add(0, inverse, feats)
-    else:
-        out = out.index_put((inverse,), feats, accumulate=True)
+    out = add_rows(out, inverse, feats)
     indices = delinearize(uniq, first.spatial_shape) if uniq.numel() else first.indices[:0]
     return SparseConvTensor(out, indices, first.spatial_shape, first.batch_size, indice_dict=first.indice_dict)
