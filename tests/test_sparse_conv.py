@@ -124,6 +124,39 @@ def test_indice_key_reuses_the_kernel_map():
     assert z.indice_dict["subm1"] is kmap
 
 
+def test_indice_key_rules_follow_spconv():
+    x = random_sparse(3, 1, 3, seed=6)
+    y = spconv.SubMConv3d(3, 3, 3, indice_key="s").double()(x)
+    with pytest.raises(ValueError, match="same kernel_size: \\[3, 3, 3\\] there, \\[5, 5, 5\\] here"):
+        spconv.SubMConv3d(3, 3, 5, indice_key="s").double()(y)
+    with pytest.raises(ValueError, match="same dilation"):
+        spconv.SubMConv3d(3, 3, 3, dilation=2, indice_key="s").double()(y)
+    down = spconv.SparseConv3d(3, 3, 3, 2, 1, indice_key="d").double()
+    z = down(x)
+    # a submanifold layer on a strided conv's key would replace the map an inverse conv needs
+    with pytest.raises(ValueError, match="belongs to a strided"):
+        spconv.SubMConv3d(3, 3, 3, indice_key="d").double()(z)
+    for layer in (spconv.SparseConv3d(3, 3, 3, 2, 1, indice_key="d"), spconv.SparseMaxPool3d(2, indice_key="d"),
+                  spconv.SparseConvTranspose3d(3, 3, 3, 2, indice_key="d")):
+        with pytest.raises(ValueError, match="needs a key of its own"):
+            layer.double()(z)
+
+
+def test_each_output_gets_its_own_copy_of_the_indice_dict():
+    # spconv's semantics: a layer's output holds a copy of its input's dict plus its own map, so
+    # branches do not see each other's keys and the same input can run through a network twice
+    x = random_sparse(3, 1, 3, seed=8)
+    net = spconv.SparseSequential(spconv.SubMConv3d(3, 3, 3, indice_key="s"),
+                                  spconv.SparseConv3d(3, 3, 3, 2, 1, indice_key="d"),
+                                  spconv.SparseInverseConv3d(3, 3, 3, indice_key="d")).double()
+    first = net(x)
+    assert x.indice_dict == {} and set(first.indice_dict) == {"s", "d"}
+    torch.testing.assert_close(net(x).features, first.features)
+    left = spconv.SparseConv3d(3, 3, 3, 2, 1, indice_key="a").double()(x)
+    right = spconv.SparseMaxPool3d(2, 2, indice_key="b")(x)
+    assert set(left.indice_dict) == {"a"} and set(right.indice_dict) == {"b"}
+
+
 def test_sequential_with_plain_modules_and_empty_input():
     net = spconv.SparseSequential(spconv.SubMConv3d(3, 8, 3), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
                                   spconv.SparseConv3d(8, 4, 3, 2, 1)).double()
@@ -231,3 +264,9 @@ def test_autocast_computes_in_the_region_dtype(dtype):
     torch.testing.assert_close(out.features.float(), ref.features, rtol=5e-2, atol=5e-2)
     out.features.float().square().sum().backward()  # gradients flow back to the fp32 weights
     assert net[0].weight.grad is not None and net[0].weight.grad.dtype == torch.float32
+    # autocast casts float32 only (as torch's layers): a float64 network stays float64
+    x64, net64 = random_sparse(3, 2, 8, seed=12), net.double()
+    with torch.autocast("cpu", dtype=dtype):
+        out64 = net64(x64)
+    assert out64.features.dtype == torch.float64
+    torch.testing.assert_close(out64.features, net64(x64).features, rtol=0, atol=0)

@@ -56,8 +56,11 @@ def test_inverse_conv_errors():
     y = spconv.SparseConv3d(3, 3, 3, 2, 1, indice_key="k").double()(x)
     with pytest.raises(ValueError, match="has kernel"):
         spconv.SparseInverseConv3d(3, 3, 2, indice_key="k").double()(y)
+    assert "k" not in x.indice_dict  # the conv's output holds a copy of the dict, as in spconv
+    other_sites = spconv.SparseConvTensor(x.features, x.indices, x.spatial_shape, x.batch_size,
+                                          indice_dict=y.indice_dict)
     with pytest.raises(ValueError, match="not the outputs"):
-        spconv.SparseInverseConv3d(3, 3, 3, indice_key="k").double()(x)
+        spconv.SparseInverseConv3d(3, 3, 3, indice_key="k").double()(other_sites)
 
 
 @pytest.mark.parametrize("ndim", [1, 2, 3])
@@ -124,6 +127,12 @@ def test_tables_and_sparse_add():
     assert torch.equal(keys, torch.unique(keys, dim=0))
     with pytest.raises(ValueError, match="same sites"):
         spconv.AddTable()([x, y])
+    # a site twice in one tensor: a clear error, as in every layer (spconv sums the rows silently)
+    dup = spconv.SparseConvTensor(torch.ones(3, 3, dtype=torch.float64), torch.tensor([[0, 1, 1], [1, 0, 0], [0, 1, 1]],
+                                  dtype=torch.int32), x.spatial_shape, 2)
+    for args, which in (((x, dup), 1), ((dup, x, y), 0)):
+        with pytest.raises(ValueError, match=f"tensor {which} has duplicate sites"):
+            spconv.functional.sparse_add(*args)
 
 
 def test_concat_table_and_modules():

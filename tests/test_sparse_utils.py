@@ -6,15 +6,17 @@ from pointconv.sparse.utils import PointToVoxel, gather_features_by_pc_voxel_id
 
 
 def naive_voxelize(pc, vsize, lo, grid, max_voxels, max_points):
-    """Dictionary voxelizer with spconv's keep rules (first-appearance voxels, first points)."""
+    """Dictionary voxelizer with spconv's keep rules (first-appearance voxels, first points); keys
+    are the coordinates last axis first (z, y, x)."""
+    D = len(vsize)
     voxels, order = {}, []
     ids = []
     for i, p in enumerate(pc.tolist()):
-        c = [int(torch.floor(torch.tensor((p[a] - lo[a]) / vsize[a])).item()) for a in range(3)]
-        if not all(0 <= c[a] < grid[a] for a in range(3)):
+        c = [int(torch.floor(torch.tensor((p[a] - lo[a]) / vsize[a])).item()) for a in range(D)]
+        if not all(0 <= c[a] < grid[a] for a in range(D)):
             ids.append(None)
             continue
-        key = (c[2], c[1], c[0])
+        key = tuple(c[::-1])
         if key not in voxels:
             if len(order) == max_voxels:
                 ids.append(None)
@@ -26,14 +28,16 @@ def naive_voxelize(pc, vsize, lo, grid, max_voxels, max_points):
     return voxels, ids
 
 
-@pytest.mark.parametrize("max_voxels,max_points", [(1000, 5), (7, 2)])
-def test_point_to_voxel_matches_naive(max_voxels, max_points):
-    g = torch.Generator().manual_seed(0)
-    pc = torch.cat([torch.rand(300, 3, generator=g) * 2.4 - 0.2, torch.randn(300, 1, generator=g)], 1)
-    gen = PointToVoxel([0.25, 0.5, 0.5], [0, 0, 0, 2, 2, 2], 4, max_voxels, max_points)
+@pytest.mark.parametrize("max_voxels,max_points,D", [(1000, 5, 3), (7, 2, 3), (1000, 3, 2), (40, 2, 4), (50, 4, 1)])
+def test_point_to_voxel_matches_naive(max_voxels, max_points, D):
+    g = torch.Generator().manual_seed(D)
+    pc = torch.cat([torch.rand(300, D, generator=g) * 2.4 - 0.2, torch.randn(300, 1, generator=g)], 1)
+    vsize = [0.25, 0.5, 0.5, 1.0][:D]
+    gen = PointToVoxel(vsize, [0] * D + [2] * D, D + 1, max_voxels, max_points)
     voxels, idx, num, pid = gen.generate_voxel_with_id(pc)
-    ref, ids = naive_voxelize(pc, [0.25, 0.5, 0.5], [0, 0, 0], [8, 4, 4], max_voxels, max_points)
-    assert gen.spatial_shape == [4, 4, 8]
+    grid = [int(2 / v) for v in vsize]
+    ref, ids = naive_voxelize(pc, vsize, [0] * D, grid, max_voxels, max_points)
+    assert gen.spatial_shape == grid[::-1] and idx.shape == (len(ref), D)
     keys = [tuple(r) for r in idx.tolist()]
     assert keys == sorted(ref)  # kept voxels, sorted by (z, y, x)
     for v, key in enumerate(keys):
@@ -52,6 +56,28 @@ def test_point_to_voxel_empty_mean_and_call():
     assert idx.tolist() == [[0, 0, 0], [0, 0, 1]] and num.tolist() == [2, 1]
     torch.testing.assert_close(voxels[0, 2], pc[:2].mean(0))
     torch.testing.assert_close(voxels[1, 1], pc[2])
+    # spconv's order: (pc, clear_voxels, empty_mean); the voxels are new every call, so clearing is moot
+    plain = gen(pc)[0]
+    assert plain[0, 2].tolist() == [0.0] * 4 and torch.equal(plain[0, :2], voxels[0, :2])
+    for args in [(pc, True), (pc, False), (pc, True, False)]:
+        assert torch.equal(gen(*args)[0], plain)
+    assert torch.equal(gen(pc, True, True)[0], voxels)
+    assert torch.equal(gen.generate_voxel_with_id(pc, False, True)[0], voxels)
+
+
+def test_gather_features_by_pc_voxel_id_any_trailing_shape():
+    labels = torch.tensor([9, 3, 7])  # per-voxel labels (M,), as segmentation heads give
+    pid = torch.tensor([0, -1, 2, 1, 1])
+    assert gather_features_by_pc_voxel_id(labels, pid, -1).tolist() == [9, -1, 7, 3, 3]
+    blocks = torch.arange(12.0).view(3, 2, 2)
+    out = gather_features_by_pc_voxel_id(seg_res_features=blocks, pc_voxel_id=pid,
+                                         invalid_value=torch.tensor([-1.0, -2.0]))
+    assert out.shape == (5, 2, 2) and torch.equal(out[2], blocks[2])
+    assert out[1].tolist() == [[-1.0, -2.0], [-1.0, -2.0]]
+    with pytest.raises(ValueError, match="invalid_value"):
+        gather_features_by_pc_voxel_id(blocks, pid, invalid_value=torch.zeros(3))
+    with pytest.raises(ValueError, match="seg_res_features"):
+        gather_features_by_pc_voxel_id(torch.tensor(1.0), pid)
 
 
 def test_gather_features_by_pc_voxel_id():
@@ -68,7 +94,7 @@ def test_point_to_voxel_bad_input():
         PointToVoxel([0, 1, 1], [0, 0, 0, 1, 1, 1], 3, 10, 2)
     with pytest.raises(ValueError, match="coors_range_xyz"):
         PointToVoxel([1, 1, 1], [0, 0, 0, -1, 1, 1], 3, 10, 2)
-    with pytest.raises(ValueError, match="num_point_features counts x, y, z"):
+    with pytest.raises(ValueError, match="num_point_features counts the 3 coordinates"):
         PointToVoxel([1, 1, 1], [0, 0, 0, 1, 1, 1], 2, 10, 2)
     gen = PointToVoxel([1, 1, 1], [0, 0, 0, 1, 1, 1], 3, 10, 2)
     with pytest.raises(ValueError, match=r"pc must have shape \(N, 3\)"):
@@ -82,8 +108,9 @@ def test_hash_table(key_dtype):
     table.insert(torch.tensor([1, 7], dtype=key_dtype), torch.tensor([1.1, 0.7]))  # 1 updated
     vals, empty = table.query(torch.tensor([1, 2, 9], dtype=key_dtype))
     assert vals.tolist() == pytest.approx([1.1, 0.0, 0.9]) and empty.tolist() == [False, True, False]
-    ok = table.insert_exist_keys(torch.tensor([7, 8], dtype=key_dtype), torch.tensor([7.0, 8.0]))
-    assert ok.tolist() == [True, False]
+    # spconv's is_empty: uint8, 1 where the key was absent and nothing was inserted
+    is_empty = table.insert_exist_keys(torch.tensor([7, 8], dtype=key_dtype), torch.tensor([7.0, 8.0]))
+    assert is_empty.dtype == torch.uint8 and is_empty.tolist() == [0, 1]
     keys, values, count = table.items()
     assert keys.tolist() == [1, 5, 7, 9] and values.tolist() == pytest.approx([1.1, 0.5, 7.0, 0.9])
     assert int(count[0]) == 4

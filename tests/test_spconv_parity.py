@@ -71,3 +71,74 @@ def test_inverse_and_pool_parity():
     assert bool((fa < 0).any())
     torch.testing.assert_close(fa.clamp(min=0), fb)
 
+
+
+# -- the API around the layers: same signatures, same outputs ------------------------------------------
+
+def _positional(fn):
+    import inspect
+    return [n for n, p in inspect.signature(fn).parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"]
+
+
+@pytest.mark.parametrize("name", [name for name in (f"{kind}{n}d" for n in (1, 2, 3, 4) for kind in (
+    "SubMConv", "SparseConv", "SparseConvTranspose", "SparseInverseConv", "SparseMaxPool", "SparseAvgPool"))
+    if hasattr(spconv, name)])  # (spconv has no SparseAvgPool4d)
+def test_constructor_arguments_in_spconvs_order(name):
+    # a positional argument must land where spconv puts it (a late one shifted silently otherwise)
+    theirs, mine = _positional(getattr(spconv, name).__init__), _positional(getattr(ours, name).__init__)
+    assert mine[:len(theirs)] == theirs
+
+
+def test_utility_arguments_in_spconvs_order():
+    from spconv.pytorch import utils as their_utils
+    from spconv.pytorch.hash import HashTable as TheirTable
+    for fn in ("__call__", "generate_voxel_with_id"):
+        theirs = _positional(getattr(their_utils.PointToVoxel, fn))
+        assert _positional(getattr(ours.utils.PointToVoxel, fn))[:len(theirs)] == theirs
+    theirs = _positional(their_utils.gather_features_by_pc_voxel_id)
+    assert _positional(ours.utils.gather_features_by_pc_voxel_id) == theirs
+    for fn in ("insert", "query", "insert_exist_keys", "items"):
+        theirs = _positional(getattr(TheirTable, fn))
+        assert _positional(getattr(ours.hash.HashTable, fn))[:len(theirs)] == theirs
+
+
+@pytest.mark.parametrize("D", [1, 2, 3, 4])
+def test_point_to_voxel_parity_in_1_to_4_dimensions(D):
+    from spconv.pytorch.utils import PointToVoxel as TheirVoxelizer
+    g = torch.Generator().manual_seed(D)
+    pc = torch.cat([torch.rand(400, D, generator=g) * 2.2 - 0.1, torch.randn(400, 2, generator=g)], 1)
+    args = ([0.5, 0.25, 0.5, 1.0][:D], [0] * D + [2] * D, D + 2, 30, 3)
+    v_t, i_t, n_t, id_t = TheirVoxelizer(*args).generate_voxel_with_id(pc, True, False)
+    v_m, i_m, n_m, id_m = ours.utils.PointToVoxel(*args).generate_voxel_with_id(pc, True, False)
+    # the same voxels (spconv's come in hash order, ours sorted), points and per-point voxel ids
+    order = {tuple(r): j for j, r in enumerate(i_t.tolist())}
+    assert sorted(order) == [tuple(r) for r in i_m.tolist()]
+    perm = torch.tensor([order[tuple(r)] for r in i_m.tolist()])
+    assert torch.equal(n_m, n_t[perm]) and torch.equal(v_m, v_t[perm])
+    theirs_as_ours = torch.full((len(i_t),), -1).index_copy_(0, perm, torch.arange(len(i_m)))
+    assert torch.equal(id_m, torch.where(id_t >= 0, theirs_as_ours[id_t.clamp(min=0)], -1))
+
+
+def test_gather_features_by_pc_voxel_id_parity():
+    from spconv.pytorch.utils import gather_features_by_pc_voxel_id as theirs
+    pid = torch.tensor([2, -1, 0, 0, 1])
+    for values in (torch.tensor([9, 3, 7]), torch.arange(12.0).view(3, 4), torch.arange(12.0).view(3, 2, 2)):
+        assert torch.equal(ours.utils.gather_features_by_pc_voxel_id(values, pid, -5), theirs(values, pid, -5))
+
+
+@pytest.mark.parametrize("cls", ["SparseConv3d", "SparseConvTranspose3d", "SparseMaxPool3d"])
+def test_record_voxel_count_checkpoints_load(cls):
+    a, b = _pair(seed=4)
+    make = (lambda m: getattr(m, cls)(2, 2, record_voxel_count=True)) if "Pool" in cls else \
+        (lambda m: getattr(m, cls)(4, 4, 3, 2, record_voxel_count=True))
+    theirs, mine = make(spconv), make(ours)
+    n_out = theirs(b).indices.shape[0]
+    mine.load_state_dict(theirs.state_dict())  # the buffer max_num_voxels_during_training included
+    assert int(mine.get_max_num_voxels()) == n_out == int(theirs.get_max_num_voxels())
+    small = ours.SparseConvTensor(a.features[:5], a.indices[:5], a.spatial_shape, a.batch_size)
+    mine(small)  # fewer sites: the count keeps the maximum
+    assert int(mine.get_max_num_voxels()) == n_out
+    mine.load_state_dict({k: v for k, v in theirs.state_dict().items() if "max_num_voxels" not in k})
+    assert int(mine.get_max_num_voxels()) == 0  # as spconv: a checkpoint without the count loads
+    assert getattr(ours, cls)(*([2] if "Pool" in cls else [4, 4, 3])).get_max_num_voxels() is None

@@ -8,8 +8,8 @@ weights to any order, deterministic. Grouped convolutions, CUDA's torch backend 
 backend run ``apply_kernel_map_ops``: plain differentiable torch ops per offset (index_select,
 matmul, ``_row_sums.add_rows_``: ``index_add_`` on CPU, ``index_put_(accumulate=True)`` on CUDA, deterministic under
 ``torch.use_deterministic_algorithms``), the reference the fast paths are tested against.
-Under ``torch.autocast`` the layers compute in the region's dtype, fp16 or bf16 (spconv always
-casts to fp16), summing over kernel offsets in float32.
+Under ``torch.autocast`` the layers compute float32 features in the region's dtype, fp16 or bf16
+(spconv always casts to fp16), summing over kernel offsets in float32; float64 stays float64.
 
 Weights are ``(out, k0, ..., k_{n-1}, in / groups)`` as in spconv 2.x, so its state_dicts load
 unchanged. A kernel of size 1 follows the dense math (spconv's own 1x1 path multiplies with
@@ -29,7 +29,7 @@ from ._bilinear import bilinear_conv
 from ._implicit_gemm import use_triton
 from ._pair_gemm import accumulation_dtype
 from .kernel_map import KernelMap, build_conv, build_subm, build_transposed, inverse_of
-from .modules import SparseModule
+from .modules import SparseModule, VoxelCountRecorder
 from .tensor import SparseConvTensor, check_layer_input
 
 
@@ -43,11 +43,31 @@ def _tuple(name, v, ndim):
 
 
 def compute_dtype(features: torch.Tensor) -> torch.dtype:
-    """The features' dtype, or autocast's (fp16 or bf16) inside an autocast region of their device."""
+    """The features' dtype, or autocast's (fp16 or bf16) for float32 features inside an autocast
+    region of their device (autocast leaves float64 alone, as torch's own layers do)."""
     dev = features.device.type
-    if torch.is_autocast_enabled(dev) and features.is_floating_point():
+    if torch.is_autocast_enabled(dev) and features.dtype == torch.float32:
         return torch.get_autocast_dtype(dev)
     return features.dtype
+
+
+def check_key_unused(key, cached, subm: bool, kernel_size=None, dilation=None) -> None:
+    """spconv's rules for an ``indice_key`` already in the input's ``indice_dict`` (``cached``: its
+    kernel map): a strided or transposed convolution or a pool needs a key of its own (its map
+    would replace the one an inverse convolution needs); a submanifold convolution shares only a
+    submanifold convolution's key, with the same kernel size and dilation."""
+    if key is None or cached is None:
+        return
+    if not subm:
+        raise ValueError(f"indice_key {key!r} is already in the input's indice_dict: a strided or transposed "
+                         "convolution or a pool needs a key of its own")
+    if not isinstance(cached, KernelMap) or not cached.subm:
+        raise ValueError(f"indice_key {key!r} belongs to a strided or transposed convolution or a pool; a "
+                         "submanifold convolution can only share a submanifold convolution's key")
+    for what, there, here in (("kernel_size", cached.kernel_size, kernel_size), ("dilation", cached.dilation, dilation)):
+        if tuple(there) != tuple(here):
+            raise ValueError(f"submanifold convolutions sharing indice_key {key!r} must have the same {what}: "
+                             f"{list(there)} there, {list(here)} here")
 
 
 def apply_kernel_map(features, weight, kmap: KernelMap, groups: int = 1) -> torch.Tensor:
@@ -103,7 +123,7 @@ _ACTIVATIONS = {
 }
 
 
-class SparseConvolution(SparseModule):
+class SparseConvolution(VoxelCountRecorder, SparseModule):
     """Common base of SubMConvNd and SparseConvNd (spconv's ``SparseConvolution``)."""
 
     def __init__(self, ndim, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1,
@@ -153,6 +173,7 @@ class SparseConvolution(SparseModule):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_channels, *self.kernel_size, in_channels // groups), **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self._init_voxel_count(record_voxel_count and not subm and not inverse, device)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -164,7 +185,9 @@ class SparseConvolution(SparseModule):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _kernel_map(self, x: SparseConvTensor) -> KernelMap:
+    def _kernel_map(self, x: SparseConvTensor, indice_dict: dict | None = None) -> KernelMap:
+        """The kernel map for ``x``: reused or built; a new one goes into ``indice_dict`` (the
+        output's copy of the input's dict, as in spconv; None: kept nowhere) under ``indice_key``."""
         cached = x.find_indice_pair(self.indice_key)
         if self.inverse:
             if not isinstance(cached, KernelMap) or cached.subm:
@@ -177,10 +200,12 @@ class SparseConvolution(SparseModule):
                 raise ValueError(f"the input sites are not the outputs of the convolution with indice_key "
                                  f"{self.indice_key!r}")
             return inverse_of(cached)
+        check_key_unused(self.indice_key, cached, self.subm, self.kernel_size, self.dilation)
         if self.subm:
-            if (isinstance(cached, KernelMap) and cached.subm and cached.kernel_size == self.kernel_size
-                    and cached.dilation == self.dilation and cached.out_indices is x.indices):
+            if cached is not None and cached.out_indices is x.indices:
                 return cached
+            # (the same key on other sites, e.g. a tensor built anew: spconv would reuse the map of
+            # any sites of the same count; we build the right one)
             kmap = build_subm(x.indices, x.spatial_shape, self.kernel_size, self.dilation)
         elif self.transposed:
             kmap = build_transposed(x.indices, x.spatial_shape, self.kernel_size, self.stride, self.padding,
@@ -188,25 +213,29 @@ class SparseConvolution(SparseModule):
         else:
             kmap = build_conv(x.indices, x.spatial_shape, self.kernel_size, self.stride, self.padding,
                               self.dilation)
-        if self.indice_key is not None:
-            x.indice_dict[self.indice_key] = kmap
+        if self.indice_key is not None and indice_dict is not None:
+            indice_dict[self.indice_key] = kmap
         return kmap
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         check_layer_input(x, self.ndim)
         if x.features.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.features.shape[1]} channels, this layer expects {self.in_channels}")
-        kmap = self._kernel_map(x)
+        indice_dict = dict(x.indice_dict)
+        kmap = self._kernel_map(x, indice_dict)
         dtype = compute_dtype(x.features)  # under autocast: fp16 or bf16, as the autocast region asks
         feats = apply_kernel_map(x.features.to(dtype), self.weight.to(dtype), kmap, self.groups)
         if self.bias is not None:
             feats = feats + self.bias.to(feats.dtype)
         feats = _ACTIVATIONS[self.act_type](feats, self.act_alpha)
         if self.subm:
-            return x.replace_feature(feats)
-        out = SparseConvTensor(feats, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
-                               indice_dict=x.indice_dict, benchmark=x.benchmark)
-        return out
+            out = x.replace_feature(feats)
+            out.indice_dict = indice_dict
+            return out
+        if not self.inverse:
+            self._record_voxel_count(kmap.out_indices.shape[0])
+        return SparseConvTensor(feats, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
+                                indice_dict=indice_dict, benchmark=x.benchmark)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={list(self.kernel_size)}, "
@@ -218,14 +247,25 @@ class SparseConvolution(SparseModule):
 def _make(ndim: int, kind: str, name: str):
     flags = {"subm": kind == "submanifold", "transposed": kind == "transposed"}
 
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, indice_key=None, algo=None, fp32_accum=None, record_voxel_count=False,
-                 large_kernel_fast_algo=False, name=None, device=None, dtype=None, output_padding=0):
-        SparseConvolution.__init__(self, ndim, in_channels, out_channels, kernel_size, stride, padding, dilation,
-                                   groups, bias, output_padding=output_padding, indice_key=indice_key, algo=algo,
-                                   fp32_accum=fp32_accum, record_voxel_count=record_voxel_count,
-                                   large_kernel_fast_algo=large_kernel_fast_algo, name=name, device=device,
-                                   dtype=dtype, **flags)
+    # spconv's positional order; its submanifold classes have no record_voxel_count (they keep the
+    # input's sites), so there large_kernel_fast_algo comes right after fp32_accum
+    if flags["subm"]:
+        def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, groups=1,
+                     bias=True, indice_key=None, algo=None, fp32_accum=None, large_kernel_fast_algo=False,
+                     name=None, device=None, dtype=None):
+            SparseConvolution.__init__(self, ndim, in_channels, out_channels, kernel_size, stride, padding,
+                                       dilation, groups, bias, indice_key=indice_key, algo=algo,
+                                       fp32_accum=fp32_accum, large_kernel_fast_algo=large_kernel_fast_algo,
+                                       name=name, device=device, dtype=dtype, **flags)
+    else:
+        def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, groups=1,
+                     bias=True, indice_key=None, algo=None, fp32_accum=None, record_voxel_count=False,
+                     large_kernel_fast_algo=False, name=None, device=None, dtype=None, output_padding=0):
+            SparseConvolution.__init__(self, ndim, in_channels, out_channels, kernel_size, stride, padding,
+                                       dilation, groups, bias, output_padding=output_padding, indice_key=indice_key,
+                                       algo=algo, fp32_accum=fp32_accum, record_voxel_count=record_voxel_count,
+                                       large_kernel_fast_algo=large_kernel_fast_algo, name=name, device=device,
+                                       dtype=dtype, **flags)
 
     return type(name, (SparseConvolution,), {"__init__": __init__, "__doc__": f"{ndim}-D {kind} sparse convolution."})
 

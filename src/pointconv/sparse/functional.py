@@ -11,8 +11,8 @@ from .tensor import SparseConvTensor
 def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
     """Sum over the union of the tensors' sites (a site missing from a tensor adds zero).
 
-    All tensors need the same spatial shape, batch size and channels. Output sites are sorted by
-    (batch, coordinates). Differentiable w.r.t. every tensor's features.
+    All tensors need the same spatial shape, batch size and channels, and no site twice in one
+    tensor (ValueError; spconv would sum such rows). Output sites are sorted by (batch, coordinates). Differentiable w.r.t. every tensor's features.
     """
     if not tensors:
         raise ValueError("sparse_add needs at least one tensor")
@@ -28,6 +28,12 @@ def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
     check_key_space(first.batch_size, first.spatial_shape)  # larger grids: keys would wrap and merge sites
     keys = [linearize(t.indices[:, 0], t.indices[:, 1:], t.spatial_shape) for t in tensors]
     uniq, inverse = torch.unique(torch.cat(keys), sorted=True, return_inverse=True)
+    # a site twice in one tensor would be summed in silently (the layers reject such tensors too)
+    source = torch.cat([torch.full_like(k, i) for i, k in enumerate(keys)])
+    repeats = torch.bincount(inverse * len(tensors) + source, minlength=uniq.numel() * len(tensors)) > 1
+    if bool(repeats.any()):
+        which = int(torch.nonzero(repeats)[0, 0]) % len(tensors)
+        raise ValueError(f"sparse_add: tensor {which} has duplicate sites (the same batch and coordinates twice)")
     feats = torch.cat([t.features for t in tensors])
     out = feats.new_zeros((uniq.shape[0], feats.shape[1]))
     out = add_rows(out, inverse, feats)

@@ -82,13 +82,14 @@ class HashTable:
         return out, ~found
 
     def insert_exist_keys(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Update the keys already in the table; returns which keys were present."""
+        """Update the keys already in the table; returns spconv's ``is_empty``: a uint8 tensor, 1
+        where the key was absent (nothing inserted), 0 where its value was updated."""
         self._check_keys(keys)
         values = self._values_for(keys, values)
         pos, found = self._find(keys)
         self._values = self._values.clone()
         self._values[pos[found]] = values[found]
-        return found
+        return (~found).to(torch.uint8)
 
     def assign_arange_(self) -> int:
         """Values 0, 1, ... in ascending key order; returns the number of keys."""

@@ -26,6 +26,36 @@ class SparseModule(nn.Module):
         self.name = name
 
 
+# spconv's name for the buffer of record_voxel_count (in its checkpoints' state_dicts)
+MAX_NUM_VOXELS = "max_num_voxels_during_training"
+
+
+class VoxelCountRecorder:
+    """spconv's ``record_voxel_count`` for strided / transposed convolutions and pools: the
+    largest number of output sites seen (training and inference), kept in an int32 buffer of
+    spconv's name, so the checkpoints of spconv models built with the flag load unchanged."""
+
+    def _init_voxel_count(self, record: bool, device=None) -> None:
+        self.record_voxel_count = bool(record)
+        if record:
+            self.register_buffer(MAX_NUM_VOXELS, torch.zeros(1, dtype=torch.int32, device=device))
+            self._register_load_state_dict_pre_hook(self._voxel_count_default)
+
+    def _voxel_count_default(self, state_dict, prefix, *args) -> None:
+        # as spconv: a checkpoint saved without the flag loads into a model built with it
+        state_dict.setdefault(prefix + MAX_NUM_VOXELS, torch.zeros(1, dtype=torch.int32))
+
+    def _record_voxel_count(self, n_out: int) -> None:
+        count = getattr(self, MAX_NUM_VOXELS, None)
+        if count is not None:
+            count.clamp_(min=n_out)
+
+    def get_max_num_voxels(self):
+        """The largest number of output sites seen (an int32 ``(1,)`` tensor), or None without
+        ``record_voxel_count``."""
+        return getattr(self, MAX_NUM_VOXELS, None)
+
+
 class SparseSequential(SparseModule):
     def __init__(self, *args, **kwargs):
         super().__init__()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .conv import _tuple
+from .conv import _tuple, check_key_unused
 from .kernel_map import build_conv
-from .modules import SparseModule
+from .modules import SparseModule, VoxelCountRecorder
 from .tensor import SparseConvTensor, check_layer_input, has_duplicate_sites
 
 
@@ -22,11 +22,11 @@ def _check_unique_sites(x: SparseConvTensor) -> None:
         raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
 
 
-class _SparsePool(SparseModule):
+class _SparsePool(VoxelCountRecorder, SparseModule):
     reduce = "amax"
 
-    def __init__(self, ndim, kernel_size, stride=None, padding=0, dilation=1, indice_key=None, subm=False,
-                 algo=None, record_voxel_count=False, name=None):
+    def __init__(self, ndim, kernel_size, stride=None, padding=0, dilation=1, indice_key=None, algo=None,
+                 record_voxel_count=False, name=None):
         super().__init__(name=name)
         self.ndim = ndim
         self.kernel_size = _tuple("kernel_size", kernel_size, ndim)
@@ -35,15 +35,17 @@ class _SparsePool(SparseModule):
         self.dilation = _tuple("dilation", dilation, ndim)
         if any(v < 1 for v in self.kernel_size + self.stride + self.dilation) or any(p < 0 for p in self.padding):
             raise ValueError("kernel_size, stride and dilation must be >= 1 and padding >= 0")
-        if subm:
-            raise ValueError("submanifold pooling is not supported")
-        self.indice_key = indice_key
+        self.indice_key, self.algo = indice_key, algo
+        self._init_voxel_count(record_voxel_count)
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         check_layer_input(x, self.ndim)
+        check_key_unused(self.indice_key, x.find_indice_pair(self.indice_key), subm=False)
         kmap = build_conv(x.indices, x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
+        indice_dict = dict(x.indice_dict)  # the output's copy, as in spconv
         if self.indice_key is not None:
-            x.indice_dict[self.indice_key] = kmap
+            indice_dict[self.indice_key] = kmap
+        self._record_voxel_count(kmap.out_indices.shape[0])
         f = x.features
         n_out, C = kmap.out_indices.shape[0], f.shape[1]
         src = f.index_select(0, kmap.in_rows)
@@ -55,7 +57,7 @@ class _SparsePool(SparseModule):
             count = torch.bincount(kmap.out_rows, minlength=n_out).to(f.dtype)
             out = out / count[:, None]
         return SparseConvTensor(out, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
-                                indice_dict=x.indice_dict, benchmark=x.benchmark)
+                                indice_dict=indice_dict, benchmark=x.benchmark)
 
 
 class _SparseAvgPool(_SparsePool):
@@ -63,10 +65,9 @@ class _SparseAvgPool(_SparsePool):
 
 
 def _pool_class(base, ndim, name):
-    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, indice_key=None, subm=False, algo=None,
-                 record_voxel_count=False, name=None):
-        base.__init__(self, ndim, kernel_size, stride, padding, dilation, indice_key, subm, algo,
-                      record_voxel_count, name)
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, indice_key=None, algo=None,
+                 record_voxel_count=False, name=None):  # spconv's SparseMaxPoolNd arguments, in its order
+        base.__init__(self, ndim, kernel_size, stride, padding, dilation, indice_key, algo, record_voxel_count, name)
 
     kind = "max" if base is _SparsePool else "average"
     return type(name, (base,), {"__init__": __init__, "__doc__": f"{ndim}-D sparse {kind} pooling over active inputs."})

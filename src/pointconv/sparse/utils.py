@@ -5,7 +5,8 @@ the grid has ``round((hi - lo) / vsize)`` voxels per axis. As in spconv, the fir
 ``max_num_voxels`` voxels in order of first appearance are kept and each keeps its first
 ``max_num_points_per_voxel`` points (input order); unlike spconv's hash order, the kept voxels
 come out sorted by their (z, y, x) coordinates, so the output is deterministic. Coordinates are
-returned in ZYX order like spconv.
+returned in ZYX order like spconv; like spconv, 1 to 4 axes (the length of ``vsize_xyz``; the
+coordinates come last axis first).
 """
 from __future__ import annotations
 
@@ -38,13 +39,15 @@ class PointToVoxel:
                  device=torch.device("cpu")):
         vsize = _floats("vsize_xyz", vsize_xyz)
         rng = _floats("coors_range_xyz", coors_range_xyz)
-        if vsize.shape != (3,) or not bool(torch.isfinite(vsize).all() and (vsize > 0).all()):
-            raise ValueError(f"vsize_xyz must be 3 finite positive sizes, got {list(vsize_xyz)}")
-        if rng.shape != (6,) or not bool(torch.isfinite(rng).all() and (rng[3:] > rng[:3]).all()):
-            raise ValueError(f"coors_range_xyz must be finite [x0, y0, z0, x1, y1, z1] with x1 > x0 ..., got "
-                             f"{list(coors_range_xyz)}")
+        D = vsize.shape[0]  # 3 for x, y, z; spconv takes 1 to 4 axes
+        if not 1 <= D <= 4 or not bool(torch.isfinite(vsize).all() and (vsize > 0).all()):
+            raise ValueError(f"vsize_xyz must be 1 to 4 finite positive sizes (x, y, z, ...), got {list(vsize_xyz)}")
+        if rng.shape != (2 * D,) or not bool(torch.isfinite(rng).all() and (rng[D:] > rng[:D]).all()):
+            raise ValueError(f"coors_range_xyz must be {2 * D} finite numbers, the low corner then the high one "
+                             f"([x0, y0, z0, x1, y1, z1] in 3-D, x1 > x0 ...), got {list(coors_range_xyz)}")
+        self.ndim = D
         self.vsize = vsize
-        self.lo, self.hi = rng[:3], rng[3:]
+        self.lo, self.hi = rng[:D], rng[D:]
         grid = torch.round((self.hi - self.lo) / vsize).clamp(min=1)  # xyz, float64: no overflow yet
         # the voxel indices are int32 and a voxel's key, z * gy * gx + y * gx + x, int64
         cells = [int(g) for g in grid.tolist()]
@@ -54,8 +57,9 @@ class PointToVoxel:
                              "in all")
         self.grid_size = grid.long()
         self.num_point_features = _checks.positive_int("num_point_features", num_point_features)
-        if self.num_point_features < 3:
-            raise ValueError(f"num_point_features counts x, y, z and the rest: must be >= 3, got {num_point_features}")
+        if self.num_point_features < D:
+            raise ValueError(f"num_point_features counts the {D} coordinates and the rest: must be >= {D}, got "
+                             f"{num_point_features}")
         self.max_num_voxels = _checks.positive_int("max_num_voxels", max_num_voxels)
         self.max_num_points_per_voxel = _checks.positive_int("max_num_points_per_voxel", max_num_points_per_voxel)
         self.device = torch.device(device)
@@ -65,13 +69,16 @@ class PointToVoxel:
         """Grid size in ZYX order (the ``spatial_shape`` of a SparseConvTensor built from the voxels)."""
         return self.grid_size.flip(0).tolist()
 
-    def __call__(self, pc: torch.Tensor, empty_mean: bool = False):
-        voxels, indices, num_points, _ = self.generate_voxel_with_id(pc, empty_mean)
+    def __call__(self, pc: torch.Tensor, clear_voxels: bool = True, empty_mean: bool = False):
+        voxels, indices, num_points, _ = self.generate_voxel_with_id(pc, clear_voxels, empty_mean)
         return voxels, indices, num_points
 
-    def generate_voxel_with_id(self, pc: torch.Tensor, empty_mean: bool = False):
-        """``(voxels (M, max_pts, F), indices_zyx (M, 3) int32, num_points_per_voxel (M,) int32,
-        pc_voxel_id (N,) int64)``; ``pc_voxel_id`` is -1 for points outside the range or in a dropped voxel."""
+    def generate_voxel_with_id(self, pc: torch.Tensor, clear_voxels: bool = True, empty_mean: bool = False):
+        """``(voxels (M, max_pts, F), indices_zyx (M, ndim) int32, num_points_per_voxel (M,) int32,
+        pc_voxel_id (N,) int64)``; ``pc_voxel_id`` is -1 for points outside the range or in a dropped voxel.
+        Empty slots of ``voxels`` are zero, or the voxel's mean with ``empty_mean``. ``clear_voxels``
+        is spconv's (False skips zeroing the buffer it reuses between calls, leaving old points in
+        the empty slots); the voxels here are a new tensor every call, so it changes nothing."""
         _checks.tensor("pc", pc)
         F = self.num_point_features
         if pc.dim() != 2 or pc.shape[1] != F:
@@ -81,13 +88,16 @@ class PointToVoxel:
         dev = pc.device
         N = pc.shape[0]
         P = self.max_num_points_per_voxel
-        xyz = pc[:, :3].double()
+        D = self.ndim
+        xyz = pc[:, :D].double()
         lo, vsize, grid = self.lo.to(dev), self.vsize.to(dev), self.grid_size.to(dev)
         c = torch.floor((xyz - lo) / vsize)
         # in float64 first: casting a far (or NaN) point's cell to int64 is undefined
         inside = ((c >= 0) & (c < grid)).all(1)
         c = torch.where(inside[:, None], c, 0).long()
-        key = (c[:, 2] * grid[1] + c[:, 1]) * grid[0] + c[:, 0]
+        key = c[:, D - 1]  # the last axis slowest: z * gy * gx + y * gx + x in 3-D
+        for a in range(D - 2, -1, -1):
+            key = key * grid[a] + c[:, a]
         pts = torch.nonzero(inside).flatten()
         uniq, inv = torch.unique(key[pts], sorted=True, return_inverse=True)
         U = uniq.shape[0]
@@ -115,34 +125,41 @@ class PointToVoxel:
             mean = voxels.sum(1) / num_points.clamp(min=1)[:, None].to(pc.dtype)
             empty = torch.arange(P, device=dev)[None, :] >= num_points[:, None]
             voxels = torch.where(empty[..., None], mean[:, None, :], voxels)
-        vox_keys = uniq[kept]
-        gx, gy = grid[0], grid[1]
-        indices = torch.stack([vox_keys // (gx * gy), (vox_keys // gx) % gy, vox_keys % gx], 1).to(torch.int32)
+        rest, coords = uniq[kept], []
+        for a in range(D):
+            coords.append(rest % grid[a])
+            rest = rest // grid[a]
+        indices = torch.stack(coords[::-1], 1).to(torch.int32).reshape(-1, D)  # z, y, x
         return voxels, indices, num_points, pc_voxel_id
 
 
-def gather_features_by_pc_voxel_id(seg_features: torch.Tensor, pc_voxel_id: torch.Tensor,
+def gather_features_by_pc_voxel_id(seg_res_features: torch.Tensor, pc_voxel_id: torch.Tensor,
                                    invalid_value=0) -> torch.Tensor:
-    """Per-point features ``(N, C)``: ``seg_features[pc_voxel_id]``, ``invalid_value`` where the id is -1."""
-    _checks.tensor("seg_features", seg_features)
+    """Per-point values ``(N, *rest)`` from per-voxel ones ``(M, *rest)`` (features ``(M, C)``, labels
+    ``(M,)``, ...): ``seg_res_features[pc_voxel_id]``, ``invalid_value`` where the id is -1 (a number,
+    or a tensor that broadcasts to ``rest``, e.g. one value per channel). As in spconv, the ids move
+    to the features' device."""
+    _checks.tensor("seg_res_features", seg_res_features)
     _checks.index_tensor("pc_voxel_id", pc_voxel_id, 1)
-    if seg_features.dim() != 2:
-        raise ValueError(f"seg_features must have shape (M, C), got shape {tuple(seg_features.shape)}")
-    M = seg_features.shape[0]
+    if seg_res_features.dim() < 1:
+        raise ValueError("seg_res_features must have shape (M, ...) (one row per voxel), got a 0-d tensor")
+    pc_voxel_id = pc_voxel_id.to(seg_res_features.device)
+    M, rest = seg_res_features.shape[0], tuple(seg_res_features.shape[1:])
     if pc_voxel_id.numel() and not (-1 <= int(pc_voxel_id.min()) and int(pc_voxel_id.max()) < M):
         raise ValueError(f"pc_voxel_id must be < {M} (the number of voxels) and >= -1 (-1: no voxel), got values "
                          f"in [{int(pc_voxel_id.min())}, {int(pc_voxel_id.max())}]")
-    shape = (pc_voxel_id.shape[0], seg_features.shape[1])
     if isinstance(invalid_value, torch.Tensor):
-        fits = invalid_value.dim() <= 2 and invalid_value.shape[-1:] in ((), (1,), shape[1:]) \
-            and invalid_value.shape[:-1] in ((), (1,))
+        try:
+            fits = torch.broadcast_shapes(invalid_value.shape, rest) == rest
+        except RuntimeError:
+            fits = False
         if not fits:
-            raise ValueError(f"invalid_value must be a number or a tensor of shape (), (1,) or ({shape[1]},) "
-                             f"(one per channel), got shape {tuple(invalid_value.shape)}")
+            raise ValueError(f"invalid_value must be a number or a tensor that broadcasts to {rest} (a voxel's "
+                             f"values), got shape {tuple(invalid_value.shape)}")
     elif isinstance(invalid_value, bool) or not isinstance(invalid_value, numbers.Real):
         raise TypeError(f"invalid_value must be a number, got {type(invalid_value).__name__}")
-    valid = pc_voxel_id >= 0
-    out = seg_features.index_select(0, pc_voxel_id.clamp(min=0).long()) if seg_features.shape[0] else \
-        seg_features.new_zeros(shape)
-    fill = torch.as_tensor(invalid_value, dtype=seg_features.dtype, device=seg_features.device)
-    return torch.where(valid[:, None], out, fill)
+    valid = (pc_voxel_id >= 0).view(-1, *[1] * len(rest))
+    out = seg_res_features.index_select(0, pc_voxel_id.clamp(min=0).long()) if M else \
+        seg_res_features.new_zeros((pc_voxel_id.shape[0], *rest))
+    fill = torch.as_tensor(invalid_value, dtype=seg_res_features.dtype, device=seg_res_features.device)
+    return torch.where(valid, out, fill)
