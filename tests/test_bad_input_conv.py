@@ -1,6 +1,8 @@
 """Bad and empty inputs of conv (aggregate, adjacency, pointwise_conv, voxelize, devoxelize), nn
 (KNNConv, RadiusConv, EdgeConv, PointwiseConv3d, PointwiseCNN) and gaussian: a clear ValueError /
 TypeError naming the argument, or the right (empty, zero, padded) result, differentiable."""
+import copy
+
 import pytest
 import torch
 
@@ -219,10 +221,56 @@ def test_pointwise_dilation_too_large(dilation):
 
 def test_pointwise_cnn_input_dtype():
     model = pointconv.nn.PointwiseCNN(5)
-    with pytest.raises(TypeError, match="points has dtype torch.float64"):
-        model(torch.rand(1, 20, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="features has dtype torch.float64"):
         model(torch.rand(1, 20, 3), torch.rand(1, 20, 3, dtype=torch.float64))
+    pts = torch.rand(2, 40, 3)
+    # the coordinates as features (the default) take the layer's dtype: float64 points, or a
+    # half-precision network on float32 coordinates (which must stay float32 / float64)
+    torch.testing.assert_close(model(pts.double()), model(pts))
+    for half in (torch.bfloat16, torch.float16):
+        logits = copy.deepcopy(model).to(half)(pts)
+        assert logits.dtype == half
+        torch.testing.assert_close(logits.float(), model(pts), rtol=0.1, atol=0.1)
+    with pytest.raises(ValueError, match="dilations must be a non-empty sequence"):
+        pointconv.nn.PointwiseCNN(5, dilations=())
+    with pytest.raises(ValueError, match="neighbors must hold 4 structures"):
+        model(pts, neighbors=5)
+
+
+def test_pointwise_conv_parameter_dtypes():
+    pts, f = torch.rand(1, 30, 3), torch.rand(1, 30, 2)
+    w, b = torch.rand(3, 2, 3, 3, 3), torch.rand(3)
+    for backend in ("torch", "reference"):  # (the torch path rounded float64 weights to float32)
+        with pointconv.use_backend(backend):
+            with pytest.raises(TypeError, match="weight has dtype torch.float64 but features has dtype torch.float32"):
+                pointconv.pointwise_conv(pts, f, w.double(), 0.2)
+            with pytest.raises(TypeError, match="bias has dtype torch.float64"):
+                pointconv.pointwise_conv(pts, f, w, 0.2, bias=b.double())
+            with pytest.raises(TypeError, match="features has dtype torch.float32 but the layer's parameters are "
+                                                "torch.float64"):
+                pointconv.nn.PointwiseConv3d(2, 3, 0.2).double()(pts, f)
+            with pytest.raises(ValueError, match="features have 3 channels, this layer expects 2"):
+                pointconv.nn.PointwiseConv3d(2, 3, 0.2)(pts, torch.rand(1, 30, 3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_zero_channels_forward_and_backward(backend):
+    g = torch.Generator().manual_seed(0)
+    pts, idx = torch.rand(2, 20, 3, generator=g), torch.randint(-1, 20, (2, 20, 4), generator=g)
+    with pointconv.use_backend(backend):
+        for reduce in ("mean", "max", "sum", "weighted"):
+            v = torch.rand(2, 20, 0, requires_grad=True)
+            w = torch.rand(2, 20, 4) if reduce == "weighted" else None
+            out = pointconv.aggregate(v, idx, reduce, w)
+            assert out.shape == (2, 20, 0) and torch.autograd.grad(out.sum(), v)[0].shape == v.shape
+        for cin, cout in ((0, 3), (2, 0)):
+            f = torch.rand(2, 20, cin, requires_grad=True)
+            w = torch.rand(cout, cin, 3, 3, 3, requires_grad=True)
+            out = pointconv.pointwise_conv(pts, f, w, 0.3)
+            assert out.shape == (2, 20, cout)
+            gf, gw = torch.autograd.grad(out.sum(), (f, w))
+            assert gf.shape == f.shape and gw.shape == w.shape
+            assert bool((gw == 0).all()) and bool((gf == 0).all())  # nothing multiplies anything
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -232,21 +280,30 @@ def test_radius_conv_bad_inputs():
     pts, f = torch.rand(1, 9, 3), torch.rand(1, 9, 4)
     with pytest.raises(ValueError, match="points must have D = 3"):
         conv(torch.rand(1, 9, 2), f)
-    with pytest.raises(TypeError, match="points has dtype torch.float64 but the layer's parameters are torch.float32"):
-        conv(pts.double(), f)
+    with pytest.raises(ValueError, match=r"center_lengths must lie in \[0, 2\]"):
+        conv(pts, f, pts[:, :2], center_lengths=torch.tensor([3]))
     with pytest.raises(TypeError, match="features has dtype torch.float64"):
         conv(pts, f.double())
     with pytest.raises(TypeError, match="centers must be a torch.Tensor"):
         conv(pts, f, [[[0.0, 0, 0]]])
     with pytest.raises(ValueError, match="centers must have D = 3"):
         conv(pts, f, torch.rand(1, 2, 2))
-    with pytest.raises(TypeError, match="centers has dtype torch.float64"):
+    with pytest.raises(TypeError, match="centers has dtype torch.float64 but points has dtype torch.float32"):
         conv(pts, f, torch.rand(1, 2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="centers has batch size 2"):
         conv(pts, f, torch.rand(2, 2, 3))
-    # a float64 layer takes float64 inputs
-    out = conv.double()(pts.double(), f.double(), pts[:, :2].double())
+    # the features take the layer's dtype, the coordinates stay float32 / float64 (the offsets
+    # enter the MLP in the features' dtype): float64 points in a float32 layer, a float64 layer on
+    # float32 points, and a half-precision layer on float32 points (it rejected every input)
+    ref = conv(pts, f, pts[:, :2])
+    torch.testing.assert_close(conv(pts.double(), f, pts[:, :2].double()), ref)
+    out = copy.deepcopy(conv).double()(pts, f.double(), pts[:, :2])
     assert out.dtype == torch.float64 and out.shape == (1, 2, 8)
+    torch.testing.assert_close(out.float(), ref)
+    for half in (torch.bfloat16, torch.float16):
+        out = copy.deepcopy(conv).to(half)(pts, f.to(half), pts[:, :2])
+        assert out.dtype == half
+        torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])

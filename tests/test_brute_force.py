@@ -88,6 +88,20 @@ def test_reduced_precision_matmul_ranks_in_float64(monkeypatch):
     assert dtypes == [torch.float32, torch.float64]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_region_changes_nothing(dtype):
+    # autocast would run the ranking GEMM in fp16 / bf16, outside its error bound: every one of
+    # these clustered clouds got wrong neighbors under bf16 (and EdgeConv under autocast with them)
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(20, 16, generator=g) * 10
+    x = centers[torch.randint(0, 20, (1500,), generator=g)] + torch.randn(1500, 16, generator=g) * 0.05
+    expect = exact_rows_search(x, x, 8, None, True)
+    with torch.autocast("cpu", dtype=dtype):
+        _same(brute_force_search(x, x, 8, None, True), expect)
+        got = pointconv.knn(x[None], x[None], 8, exclude_self=True)
+    assert torch.equal(got.idx[0], expect[1]) and torch.equal(got.dists[0], expect[0])
+
+
 def test_squares_beyond_float64_take_the_literal_method():
     q = torch.tensor([[1e160, 0.0], [0.0, 0.0]], dtype=torch.float64)
     p = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1e160, 0.0]], dtype=torch.float64)

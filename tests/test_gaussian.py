@@ -138,6 +138,51 @@ def test_reduced_precision_matmul_ranks_in_float64(monkeypatch):
     assert ranked == [torch.float32] * 2 + [torch.float64] * 2  # one GEMM per cloud
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_region_changes_nothing(dtype):
+    # autocast would run the selection GEMM and the exponents' products in fp16 / bf16, outside the
+    # certified float32 bound: 7 of these 300 queries got another neighbor under bf16
+    g = torch.Generator().manual_seed(0)
+    q, p, f = torch.rand(1, 300, 3, generator=g), torch.rand(1, 2000, 3, generator=g), torch.randn(1, 2000, 4, generator=g)
+    sigma = torch.rand(1, 2000, 3, generator=g) * 50 + 1
+    R = rotations(1, 2000, g, torch.float32)
+    for backend in ("torch", "reference"):
+        with pointconv.use_backend(backend):
+            expect = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 8)
+            with torch.autocast("cpu", dtype=dtype):
+                got = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 8)
+        for a, b in zip(got, expect):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_feature_dtypes():
+    q, p, f, sigma, R = make(Q=20, P=30)
+    with pytest.raises(TypeError, match="f is float64 but the coordinates are torch.float32"):
+        pointconv.knn_aggregate_aniso(q, p, f.double(), sigma, R, 4)  # (it was rounded to float32)
+    for half in (torch.float16, torch.bfloat16):  # every backend returns f's dtype, summed in float32
+        outs = []
+        for backend in ("torch", "reference"):
+            with pointconv.use_backend(backend):
+                outs.append(pointconv.knn_aggregate_aniso(q, p, f.to(half), sigma, R, 4)[0])
+        assert outs[0].dtype == outs[1].dtype == half
+        torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_zero_feature_channels_forward_and_backward(backend):
+    q, p, f, sigma, R = make(Q=6, P=9, F=0, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (q, p, f, sigma, R)]
+    with pointconv.use_backend(backend):
+        f_out, w, d, _ = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 3)
+    assert f_out.shape == (2, 6, 0)
+    grads = torch.autograd.grad(f_out.sum() + w.sum(), leaves, allow_unused=True, materialize_grads=True)
+    with pointconv.use_backend("reference"):
+        ref = torch.autograd.grad(pointconv.knn_aggregate_aniso(*leaves, 3)[1].sum(), leaves, allow_unused=True,
+                                  materialize_grads=True)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+
+
 def test_clouds_far_from_the_origin():
     q, p, f, sigma, R = make(Q=80, P=70)
     shift = torch.tensor([1000.0, -2000.0, 500.0])
@@ -264,6 +309,7 @@ def test_reference_backend_forced():
     (lambda a: a.update(K=0), ValueError, "K must be >= 1"),
     (lambda a: a.update(select="mahalanobis"), ValueError, "select must be one of"),
     (lambda a: a.update(p_lengths=torch.tensor([50, 1])), ValueError, r"p_lengths must lie in \[0, 40\]"),
+    (lambda a: a.update(K=2**40), ValueError, "K asks for an output"),
 ])
 def test_bad_input(mutate, exc, match):
     q, p, f, sigma, R = make()

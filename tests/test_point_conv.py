@@ -38,6 +38,16 @@ def test_aggregate_gradients_to_second_order(reduce):
     torch.autograd.gradgradcheck(fn, args)
 
 
+def test_max_gradient_reaches_a_real_minus_infinity_after_padding():
+    # padding used to be filled with -inf: it won the tie with a real -inf neighbor and took the
+    # gradient with it, so the slot order changed the gradient
+    v = torch.tensor([[[1.0], [float("-inf")], [2.0]]], requires_grad=True)
+    for row in ([-1, 1], [1, -1], [-1, -1, 1, -1]):
+        out = pointconv.aggregate(v, torch.tensor([[row]]), "max")
+        assert out.item() == float("-inf")
+        assert torch.autograd.grad(out.sum(), v)[0].flatten().tolist() == [0.0, 1.0, 0.0]
+
+
 def test_adjacency_is_the_aggregation():
     values, idx, weights = _inputs(B=2)
     adj = pointconv.adjacency(idx, values.shape[1])
@@ -140,7 +150,8 @@ def test_edge_conv_on_half_precision_features():
     (lambda v, i, w: pointconv.aggregate(v, i, "weighted"), ValueError, "weights are required"),
     (lambda v, i, w: pointconv.aggregate(v, i.clamp(max=3) + 9, "sum"), ValueError, r"idx must lie in"),
     (lambda v, i, w: pointconv.aggregate(v, i, "weighted", w[..., :2]), ValueError, "weights must have the shape"),
-    (lambda v, i, w: pointconv.aggregate(v[0], i, "sum"), ValueError, "values must be a floating-point"),
+    (lambda v, i, w: pointconv.aggregate(v[0], i, "sum"), ValueError, r"values must have shape \(B, P, C\)"),
+    (lambda v, i, w: pointconv.aggregate(v.long(), i, "sum"), TypeError, "values must be a floating-point tensor"),
     (lambda v, i, w: pointconv.adjacency(i, 3), ValueError, r"idx must lie in \[-1, 2\]"),
     (lambda v, i, w: pointconv.adjacency(i, 9, normalize="col"), ValueError, "normalize must be"),
     (lambda v, i, w: pointconv.nn.KNNConv(3, 4, 0), ValueError, "k must be >= 1"),

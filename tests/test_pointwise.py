@@ -94,6 +94,14 @@ def test_half_precision_features_are_computed_in_float32(dtype):
     # the float32 result rounded once: within half an ulp of ``dtype`` (plus float32 noise), which
     # a product computed in ``dtype`` itself misses
     torch.testing.assert_close(out.float(), expected, rtol=torch.finfo(dtype).eps / 2 + 1e-6, atol=1e-6)
+    # float32 parameters with a bias: the result stays in the features' dtype on every backend
+    bias = torch.randn(5, generator=g)
+    outs = []
+    for backend in ("torch", "reference"):
+        with pointconv.use_backend(backend):
+            outs.append(pointconv.pointwise_conv(pts, feats, weight, 0.2, 2, bias=bias))
+    assert outs[0].dtype == outs[1].dtype == dtype
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=torch.finfo(dtype).eps, atol=1e-6)
 
 
 def test_module_shares_one_neighbor_structure():

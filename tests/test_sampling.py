@@ -103,3 +103,16 @@ def test_fps_cpu_path_equals_the_torch_reference(kind, dtype, D):
         ours = _fps_numpy(x, n, lengths, start)
         assert torch.equal(ours, _fps_torch(x, n, lengths, start))
     assert torch.equal(pointconv.farthest_point_sample(x, 64, lengths=lengths), _fps_torch(x, 64, lengths, torch.zeros(3, dtype=torch.long)))
+
+
+def test_grid_voxel_size_beyond_float32_is_not_rounded_to_0_or_inf():
+    # a float32 division rounded voxel_size to float32 first: 1e-50 became 0 (every point NaN or
+    # inf, one voxel), 1e39 became inf (-1 / inf = -0: voxel 0 instead of -1)
+    pts = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]])
+    for dtype in (torch.float32, torch.float64):
+        with pytest.raises(ValueError, match="voxel_size 1e-50 is too small"):
+            pointconv.grid_subsample(pts.to(dtype), 1e-50)
+        two = torch.tensor([[[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]], dtype=dtype)
+        for fn in (pointconv.grid_subsample, grid_subsample_reference):
+            out = fn(two, 1e39)
+            assert out.lengths.tolist() == [2] and torch.equal(out.points, two)

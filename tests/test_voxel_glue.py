@@ -32,6 +32,22 @@ def test_voxelize_matches_a_dictionary(reduce):
     assert keys[int(pv[0, 5])] == (0, *torch.floor((pts[0, 5] - origin) / 0.5).long().tolist())
 
 
+def test_default_origin_never_overshoots_the_points():
+    # floor(lo / voxel_size) * voxel_size can round above lo (0.9 / 0.1 in float32; 300 of the
+    # first 4,000 multiples of 0.1 here): the default origin must keep every coordinate >= 0
+    for dtype in (torch.float32, torch.float64):
+        lo = torch.arange(1, 4001, dtype=dtype) * 0.1
+        for chunk in lo.split(500):
+            pts = torch.stack([chunk, torch.full_like(chunk, 0.5), chunk + 1], -1)[:, None, :]  # one cloud each
+            pts = torch.cat([pts, pts + torch.tensor([1.0, 1.0, 2.0], dtype=dtype)], 1)
+            x, pv = pointconv.voxelize(pts, torch.ones(*pts.shape[:2], 1, dtype=dtype), 0.1)
+            assert bool((x.indices[:, 1:] >= 0).all()) and bool((pv >= 0).all())
+            assert bool((x.voxel_origin <= pts.amin((0, 1))).all())
+    one = torch.tensor([[[0.9999999999999999, 0.0, 0.0]]], dtype=torch.float64)
+    x, _ = pointconv.voxelize(one, torch.ones(1, 1, 1, dtype=torch.float64), 1 / 3)
+    assert x.indices.tolist() == [[0, 0, 0, 0]]
+
+
 def test_devoxelize_nearest_round_trip():
     pts, feats = _cloud(seed=1)
     x, pv = pointconv.voxelize(pts, feats, 0.3)

@@ -5,7 +5,9 @@ bound on float32 rounding. ``torch.set_float32_matmul_precision("high")``,
 ``torch.backends.cuda.matmul.allow_tf32 = True`` and their newer ``fp32_precision`` forms let
 float32 products use TF32 on CUDA (10-bit mantissa) or bf16 / TF32 through oneDNN on CPU: a
 bound written for float32 would then certify wrong answers. Where this says no, the callers
-compute the product in float64, which has no reduced-precision mode.
+compute the product in float64, which has no reduced-precision mode. An autocast region would
+run a float32 product in fp16 / bf16 whatever these settings say: ``no_autocast`` turns it off
+around the products that a bound covers.
 """
 from __future__ import annotations
 
@@ -33,3 +35,8 @@ def ieee_float32_matmul(device: torch.device) -> bool:
     if device.type == "cuda":
         return not torch.backends.cuda.matmul.allow_tf32
     return torch.get_float32_matmul_precision() == "highest"
+
+
+def no_autocast(device: torch.device):
+    """A context without autocast on ``device``: float32 products inside stay float32."""
+    return torch.autocast(device.type, enabled=False)

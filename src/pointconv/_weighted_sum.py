@@ -53,7 +53,7 @@ def _scatter_sum(w, g, idx, num_rows):
         ii = idx[s:s + step]
         contrib = (w[s:s + step] * (ii >= 0).to(w.dtype)).unsqueeze(-1) * g[s:s + step].unsqueeze(1)
         flat = ii.clamp(min=0).reshape(-1)
-        contrib = contrib.reshape(-1, g.shape[1])
+        contrib = contrib.flatten(0, 1)  # (not reshape(-1, C): ambiguous for C = 0)
         add_rows_(out, flat, contrib)
     return out
 

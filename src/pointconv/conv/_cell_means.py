@@ -124,7 +124,7 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 def _swap_channels(w: torch.Tensor, cin: int) -> torch.Tensor:
     """``(27 C_in, C_out)`` -> ``(27 C_out, C_in)``: the adjoint's weight, channels swapped per cell."""
-    return w.reshape(27, cin, -1).transpose(1, 2).reshape(-1, cin)
+    return w.reshape(27, cin, w.shape[1]).transpose(1, 2).reshape(27 * w.shape[1], cin)
 
 
 def _use_triton(x: torch.Tensor, *channels: int) -> bool:

@@ -19,8 +19,10 @@ REDUCE = ("mean", "max", "sum", "weighted")
 
 def _check(values, idx, reduce, weights):
     _checks.tensor("values", values)
-    if not values.is_floating_point() or values.dim() != 3:
-        raise ValueError(f"values must be a floating-point (B, P, C) tensor, got {values.dtype} {tuple(values.shape)}")
+    if not values.is_floating_point():
+        raise TypeError(f"values must be a floating-point tensor, got dtype {values.dtype}")
+    if values.dim() != 3:
+        raise ValueError(f"values must have shape (B, P, C), got shape {tuple(values.shape)}")
     _checks.index_tensor("idx", idx, 3)
     _checks.same_device(values=values, idx=idx)
     if idx.shape[0] != values.shape[0]:
@@ -62,8 +64,11 @@ def aggregate(values: torch.Tensor, idx: torch.Tensor, reduce: str = "mean", wei
     idx = idx.long()
     valid = idx >= 0
     if reduce == "max":
-        nbr = gather(values, idx).masked_fill(~valid[..., None], float("-inf"))
-        out = nbr.max(dim=2).values
+        # padded slots repeat the row's first valid neighbor: they never change the max, and where
+        # one wins a tie (a real -inf, say) its gradient still reaches that neighbor (a -inf fill
+        # would win such a tie and drop the gradient)
+        first = torch.gather(idx, 2, valid.to(torch.uint8).argmax(2, keepdim=True))
+        out = gather(values, torch.where(valid, idx, first.clamp(min=0))).max(dim=2).values
         return torch.where(valid.any(-1, keepdim=True), out, torch.zeros_like(out))
     if reduce == "weighted":
         # where, not a product with the mask: a padded slot's NaN / Inf weight must add nothing

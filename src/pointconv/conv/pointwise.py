@@ -163,7 +163,12 @@ def _check(points, features, cell_size, dilation, lengths):
     return cell_size, dilation, lengths
 
 
-def _check_weight(weight, cin, bias=None):
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision features, else their own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_weight(weight, cin, bias=None, features=None):
     _checks.tensor("weight", weight)
     if not weight.is_floating_point():
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
@@ -175,6 +180,14 @@ def _check_weight(weight, cin, bias=None):
             raise TypeError(f"bias must be floating point, got {bias.dtype}")
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    # the parameters in the features' dtype, or in float32 for fp16 / bf16 features (computed in
+    # float32): never rounded to another dtype (autocast casts them itself)
+    if features is not None and not torch.is_autocast_enabled(features.device.type):
+        allowed = {features.dtype, _compute_dtype(features.dtype)}
+        for name, t in (("weight", weight), ("bias", bias)):
+            if isinstance(t, torch.Tensor) and t.dtype not in allowed:
+                raise TypeError(f"{name} has dtype {t.dtype} but features has dtype {features.dtype}: they must "
+                                "match (or be float32 for float16 / bfloat16 features)")
 
 
 def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
@@ -256,7 +269,7 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
     """
     cell_size, dilation, lengths = _check(points, features, cell_size, dilation, lengths)
     B, N, cin = features.shape
-    _check_weight(weight, cin, bias)
+    _check_weight(weight, cin, bias, features)
     if neighbors is not None:
         if not isinstance(neighbors, PointwiseNeighbors):
             raise TypeError(f"neighbors must be a PointwiseNeighbors (pointwise_neighbors), got {type(neighbors).__name__}")
@@ -273,7 +286,7 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
         neighbors = pointwise_neighbors(points, cell_size, dilation, lengths=lengths)
     # the per-(point, cell) means times the weights as one (27 C_in, C_out) matrix, in row blocks;
     # half-precision features are computed in float32
-    dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
+    dtype = _compute_dtype(features.dtype)
     f = features.reshape(B * N, cin).to(dtype)
     W = weight_matrix(weight.to(dtype))
     groups = neighbors.groups
@@ -281,11 +294,10 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
         out = pointwise_linear(f, W, neighbors)
     else:  # the group sums in, each point's group out
         out = pointwise_linear(groups.sums(f), W, neighbors).index_select(0, groups.of_row)
-    out = out.to(features.dtype)
     if bias is not None:
-        out = out + bias
+        out = out + bias.to(dtype)
     valid = (torch.arange(N, device=points.device)[None, :] < lengths[:, None]).reshape(-1, 1)
-    return (out * valid.to(out.dtype)).reshape(B, N, -1)
+    return (out * valid.to(out.dtype)).to(features.dtype).reshape(B, N, -1)
 
 
 def pointwise_conv_reference(points, features, weight, cell_size, dilation=1, *, lengths=None, bias=None):
@@ -297,14 +309,15 @@ def pointwise_conv_reference(points, features, weight, cell_size, dilation=1, *,
     cell = cell_of(u[:, :, None, :], u[:, None, :, :], dilation)  # (B, N, N)
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
     cell = torch.where(valid[:, :, None] & valid[:, None, :], cell, -1)
-    member = (cell[..., None] == torch.arange(27, device=points.device)).to(features.dtype)  # (B, i, j, 27)
+    dtype = _compute_dtype(features.dtype)
+    member = (cell[..., None] == torch.arange(27, device=points.device)).to(dtype)  # (B, i, j, 27)
     count = member.sum(2)  # (B, i, 27)
-    means = torch.einsum("bijc,bjf->bicf", member, features) / count.clamp(min=1)[..., None]
-    W = weight.reshape(weight.shape[0], cin, 27)
+    means = torch.einsum("bijc,bjf->bicf", member, features.to(dtype)) / count.clamp(min=1)[..., None]
+    W = weight.to(dtype).reshape(weight.shape[0], cin, 27)
     out = torch.einsum("bicf,ofc->bio", means, W)
     if bias is not None:
-        out = out + bias
-    return out * valid[..., None].to(out.dtype)
+        out = out + bias.to(dtype)
+    return (out * valid[..., None].to(out.dtype)).to(features.dtype)
 
 
 def pointwise_reference_loops(points, features, weight, cell_size, dilation=1):

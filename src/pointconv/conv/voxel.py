@@ -27,7 +27,10 @@ def _origin(points, valid, voxel_size, origin):
     if not bool(valid.any()):
         return points.new_zeros(points.shape[-1])
     lo = torch.where(valid[..., None], points, torch.full_like(points, float("inf"))).amin((0, 1))
-    return torch.floor(lo / voxel_size) * voxel_size
+    o = torch.floor(lo / voxel_size) * voxel_size
+    # lo / voxel_size can round up to a whole number (0.9 / 0.1 in float32), putting the origin just
+    # above lo: one voxel lower then, so that floor((lo - o) / voxel_size) >= 0 as computed later
+    return torch.where(torch.floor((lo - o) / voxel_size) < 0, o - voxel_size, o)
 
 
 def voxelize(points, features, voxel_size, *, lengths=None, origin=None, reduce="mean"):
@@ -42,13 +45,16 @@ def voxelize(points, features, voxel_size, *, lengths=None, origin=None, reduce=
         ``(tensor, point_voxel)``: a ``pointconv.sparse.SparseConvTensor`` (int32 sites
         ``[b, cx, cy, cz]``, sorted) and ``point_voxel (B, N)`` int64, each point's row in
         ``tensor.features`` (-1 for padded points). Differentiable w.r.t. features (to any order
-        for mean and sum; max sends the gradient to the arg-max).
+        for mean and sum; max sends the gradient to the arg-max, split evenly
+        between exact ties, as the sparse max pool does).
     """
     _checks.coords("points", points, ndim=3, dim=3)
     _checks.tensor("features", features)
-    if features.dim() != 3 or features.shape[:2] != points.shape[:2] or not features.is_floating_point():
-        raise ValueError(f"features must be a floating-point ({points.shape[0]}, {points.shape[1]}, C) tensor, "
-                         f"got {features.dtype} {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got dtype {features.dtype}")
+    if features.dim() != 3 or features.shape[:2] != points.shape[:2]:
+        raise ValueError(f"features must have shape ({points.shape[0]}, {points.shape[1]}, C), got shape "
+                         f"{tuple(features.shape)}")
     voxel_size = _checks.positive_float("voxel_size", voxel_size)
     if reduce not in ("mean", "sum", "max"):
         raise ValueError(f"reduce must be 'mean', 'sum' or 'max', got {reduce!r}")

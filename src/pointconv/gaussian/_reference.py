@@ -32,7 +32,7 @@ def knn_aggregate_aniso_reference(q, p, f, sigma, R, K, *, p_lengths=None, selec
     w = torch.where(valid, torch.exp(-m), torch.zeros_like(m))
     dists = torch.where(valid, key_sel, torch.full_like(key_sel, float("inf")))
     f_nbr = f[torch.arange(B, device=q.device)[:, None, None], safe]  # (B, Q, K, F)
-    f_out = (w[..., None] * f_nbr).sum(2)
+    f_out = (w[..., None] * f_nbr).sum(2).to(f.dtype)  # fp16 / bf16 features: summed in w's dtype
     return f_out, w, dists, idx
 
 

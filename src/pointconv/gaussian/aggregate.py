@@ -22,6 +22,7 @@ import torch
 
 from .. import _checks
 from .._backend import backend_for
+from .._matmul_precision import no_autocast
 from .._weighted_sum import gather_sum
 from ..neighbors import gather, knn
 from ..conv._inputs import zeros_like_graph
@@ -48,6 +49,10 @@ def _check(q, p, f, sigma, R, K, p_lengths, select, sigma_last):
     _checks.tensor("f", f)
     if not f.is_floating_point():
         raise TypeError(f"f must be a floating-point tensor, got dtype {f.dtype}")
+    if f.dtype == torch.float64 and p.dtype != torch.float64:
+        # the weights and sums run in the coordinates' precision: float64 features would be rounded
+        raise TypeError(f"f is float64 but the coordinates are {p.dtype}: pass float64 q, p, sigma and R "
+                        "(or float16 / bfloat16 / float32 features)")
     if f.dim() != 3 or f.shape[:2] != (B, P):
         raise ValueError(f"f must have shape ({B}, {P}, F), got shape {tuple(f.shape)}")
     _checks.tensor("sigma", sigma)
@@ -68,6 +73,7 @@ def _check(q, p, f, sigma, R, K, p_lengths, select, sigma_last):
         if R.numel() and not bool(torch.isfinite(R).all()):
             raise ValueError("R contains NaN or Inf")
     K = _checks.positive_int("K", K)
+    _checks.output_size("K", B, q.shape[1], K)
     if select not in _SELECT:
         raise ValueError(f"select must be one of {_SELECT}, got {select!r}")
     p_lengths = _checks.lengths("p_lengths", p_lengths, B, P, p.device)
@@ -126,7 +132,8 @@ def knn_aggregate_aniso(q, p, f, sigma, R, K, *, p_lengths=None, select="aniso")
 
     Args:
         q: ``(B, Q, 3)`` query points; p: ``(B, P, 3)`` feature points (float32/float64).
-        f: ``(B, P, F)`` features (any float dtype; fp16/bf16 accumulate in the coordinates' dtype).
+        f: ``(B, P, F)`` features (fp16/bf16 accumulate in the coordinates' dtype; float64 needs
+           float64 coordinates). Runs in these dtypes inside ``torch.autocast`` regions too.
         sigma: ``(B, P, 3)`` per-axis precisions (> 0); R: ``(B, P, 3, 3)``, applied as ``u = R (q - p)``.
         K: neighbors per query. p_lengths: optional ``(B,)`` valid lengths of ``p``.
         select: ``"aniso"`` (K smallest m) or ``"euclidean"`` (K nearest points).
@@ -142,9 +149,10 @@ def knn_aggregate_aniso(q, p, f, sigma, R, K, *, p_lengths=None, select="aniso")
     K, p_lengths = _check(q, p, f, sigma, R, K, p_lengths, select, 3)
     if p.shape[1] == 0:
         return _empty(q, p, f, sigma, R, K)
-    if backend_for(q.device) == "reference":
-        return knn_aggregate_aniso_reference(q, p, f, sigma, R, K, p_lengths=p_lengths, select=select)
-    return _aggregate(q, p, f, sigma, R, K, p_lengths, select)
+    with no_autocast(q.device):  # float32 / float64 math (half features accumulate in it), as documented
+        if backend_for(q.device) == "reference":
+            return knn_aggregate_aniso_reference(q, p, f, sigma, R, K, p_lengths=p_lengths, select=select)
+        return _aggregate(q, p, f, sigma, R, K, p_lengths, select)
 
 
 def knn_aggregate_iso(q, p, f, sigma, K, *, p_lengths=None, select="aniso"):
@@ -155,6 +163,7 @@ def knn_aggregate_iso(q, p, f, sigma, K, *, p_lengths=None, select="aniso"):
         return _empty(q, p, f, sigma, None, K)
     eye = torch.eye(3, dtype=p.dtype, device=p.device).expand(B, P, 3, 3)
     sigma3 = sigma.expand(B, P, 3)
-    if backend_for(q.device) == "reference":
-        return knn_aggregate_aniso_reference(q, p, f, sigma3, eye, K, p_lengths=p_lengths, select=select)
-    return _aggregate(q, p, f, sigma3, eye, K, p_lengths, select)
+    with no_autocast(q.device):
+        if backend_for(q.device) == "reference":
+            return knn_aggregate_aniso_reference(q, p, f, sigma3, eye, K, p_lengths=p_lengths, select=select)
+        return _aggregate(q, p, f, sigma3, eye, K, p_lengths, select)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .._backend import backend_for
-from .._matmul_precision import ieee_float32_matmul
+from .._matmul_precision import ieee_float32_matmul, no_autocast
 from ..neighbors._cpu import build_tree
 from ._exponent import exponent_bounds, gaussian_exponent
 
@@ -197,21 +197,24 @@ def _select_tree(q, p, sigma, R, K, bound, spread):
 @torch.no_grad()
 def select_aniso(q, p, sigma, R, K, p_lengths):
     """Indices ``(B, Q, K)`` of the K smallest exponents (ties to the lower index), -1 padded."""
-    B, Q, _ = q.shape
-    backend = backend_for(q.device)
-    if backend == "triton" and q.dtype == torch.float32:
-        from ..kernels.gaussian import select_aniso as select_triton
+    # the GEMM's bound and the exact formula are float32's / float64's: an autocast region
+    # would run their products in fp16 / bf16
+    with no_autocast(q.device):
+        B, Q, _ = q.shape
+        backend = backend_for(q.device)
+        if backend == "triton" and q.dtype == torch.float32:
+            from ..kernels.gaussian import select_aniso as select_triton
 
-        return select_triton(q, p, sigma, R, K, p_lengths)
-    idx = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
-    use_tree = backend == "torch" and q.device.type == "cpu"
-    for b, n in enumerate(p_lengths.tolist()):
-        if n == 0 or Q == 0:
-            continue
-        qb, pb, sb, Rb = q[b], p[b, :n], sigma[b, :n], R[b, :n]
-        bound, spread = exponent_bounds(sb, Rb) if use_tree and n > _GEMM_MAX_POINTS else (0.0, math.inf)
-        if bound > 0 and math.isfinite(bound):
-            idx[b] = _select_tree(qb, pb, sb, Rb, K, bound, spread)
-        else:
-            idx[b] = _select_gemm(qb, pb, sb, Rb, K)
-    return idx
+            return select_triton(q, p, sigma, R, K, p_lengths)
+        idx = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
+        use_tree = backend == "torch" and q.device.type == "cpu"
+        for b, n in enumerate(p_lengths.tolist()):
+            if n == 0 or Q == 0:
+                continue
+            qb, pb, sb, Rb = q[b], p[b, :n], sigma[b, :n], R[b, :n]
+            bound, spread = exponent_bounds(sb, Rb) if use_tree and n > _GEMM_MAX_POINTS else (0.0, math.inf)
+            if bound > 0 and math.isfinite(bound):
+                idx[b] = _select_tree(qb, pb, sb, Rb, K, bound, spread)
+            else:
+                idx[b] = _select_gemm(qb, pb, sb, Rb, K)
+        return idx

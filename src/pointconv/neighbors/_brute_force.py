@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .._matmul_precision import ieee_float32_matmul
+from .._matmul_precision import ieee_float32_matmul, no_autocast
 from ._distance import sq_dist, sq_dist_gathered
 from ._select import mask_candidates, select_sorted
 
@@ -107,7 +107,8 @@ def brute_force_search(q, p, k, radius2, exclude_self, row_ids=None):
         unfinished, ready, ready_size = [], [], 0
         for s in range(0, pending.numel(), chunk):
             rows = pending[s:s + chunk]
-            approx = q_rows[rows] @ p_rows.t()
+            with no_autocast(q.device):  # the error bound is float32's (or float64's)
+                approx = q_rows[rows] @ p_rows.t()
             if exclude_self:
                 own = rows_all[rows]
                 inside = torch.nonzero((own >= 0) & (own < n)).flatten()

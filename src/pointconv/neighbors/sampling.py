@@ -135,7 +135,7 @@ def grid_subsample_reference(points, voxel_size, lengths=None) -> GridSubsample:
     for b in range(B):
         cells = {}
         for j in range(lengths[b]):
-            key = tuple(torch.floor(points[b, j] / voxel_size).long().tolist())
+            key = tuple(torch.floor(points[b, j].double() / voxel_size).long().tolist())
             cells.setdefault(key, []).append(points[b, j])
         clouds.append([torch.stack(cells[c]).mean(0) for c in sorted(cells)])
     m = max([len(c) for c in clouds], default=0)
@@ -149,8 +149,8 @@ def grid_subsample_reference(points, voxel_size, lengths=None) -> GridSubsample:
 def grid_subsample(points: torch.Tensor, voxel_size: float, *, lengths=None) -> GridSubsample:
     """Replace the points of each occupied voxel by their mean.
 
-    Voxel ``v`` of a point ``x`` is ``floor(x / voxel_size)`` (a grid anchored at the origin, the
-    same for every cloud). Returns ``GridSubsample(points (B, M, D), lengths (B,))`` with the voxels
+    Voxel ``v`` of a point ``x`` is ``floor(x / voxel_size)``, the quotient in float64 (a grid
+    anchored at the origin, the same for every cloud). Returns ``GridSubsample(points (B, M, D), lengths (B,))`` with the voxels
     of each cloud sorted by their integer coordinates; deterministic, and differentiable w.r.t.
     ``points``.
     """
@@ -164,7 +164,9 @@ def grid_subsample(points: torch.Tensor, voxel_size: float, *, lengths=None) -> 
     valid = torch.arange(N, device=dev)[None, :] < lengths[:, None]
     bid, pid = torch.nonzero(valid, as_tuple=True)
     x = points[bid, pid]
-    vox = torch.floor(x.detach() / voxel_size)
+    # in float64: a float32 division would first round voxel_size itself to float32 (1e-50 to 0,
+    # 1e39 to inf), merging every point into one voxel
+    vox = torch.floor(x.detach().double() / voxel_size)
     if vox.numel() and float(vox.abs().amax()) >= 2.0**61:  # int64 voxel keys, and their spans
         raise ValueError(f"voxel_size {voxel_size} is too small for these coordinates: |x| / voxel_size "
                          "must stay below 2^61")

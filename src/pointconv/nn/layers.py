@@ -84,24 +84,25 @@ class RadiusConv(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, points, features, centers=None, lengths=None, center_lengths=None):
-        """``points (B, N, 3)``, ``features (B, N, C)``, ``centers (B, M, 3)`` (default: the points),
-        all in the layer's dtype (the offsets ``p_j - p_i`` enter its MLP) -> ``(B, M, mlp_channels[-1])``."""
+        """``points (B, N, 3)`` and ``centers (B, M, 3)`` (default: the points) float32 / float64
+        coordinates, ``features (B, N, C)`` in the layer's dtype -> ``(B, M, mlp_channels[-1])``;
+        the offsets ``p_j - p_i`` enter the MLP in the features' dtype."""
         lengths = _check_cloud(points, features, lengths, self.in_channels, dim=3)
-        dtype = self.mlp[0].weight.dtype
-        layer_dtype("points", points, dtype)
-        layer_dtype("features", features, dtype)
+        layer_dtype("features", features, self.mlp[0].weight.dtype)
         if centers is None:
-            centers, center_lengths = points, lengths if center_lengths is None else center_lengths
+            centers = points
+            center_lengths = lengths if center_lengths is None else center_lengths
         else:
             _checks.coords("centers", centers, ndim=3, dim=3)
             _checks.same_device(points=points, centers=centers)
-            layer_dtype("centers", centers, dtype)
+            _checks.same_dtype(points=points, centers=centers)
             if centers.shape[0] != points.shape[0]:
                 raise ValueError(f"centers has batch size {centers.shape[0]} but points has {points.shape[0]}")
+        center_lengths = _checks.lengths("center_lengths", center_lengths, *centers.shape[:2], centers.device)
         res = ball_query(centers.detach(), points.detach(), self.radius, self.k, query_lengths=center_lengths,
                          points_lengths=lengths)
         valid = res.idx >= 0
-        rel = gather(points, res.idx) - centers[:, :, None, :]
+        rel = (gather(points, res.idx) - centers[:, :, None, :]).to(features.dtype)
         x = torch.cat([gather(features, res.idx), rel], -1)
         return _masked_reduce(self.mlp(x), valid, self.reduce)
 
@@ -126,6 +127,8 @@ class PointwiseConv3d(nn.Module):
     def forward(self, points, features, lengths=None, neighbors=None):
         """``points (B, N, 3)``, ``features (B, N, C_in)`` -> ``(B, N, C_out)``; pass ``neighbors``
         (``pointconv.conv.pointwise_neighbors``) to share one neighbor structure between layers."""
+        _check_cloud(points, features, lengths, self.in_channels, dim=3)
+        layer_dtype("features", features, self.weight.dtype)
         return pointwise_conv(points, features, self.weight, self.cell_size, self.dilation, lengths=lengths,
                               bias=self.bias, neighbors=neighbors)
 

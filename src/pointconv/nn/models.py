@@ -29,6 +29,8 @@ class PointwiseCNN(nn.Module):
         self.num_classes = _checks.positive_int("num_classes", num_classes)
         self.in_channels = _checks.positive_int("in_channels", in_channels)
         self.convs = nn.ModuleList()
+        if isinstance(dilations, int) or len(dilations) == 0:
+            raise ValueError(f"dilations must be a non-empty sequence (one convolution each), got {dilations!r}")
         cin = in_channels
         for d in dilations:
             self.convs.append(PointwiseConv3d(cin, channels, cell_size, dilation=d))
@@ -48,13 +50,14 @@ class PointwiseCNN(nn.Module):
         return out
 
     def forward(self, points, features=None, lengths=None, neighbors=None):
-        x = points if features is None else features
+        dtype = self.head[0].weight.dtype
+        x = points.to(dtype) if features is None else features  # the coordinates as features: the layer's dtype
         lengths = _check_cloud(points, x, lengths, self.in_channels)
-        layer_dtype("points" if features is None else "features", x, self.head[0].weight.dtype)
+        layer_dtype("features", x, dtype)
         N = points.shape[1]
         if neighbors is None:
             neighbors = self.neighbors(points, lengths)
-        if len(neighbors) != len(self.convs):
+        if not isinstance(neighbors, (list, tuple)) or len(neighbors) != len(self.convs):
             raise ValueError(f"neighbors must hold {len(self.convs)} structures, one per convolution")
         outs = []
         for conv, nbrs in zip(self.convs, neighbors):
