@@ -130,10 +130,10 @@ def test_fused_gaussian_forward_without_gradients(K, F, fdtype):
     q, p, f, sigma, R = (t.to(DEV) for t in make(Q=37, P=50, F=F, seed=K))
     lengths = torch.tensor([50, 9], device=DEV)
     with pointconv.use_backend("triton"), torch.no_grad():
-        assert gaussian_aggregate._fused_forward(q, p, f, sigma, R, "aniso")
+        assert gaussian_aggregate._fused_forward(q, p, f, sigma, R, K, "aniso")
         out = pointconv.knn_aggregate_aniso(q, p, f.to(fdtype), sigma, R, K, p_lengths=lengths)
     with pointconv.use_backend("triton"):
-        assert not gaussian_aggregate._fused_forward(q, p, f.requires_grad_(), sigma, R, "aniso")
+        assert not gaussian_aggregate._fused_forward(q, p, f.requires_grad_(), sigma, R, K, "aniso")
     ref = knn_aggregate_aniso_reference(q, p, f.detach().to(fdtype), sigma, R, K, p_lengths=lengths)
     assert out[0].dtype == fdtype
     for a, b in zip(out[1:], ref[1:]):  # weights, exponents, indices: bitwise
@@ -188,3 +188,72 @@ def test_pointwise_conv_on_the_triton_backend_to_second_order(repeated, monkeypa
     for a, b, r in zip(ours, again, derivatives(pointwise_conv_reference)):
         assert torch.equal(a, b)  # no atomics: the same bits on every run
         torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3)  # float32, second derivatives in the hundreds
+
+
+def test_k_past_the_register_top_k_takes_the_torch_path():
+    # a (BQ, 2 k) merge tile past 2^20 elements failed in Triton (k = 32,769 here); above
+    # TRITON_MAX_K the search and the Gaussian selection run on the torch path of the same device
+    from pointconv._backend import TRITON_MAX_K
+    from test_gaussian import make
+
+    q, p, f, sigma, R = (t.to(DEV) for t in make(Q=3, P=10, F=2))
+    k = TRITON_MAX_K + 1
+    with pointconv.use_backend("triton"):
+        got = [pointconv.knn(q, p, k), pointconv.ball_query(q, p, 0.5, k), pointconv.knn_aggregate_aniso(q, p, f, sigma, R, k)]
+    with pointconv.use_backend("reference"):
+        want = [pointconv.knn(q, p, k), pointconv.ball_query(q, p, 0.5, k), pointconv.knn_aggregate_aniso(q, p, f, sigma, R, k)]
+    for a, b in zip(got, want):
+        assert torch.equal(a[-1], b[-1]) and a[-1].shape[-1] == k  # indices, -1 padded past the 10 points
+
+
+def test_index_over_clouds_without_points():
+    # no points at all (P = 0): the Triton backend built a grid of nothing and failed in amin()
+    q = torch.rand(2, 3, 3, device=DEV)
+    empty = torch.zeros(2, 0, 3, device=DEV)
+    with pointconv.use_backend("triton"):
+        index = pointconv.NeighborIndex(empty)
+        d, i = index.knn(q, 2)
+        assert bool((i == -1).all()) and bool(torch.isinf(d).all())
+        assert bool((index.ball_query(q, 0.5, 2).idx == -1).all())
+
+
+def test_every_kernel_launch_runs_on_its_tensors_device():
+    # Triton launches on the current CUDA device, not the tensors' (cuda:1 tensors with cuda:0
+    # current would run on the wrong GPU): every function that launches a kernel sets the device
+    import ast
+    import importlib
+    import inspect
+    import pkgutil
+
+    import pointconv.kernels as kernels
+
+    launchers = []
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"pointconv.kernels.{info.name}")
+        for node in ast.parse(inspect.getsource(module)).body:
+            launches = [c for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Subscript)]
+            if isinstance(node, ast.FunctionDef) and launches:
+                launchers.append(f"{info.name}.{node.name}")
+                assert getattr(getattr(module, node.name), "launches_on_tensor_device", False), launchers[-1]
+    assert len(launchers) >= 15
+
+
+def test_on_tensor_device_sets_the_first_cuda_tensors_device(monkeypatch):
+    import contextlib
+
+    from pointconv.kernels import on_tensor_device
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+
+    class FakeCuda(torch.Tensor):  # a CPU tensor that says it lives on cuda:1
+        is_cuda = True
+
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+    launch = on_tensor_device(lambda *a, **kw: "launched")
+    assert launch(3, torch.zeros(2)) == "launched" and entered == []  # CPU tensors: nothing to set
+    fake = torch.zeros(2).as_subclass(FakeCuda)
+    assert launch(torch.zeros(1), x=fake) == "launched" and entered == [torch.device("cuda", 1)]

@@ -25,6 +25,12 @@ import re
 import torch
 
 BACKENDS = ("reference", "torch", "triton")
+
+# The Triton top-k kernels (kNN, ball query, the Gaussian selection) keep a query block's k best
+# packed keys in registers and merge (BQ, 2 k) tiles: beyond 32,768 that tile passes Triton's 2^20
+# elements (an error on every device), and long before, the registers spill. Larger k takes the
+# torch path on the same device (a GEMM and torch.topk: exact too).
+TRITON_MAX_K = 128
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("pointconv_backend", default=None)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._backend import backend_for
+from .._backend import TRITON_MAX_K, backend_for
 from .._matmul_precision import no_autocast
 from .._weighted_sum import gather_sum
 from ..neighbors import gather, knn
@@ -91,15 +91,16 @@ def _empty(q, p, f, sigma, R, K):
     return f_out, w, dists, torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
 
 
-def _fused_forward(q, p, f, sigma, R, select) -> bool:
+def _fused_forward(q, p, f, sigma, R, K, select) -> bool:
     """Whether one Triton kernel computes the whole forward: float32 ``select="aniso"`` on the
     Triton backend when no gradient is recorded (a recorded forward keeps the differentiable ops)."""
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, p, f, sigma, R))
-    return select == "aniso" and q.dtype == torch.float32 and backend_for(q.device) == "triton" and not recording
+    return (select == "aniso" and q.dtype == torch.float32 and backend_for(q.device) == "triton" and not recording
+            and K <= TRITON_MAX_K)
 
 
 def _aggregate(q, p, f, sigma, R, K, p_lengths, select):
-    if _fused_forward(q, p, f, sigma, R, select):
+    if _fused_forward(q, p, f, sigma, R, K, select):
         from ..kernels.gaussian import aggregate_aniso
         f_out, w, m, idx = aggregate_aniso(q, p, f, sigma, R, K, p_lengths)
         return f_out.to(f.dtype), w, m, idx

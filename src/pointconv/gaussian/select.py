@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from .._backend import backend_for
+from .._backend import TRITON_MAX_K, backend_for
 from .._matmul_precision import ieee_float32_matmul, no_autocast
 from ..neighbors._cpu import build_tree
 from ._exponent import exponent_bounds, gaussian_exponent
@@ -202,7 +202,7 @@ def select_aniso(q, p, sigma, R, K, p_lengths):
     with no_autocast(q.device):
         B, Q, _ = q.shape
         backend = backend_for(q.device)
-        if backend == "triton" and q.dtype == torch.float32:
+        if backend == "triton" and q.dtype == torch.float32 and K <= TRITON_MAX_K:
             from ..kernels.gaussian import select_aniso as select_triton
 
             return select_triton(q, p, sigma, R, K, p_lengths)

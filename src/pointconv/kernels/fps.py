@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensor_device
+
 
 @triton.jit
 def _fps_kernel(p_ptr, len_ptr, start_ptr, mind_ptr, out_ptr, N, n_samples,
@@ -49,6 +51,7 @@ def _fps_kernel(p_ptr, len_ptr, start_ptr, mind_ptr, out_ptr, N, n_samples,
         cur = best_idx.to(tl.int64)
 
 
+@on_tensor_device
 def farthest_point_sample_triton(points, n, lengths, start):
     """``points (B, N, D)`` float32 -> ``(B, n)`` int64 sample indices (see the module docstring)."""
     B, N, D = points.shape

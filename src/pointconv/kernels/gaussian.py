@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import channel_block
+from . import channel_block, on_tensor_device
 from .knn import INF_KEY, _column, _kp, _merge, _pack, _store
 
 
@@ -90,6 +90,7 @@ def _aniso_aggregate_kernel(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, f_ptr, out_m_p
                  mask=row_mask[:, None] & cmask[None, :])
 
 
+@on_tensor_device
 def select_aniso(q, p, sigma, R, K, p_lengths):
     """``(B, Q, K)`` int64 indices of the K smallest exponents (ties to the lower index), -1 padded."""
     B, Q, _ = q.shape
@@ -106,6 +107,7 @@ def select_aniso(q, p, sigma, R, K, p_lengths):
     return out_i
 
 
+@on_tensor_device
 def aggregate_aniso(q, p, f, sigma, R, K, p_lengths):
     """The forward of ``knn_aggregate_aniso`` (``select="aniso"``, float32 coordinates) in one kernel:
     ``(f_out (B, Q, F) float32, w (B, Q, K), m (B, Q, K), idx (B, Q, K) int64)``, padded like the op."""

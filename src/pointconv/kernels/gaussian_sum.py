@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import accumulator, channel_block
+from . import accumulator, channel_block, on_tensor_device
 
 
 @triton.jit
@@ -251,6 +251,7 @@ def zero_grads(q, P: int, F: int):
                  for shape in ((B, Q, 3), (B, P, 3), (B, P, F), (B, P, 3), (B, P, 3, 3)))
 
 
+@on_tensor_device
 def forward(q, p, f, sigma, R, idx):
     """``(f_out (B, Q, F), m (B, Q, K))`` in the coordinates' dtype; ``m = inf`` where ``idx = -1``."""
     B, Q, K = idx.shape
@@ -266,6 +267,7 @@ def forward(q, p, f, sigma, R, idx):
     return out, m
 
 
+@on_tensor_device
 def backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, need_f: bool):
     """The gradients ``(g_q, g_p, g_f or None, g_sigma, g_R)`` for the cotangents ``g_fout (B, Q, F)``,
     ``g_w``, ``g_m (B, Q, K)`` of ``(f_out, w, m)`` (each may be None: zero)."""

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import accumulator, channel_block
+from . import accumulator, channel_block, on_tensor_device
 from .gaussian_sum import (_cotangent_dots, _geometry, _segment_rows_sum, _store_sums3, point_segments, pointer,
                            zero_grads)
 
@@ -191,6 +191,7 @@ def _double_point_kernel(order_ptr, start_ptr, q_ptr, p_ptr, s_ptr, r_ptr, gm_pt
         _segment_rows_sum(order_ptr, s_begin, s_end, wh_ptr, gf_ptr, d_f_ptr + jrow * F, F, K, ACC, BT, BF)
 
 
+@on_tensor_device
 def double_backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, a_s, a_R):
     """The gradients of ``<a, backward>`` w.r.t. ``q, p, f, sigma, R, w, g_fout, g_w, g_m`` (None for
     an absent ``g_*``), as ``gaussian/_kernel_autograd.double_backward`` computes them."""

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensor_device
+
 INF_BITS = 0x7F800000  # float32 +inf
 INF_KEY = tl.constexpr((INF_BITS << 32) | 0x7FFFFFFF)  # an empty slot: +inf, largest index
 _BRUTE_MAX_POINTS = 2048  # above this, D = 3 clouds use the grid kernel
@@ -307,6 +309,7 @@ def _out(B, Q, K, dtype, device):
             torch.full((B, Q, K), -1, dtype=torch.int64, device=device))
 
 
+@on_tensor_device
 def search_brute(query, points, k, radius2, query_lengths, points_lengths, exclude_self):
     """Brute-force kNN / ball search of padded float32 clouds, any D."""
     B, Q, D = query.shape
@@ -326,6 +329,7 @@ def search_brute(query, points, k, radius2, query_lengths, points_lengths, exclu
     return out_d, out_i
 
 
+@on_tensor_device
 def search_grid(query, grid, k, radius2, query_lengths, exclude_self):
     """Grid kNN / ball search of padded float32 queries against a prebuilt ``Grid`` (D = 3)."""
     B, Q, _ = query.shape

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import channel_block
+from . import channel_block, on_tensor_device
 
 MAX_CHANNELS = 128
 _CHUNKS = 64  # point chunks of the weight gradient: 27 x 64 programs
@@ -77,6 +77,7 @@ def _cell_weight_grad_kernel(crow_ptr, col_ptr, val_ptr, x_ptr, g_ptr, part_ptr,
     tl.store(part_ptr + rows[:, None] * COUT + o[None, :], acc, mask=imask[:, None] & omask[None, :])
 
 
+@on_tensor_device
 def cell_conv(crow, col, val, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``(A x).view(R, 27 C_in) @ w`` for float32 ``x (R, C_in)``, ``w (27 C_in, C_out)``."""
     R, cin = x.shape
@@ -91,6 +92,7 @@ def cell_conv(crow, col, val, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@on_tensor_device
 def cell_weight_grad(crow, col, val, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``sum_p mean(p)^T g[p]`` -> ``(27 C_in, C_out)`` float32, summed in a fixed order."""
     R, cin = x.shape

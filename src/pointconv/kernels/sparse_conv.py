@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._matmul_precision import ieee_float32_matmul
-from . import accumulator, channel_block
+from . import accumulator, channel_block, on_tensor_device
 
 
 @triton.jit
@@ -82,6 +82,7 @@ def _caps(dtype: torch.dtype):
     return {torch.float64: (16, 32), torch.float32: (32, 64)}.get(dtype, (64, 64))
 
 
+@on_tensor_device
 def gather_gemm(table: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``out[m] = sum_o x[table[o, m]] @ w[o]`` for ``table (V, M)`` int32, ``x (N, C_in)``,
     ``w (V, C_in, C_out)`` of x's dtype -> ``(M, C_out)`` in x's dtype."""
@@ -99,6 +100,7 @@ def gather_gemm(table: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.
     return out
 
 
+@on_tensor_device
 def pair_gemm_t(a_rows, b_rows, chunk_start, chunk_end, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per chunk c of the pairs ``(a_rows[t], b_rows[t])``, ``t in [chunk_start[c], chunk_end[c])``:
     ``sum_t x[a_rows[t]]^T y[b_rows[t]]`` -> ``(chunks, C_x, C_y)`` in the accumulator's dtype."""

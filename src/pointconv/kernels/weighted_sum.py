@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import channel_block
+from . import channel_block, on_tensor_device
 
 
 @triton.jit
@@ -77,6 +77,7 @@ def _segment_sum_kernel(order_ptr, start_ptr, w_ptr, g_ptr, out_ptr, C, K,
     tl.store(out_ptr + target * C + cols, acc, mask=cmask)
 
 
+@on_tensor_device
 def gather_sum(w: torch.Tensor, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     Q, K = idx.shape
     C = f.shape[1]
@@ -89,6 +90,7 @@ def gather_sum(w: torch.Tensor, f: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     return out.to(f.dtype)
 
 
+@on_tensor_device
 def pair_dot(g: torch.Tensor, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     Q, K = idx.shape
     C = f.shape[1]
@@ -101,6 +103,7 @@ def pair_dot(g: torch.Tensor, f: torch.Tensor, idx: torch.Tensor) -> torch.Tenso
     return out.to(g.dtype)
 
 
+@on_tensor_device
 def scatter_sum(w: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, num_rows: int) -> torch.Tensor:
     Q, K = idx.shape
     C = g.shape[1]

@@ -10,23 +10,24 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._backend import backend_for
+from .._backend import TRITON_MAX_K, backend_for
 from ._brute_force import brute_force_search
 from ._cpu import KDTREE_MAX_DIM, kdtree_search
 from ._trees import CloudTrees, extent_of
 from ._reference import search_reference
 
 
-def _use_triton(backend: str, dtype: torch.dtype) -> bool:
-    # The kernels pack float32 distance bits into int64 keys; float64 goes to the torch path.
-    return backend == "triton" and dtype == torch.float32
+def _use_triton(backend: str, dtype: torch.dtype, k: int = 1) -> bool:
+    # The kernels pack float32 distance bits into int64 keys; float64 goes to the torch path, and
+    # so does a k past the kernels' register top-k (TRITON_MAX_K).
+    return backend == "triton" and dtype == torch.float32 and k <= TRITON_MAX_K
 
 
 def build_structures(points: torch.Tensor, lengths: torch.Tensor, k_hint: int = 16):
     """What a NeighborIndex keeps for the current backend: kd-trees, a Triton grid, or nothing."""
     backend = backend_for(points.device)
     D = points.shape[-1]
-    if _use_triton(backend, points.dtype) and D == 3:
+    if _use_triton(backend, points.dtype) and D == 3 and points.shape[1]:  # (no grid of no points)
         from ..kernels.knn import Grid
 
         return ("grid", Grid(points.detach(), lengths, k_hint=k_hint))
@@ -45,7 +46,7 @@ def search(query, points, k, *, radius2, query_lengths, points_lengths, exclude_
         return search_reference(query, points, k, radius2=radius2, query_lengths=query_lengths,
                                 points_lengths=points_lengths, exclude_self=exclude_self)
     kind, data = structures if structures is not None else (None, None)
-    if _use_triton(backend, query.dtype):
+    if _use_triton(backend, query.dtype, k):
         from ..kernels import knn as kernels
 
         grid = data if kind == "grid" else None
