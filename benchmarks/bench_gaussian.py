@@ -23,6 +23,7 @@ import time
 import torch
 
 import pointconv
+from pointconv.demos._cli import check_device, positive_int
 from pointconv._timing import provenance
 from pointconv.gaussian import knn_aggregate_aniso_reference
 
@@ -95,16 +96,20 @@ def baseline_rss(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--B", type=int, default=2)
-    ap.add_argument("--Q", type=int, default=12288)
-    ap.add_argument("--P", type=int, default=4096)
-    ap.add_argument("--F", type=int, default=64)
-    ap.add_argument("--K", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs of pointconv (after one warm-up)")
-    ap.add_argument("--ref-repeat", type=int, default=1, help="timed runs of the reference (seconds each on CPU)")
+    ap.add_argument("--B", type=positive_int, default=2)
+    ap.add_argument("--Q", type=positive_int, default=12288)
+    ap.add_argument("--P", type=positive_int, default=4096)
+    ap.add_argument("--F", type=positive_int, default=64)
+    ap.add_argument("--K", type=positive_int, default=16)
+    ap.add_argument("--repeat", type=positive_int, default=3, help="timed runs of pointconv (after one warm-up)")
+    ap.add_argument("--ref-repeat", type=positive_int, default=1, help="timed runs of the reference (seconds each on CPU)")
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "TASK"), help=argparse.SUPPRESS)
     ap.add_argument("--base-rss", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    try:  # before any work: a clear error, not a traceback from the first CUDA call
+        check_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     if args.worker:
         args.method, args.task = args.worker
         return worker(args)

@@ -32,6 +32,7 @@ import torch
 from scipy.spatial import cKDTree
 
 import pointconv
+from pointconv.demos._cli import check_device, positive_int, shape_spec
 from pointconv._timing import provenance, timed_ms
 
 
@@ -59,24 +60,31 @@ def ckdtree_knn(q, p, k):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000, 1_000_000],
+    ap.add_argument("--sizes", type=positive_int, nargs="*", default=[1_000, 10_000, 100_000, 1_000_000],
                     help="N of the single-cloud table (none: skip it)")
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--k", type=positive_int, default=16)
+    ap.add_argument("--repeat", type=positive_int, default=3)
     ap.add_argument("--max-pairs", type=float, default=None,
                     help="largest Q*P for cdist+topk (default 1e10 on CPU, 1e12 on CUDA)")
     ap.add_argument("--chunk-bytes", type=int, default=1 << 30)
-    ap.add_argument("--batches", nargs="*", default=["32x1024", "128x512", "8x4096", "16x2048"],
+    ap.add_argument("--batches", nargs="*", type=shape_spec(2), default=["32x1024", "128x512", "8x4096", "16x2048"],
                     help="B x N of the batched table (none: skip it)")
     ap.add_argument("--hard", nargs="*", default=list(HARD_CLOUDS), choices=list(HARD_CLOUDS),
                     help="clouds of the hard-cloud table (none: skip it)")
-    ap.add_argument("--fps", nargs="*", default=["32x1024x512", "16x4096x1024", "8x8192x2048", "1x100000x4096"],
+    ap.add_argument("--fps", nargs="*", type=shape_spec(3), default=["32x1024x512", "16x4096x1024", "8x8192x2048", "1x100000x4096"],
                     help="B x N x n of the farthest-point-sampling table (none: skip it)")
-    ap.add_argument("--dims", nargs="*", default=["2x6000x16", "2x6000x64", "1x20000x32"],
+    ap.add_argument("--dims", nargs="*", type=shape_spec(3), default=["2x6000x16", "2x6000x64", "1x20000x32"],
                     help="B x N x D of the high-dimensional table (none: skip it)")
     ap.add_argument("--literal-max-pairs", type=float, default=1e8,
                     help="largest B*N*N for the literal method in the high-dimensional table")
     args = ap.parse_args(argv)
+    try:  # before any work: a clear error, not a traceback from the first CUDA call
+        check_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
+    smallest = min([*args.sizes, *(int(s.split("x")[1]) for s in args.batches)], default=args.k)
+    if args.k > smallest:  # (cdist + topk, the baseline, needs k points)
+        ap.error(f"--k {args.k} is larger than the smallest cloud ({smallest} points)")
     device = torch.device(args.device)
     max_pairs = args.max_pairs or (1e12 if device.type == "cuda" else 1e10)
 

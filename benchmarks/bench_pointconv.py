@@ -27,6 +27,7 @@ import time
 import torch
 
 import pointconv
+from pointconv.demos._cli import check_device, positive_int
 from pointconv._timing import provenance, timed_ms
 from pointconv.demos.shapes import CLASSES, sample_shape
 
@@ -43,11 +44,15 @@ def clouds(batch, n_points, device, seed=0):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--points", type=int, default=2048)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--ref-clouds", type=int, default=2)
+    ap.add_argument("--batch", type=positive_int, default=128)
+    ap.add_argument("--points", type=positive_int, default=2048)
+    ap.add_argument("--repeat", type=positive_int, default=3)
+    ap.add_argument("--ref-clouds", type=positive_int, default=2)
     args = ap.parse_args(argv)
+    try:  # before any work: a clear error, not a traceback from the first CUDA call
+        check_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = pointconv.nn.PointwiseCNN(len(CLASSES)).to(device)

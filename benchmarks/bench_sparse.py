@@ -30,6 +30,7 @@ import argparse
 import torch
 
 import pointconv
+from pointconv.demos._cli import check_device, positive_int
 import pointconv.sparse as ours
 from pointconv._timing import provenance, timed_ms_alternating
 
@@ -98,9 +99,13 @@ def with_backend(name, fn):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=positive_int, default=3)
     ap.add_argument("--net", action="store_true", help="(b) spconv's benchmark network instead of (a)")
     args = ap.parse_args(argv)
+    try:  # before any work: a clear error, not a traceback from the first CUDA call
+        check_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     if args.net:
         return main_net(args)
     device = torch.device(args.device)

@@ -16,7 +16,7 @@ import time
 import torch
 
 import pointconv
-from pointconv.demos._cli import check_out, positive_int
+from pointconv.demos._cli import check_out, positive_int, seed_int
 from pointconv.demos.shapes import CLASSES, make_dataset
 
 
@@ -78,7 +78,7 @@ def main(argv=None):
     ap.add_argument("--points", type=positive_int, default=1024, help="points per cloud")
     ap.add_argument("--batch", type=positive_int, default=32)
     ap.add_argument("--out", default="pointwise_cnn_confusion.png", help="the confusion matrix (.png, .pdf, ...)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     args = ap.parse_args(argv)
     try:
         check_out(args.out)  # before the training, not after it

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import pointconv.sparse as spconv
-from pointconv.demos._cli import check_out, positive_int
+from pointconv.demos._cli import check_out, positive_int, seed_int
 from pointconv.sparse.utils import PointToVoxel, gather_features_by_pc_voxel_id
 
 EXTENT = 8.0
@@ -148,7 +148,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=positive_int, default=200)
     ap.add_argument("--batch", type=positive_int, default=2, help="scenes per step")
     ap.add_argument("--out", default="sparse_unet_segmentation.png", help="the top views (.png, .pdf, ...)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     args = ap.parse_args(argv)
     try:
         check_out(args.out)  # before the training, not after it

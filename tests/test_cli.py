@@ -17,7 +17,11 @@ def test_neighbor_demo_prints_its_table():
     for op in ("knn (self, exclude_self)", "ball_query", "NeighborIndex.knn", "farthest_point_sample",
                "grid_subsample", "gather"):
         assert f"| {op}" in out
-    assert "FPS picked 2048 distinct points" in out  # 1024 per cloud, 2 clouds
+    assert "FPS picked 1,024 points per cloud, all distinct" in out
+    # clouds of fewer than 4 points still get queries (it printed a NaN share of filled slots, and
+    # counted both clouds' samples as "distinct points")
+    out = _run("demo", "neighbors", "--points", "2", "--k", "1")
+    assert "nan" not in out and "FPS picked 2 points per cloud, all distinct" in out
 
 
 def test_subcommand_help_lists_the_subcommand_options():
@@ -31,3 +35,14 @@ def test_subcommand_help_lists_the_subcommand_options():
 def test_info_refuses_extra_arguments():
     out = subprocess.run([sys.executable, "-m", "pointconv", "info", "extra"], capture_output=True, text=True)
     assert out.returncode == 2 and "info takes no arguments" in out.stderr
+
+
+def test_bench_refuses_bad_options_before_any_work():
+    # each was a traceback from inside the benchmark (topk, statistics, a CUDA call, ...)
+    cases = [(["--k", "0"], "--k: expected an integer >= 1"), (["--repeat", "0"], "--repeat: expected"),
+             (["--sizes", "-5"], "--sizes: expected"), (["--batches", "2x0"], "joined by x"),
+             (["--k", "200", "--sizes", "100"], "larger than the smallest cloud"),
+             (["--device", "foo"], "not a device name")]
+    for args, message in cases:
+        out = subprocess.run([sys.executable, "-m", "pointconv", "bench", *args], capture_output=True, text=True)
+        assert out.returncode == 2 and "Traceback" not in out.stderr and message in out.stderr, (args, out.stderr)

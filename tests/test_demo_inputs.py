@@ -115,15 +115,46 @@ def test_duplicated_points_are_dropped_in_order(tmp_path):
 @pytest.mark.parametrize("arr, message", [
     (np.ones((50, 3)), "zero extent"),
     (np.repeat(PTS[:10], 3, 0), "at least 16 distinct points"),
-    (np.random.default_rng(0).random((50, 3)) * 1e300, "float32 range"),
+    (np.full((50, 3), np.nan), "NaN or Inf"),
+    (np.savez, "an archive of arrays"),  # an .npz under an .npy name
     (np.ones((50, 3), bool), "dtype bool"),
     (np.ones((50, 3), complex), "dtype complex"),
 ])
 def test_degenerate_npy_clouds_are_refused(tmp_path, arr, message):
     path = tmp_path / "c.npy"
-    np.save(path, arr)
+    if arr is np.savez:
+        with open(path, "wb") as fh:
+            np.savez(fh, a=PTS)
+    else:
+        np.save(path, arr)
     with pytest.raises(ValueError, match=message):
         sdf.read_points(str(path))
+
+
+def test_clouds_far_from_the_origin_keep_their_detail(tmp_path):
+    # a torus of radius 5 in map coordinates (500 km east, 5,000 km north): rounded to float32
+    # before centering, its y took 27 distinct values of 2,000 (float32 spacing 0.5 there)
+    g = np.random.default_rng(1)
+    t, u = g.random(2000) * 2 * np.pi, g.random(2000) * 2 * np.pi
+    local = np.stack([(5 + np.cos(u)) * np.cos(t), (5 + np.cos(u)) * np.sin(t), np.sin(u)], 1)
+    path = tmp_path / "utm.npy"
+    np.save(path, local + [500_000.0, 5_000_000.0, 100.0])
+    cloud = sdf.read_points(str(path))
+    assert cloud.dtype == torch.float64
+    fitted = sdf.normalize_cloud(cloud).float()  # what train() does: float64 first, then float32
+    expect = torch.from_numpy((local - (local.min(0) + local.max(0)) / 2) / (np.ptp(local, 0).max() / 1.6))
+    torch.testing.assert_close(fitted.double(), expect, rtol=0, atol=1e-6)
+    # values past float32's range are fine too: centered and scaled in float64
+    np.save(path, local * 1e300)
+    assert torch.isfinite(sdf.normalize_cloud(sdf.read_points(str(path))).float()).all()
+
+
+def test_ply_with_carriage_return_line_ends(tmp_path):
+    lines = ["ply", "format ascii 1.0", f"element vertex {len(PTS)}", "property float x", "property float y",
+             "property float z", "end_header"] + [" ".join(f"{v:.6f}" for v in row) for row in PTS]
+    path = tmp_path / "cr.ply"
+    path.write_bytes("\r".join(lines).encode() + b"\r")
+    np.testing.assert_allclose(sdf.read_points(str(path)).numpy(), PTS, atol=1e-6)
 
 
 def test_normalize_cloud_refuses_a_single_point():
@@ -145,7 +176,10 @@ def test_user_errors_print_a_message_and_exit_2(tmp_path):
              (["--points", str(same)], "zero extent"),
              (["--device", "foo"], "not a device name"),
              (["--out", str(tmp_path / "no" / "x.png")], "does not exist"),
-             (["--out", str(tmp_path / "x.jpgx")], "extension must be one of")]
+             (["--out", str(tmp_path / "x.jpgx")], "extension must be one of"),
+             (["--out", str(tmp_path / "x.pgf")], "extension must be one of"),  # (needs LaTeX, after training)
+             (["--points", ""], "--points is empty"),  # (it fitted the torus)
+             (["--seed", str(2**70)], "expected a seed between")]  # (a traceback from torch.manual_seed)
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "CUDA is not available"))
     for args, message in cases:
@@ -162,6 +196,8 @@ def test_user_errors_print_a_message_and_exit_2(tmp_path):
     ("pointwise_cnn_classification.py", ["--batch", "0"]),
     ("pointwise_cnn_classification.py", ["--points", "0"]),
     ("pointwise_cnn_classification.py", ["--out", "x.jpgx"]),
+    ("pointwise_cnn_classification.py", ["--seed", str(-2**64)]),
+    ("sparse_unet_segmentation.py", ["--seed", str(2**63)]),
 ])
 def test_examples_refuse_bad_options_before_training(capsys, script, args):
     example = load_example(script)

@@ -46,7 +46,7 @@ def test_read_points_formats(tmp_path, kind):
         np.savetxt(path, np.c_[pts, np.ones(50)])
     else:
         _write_ply(path, pts, binary=kind == "ply-binary")
-    torch.testing.assert_close(sdf.read_points(str(path)), torch.from_numpy(pts), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sdf.read_points(str(path)), torch.from_numpy(pts).double(), rtol=1e-6, atol=1e-6)
 
 
 def test_read_points_refuses_bad_files(tmp_path):

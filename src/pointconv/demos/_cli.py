@@ -19,6 +19,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+def shape_spec(count: int):
+    """argparse ``type=`` for ``count`` integers >= 1 joined by "x" ("32x1024"), kept as text."""
+    def parse(text: str) -> str:
+        parts = text.lower().split("x")
+        if len(parts) != count or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise argparse.ArgumentTypeError(f"expected {count} integers >= 1 joined by x (like "
+                                             f"{'x'.join(['16'] * count)}), got {text!r}")
+        return text.lower()
+    return parse
+
+
+def seed_int(text: str) -> int:
+    """argparse ``type=`` for a random seed: an integer in torch's range, 0 to 2**63 - 1 (negative
+    seeds are taken modulo 2**64 by torch, so -1 is allowed too, down to -2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed between -2**63 and 2**63 - 1, got {value}")
+    return value
+
+
 def check_device(name: str) -> torch.device:
     """The torch device named ``name`` (cpu or cuda[:N]); ValueError when it cannot be used here."""
     try:
@@ -42,7 +65,8 @@ def check_out(path: str) -> None:
     from matplotlib.figure import Figure
 
     p = pathlib.Path(path)
-    formats = sorted(Figure().canvas.get_supported_filetypes())
+    # (pgf needs a LaTeX installation, and would fail only after the training)
+    formats = sorted(set(Figure().canvas.get_supported_filetypes()) - {"pgf"})
     ext = p.suffix.lower().lstrip(".")
     if ext not in formats:
         raise ValueError(f"--out {path!r}: the extension must be one of {', '.join(formats)}")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import pointconv
-from pointconv.demos._cli import check_device, check_out, positive_int
+from pointconv.demos._cli import check_device, check_out, positive_int, seed_int
 
 TORUS_R, TORUS_r = 0.6, 0.25
 
@@ -53,11 +53,12 @@ def torus_surface(n: int, g: torch.Generator):
 
 
 def read_points(path: str) -> torch.Tensor:
-    """An (N, 3) float32 cloud from .npy, .xyz (text, x y z first) or .ply (ascii or binary, any elements).
+    """An (N, 3) float64 cloud from .npy, .xyz (text, x y z first) or .ply (ascii or binary, any elements).
 
     Exact duplicate points are dropped (the first of each is kept, in order). ValueError (naming the
-    file) for unreadable files, fewer than 16 distinct points, a cloud of zero extent, and coordinates
-    that are NaN, Inf or beyond the float32 range."""
+    file) for unreadable files, fewer than 16 distinct points, a cloud of zero extent, and NaN or Inf
+    coordinates. Float64, so that clouds far from the origin (map coordinates, say) keep their
+    detail until ``normalize_cloud`` centers them."""
     p = pathlib.Path(path)
     suffix = p.suffix.lower()
     if suffix not in (".npy", ".xyz", ".txt", ".ply"):
@@ -67,6 +68,8 @@ def read_points(path: str) -> torch.Tensor:
     try:
         if suffix == ".npy":
             arr = np.load(p)
+            if not isinstance(arr, np.ndarray):  # an .npz archive under an .npy name
+                raise ValueError("it holds an archive of arrays (.npz), not one array")
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # empty file: the size check below says it
@@ -85,19 +88,15 @@ def _checked_cloud(path: str, arr: np.ndarray) -> torch.Tensor:
         raise ValueError(f"{path}: the coordinates must be integers or floats, got dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] < 3 or len(arr) < 16:
         raise ValueError(f"{path}: --points must hold at least 16 points with x, y, z; got shape {arr.shape}")
-    arr = arr[:, :3]
-    with np.errstate(over="ignore", invalid="ignore"):
-        arr32 = arr.astype(np.float32)
-    if not np.isfinite(arr32).all():
-        if np.isfinite(arr).all():
-            raise ValueError(f"{path}: coordinates beyond the float32 range (|x| > 3.4e38)")
+    arr = arr[:, :3].astype(np.float64)
+    if not np.isfinite(arr).all():
         raise ValueError(f"{path}: --points contains NaN or Inf coordinates")
-    if not (arr32.max(0) > arr32.min(0)).any():
+    if not (arr.max(0) > arr.min(0)).any():
         raise ValueError(f"{path}: all the points are the same point (the cloud has zero extent)")
-    _, first = np.unique(arr32, axis=0, return_index=True)
+    _, first = np.unique(arr, axis=0, return_index=True)
     if len(first) < 16:
         raise ValueError(f"{path}: --points must hold at least 16 distinct points, got {len(first)}")
-    return torch.from_numpy(arr32[np.sort(first)])
+    return torch.from_numpy(arr[np.sort(first)])
 
 
 _PLY_TYPES = {"char": "i1", "uchar": "u1", "short": "i2", "ushort": "u2", "int": "i4", "uint": "u4",
@@ -110,7 +109,8 @@ def _ply_header(path, data: bytes):
     """(format, body offset, elements): elements are [name, count, [(name, type or (count type, item type))]]."""
     if not data.startswith(b"ply"):
         raise ValueError(f"{path}: not a PLY file (it does not start with 'ply')")
-    match = re.search(rb"^end_header[ \t]*(\r\n|\n|\r|\Z)", data, re.M)
+    # a line start: after \n (re.M's ^) or after a lone \r (old Mac line ends)
+    match = re.search(rb"(?:^|\r)end_header[ \t]*(\r\n|\n|\r|\Z)", data, re.M)
     if match is None:
         raise ValueError(f"{path}: PLY header has no end_header line")
     fmt, elements = None, []
@@ -287,7 +287,7 @@ def zero_level_set(model, resolution=48, box=0.95):
 
 def chamfer(a: torch.Tensor, b: torch.Tensor) -> float:
     """Symmetric mean nearest-neighbor distance (not squared) between two clouds."""
-    if len(a) == 0 or len(b) == 0:
+    if len(a) == 0 or len(b) == 0:  # (no zero level set found: said where the metrics are printed)
         return float("inf")
     d_ab = pointconv.knn(a[None], b[None], 1).dists.sqrt().mean()
     d_ba = pointconv.knn(b[None], a[None], 1).dists.sqrt().mean()
@@ -343,7 +343,9 @@ def train(steps=1000, device="cpu", points=None, n_features=768, batch=1536, see
         surface, normals = torus_surface(20000, g)
         true_sdf = torus_sdf
     else:
-        surface, normals, true_sdf = normalize_cloud(points), None, None
+        # centered and scaled in float64, then float32 (the model's dtype): a float32 cloud far from
+        # the origin would have lost its detail in the rounding
+        surface, normals, true_sdf = normalize_cloud(points.double()).float(), None, None
     anchors = surface[torch.randperm(len(surface), generator=g)[:n_features]]
     model = GaussianPointSDF(anchors).to(device)
     opt = torch.optim.Adam([
@@ -390,12 +392,14 @@ def main(argv=None) -> None:
     ap.add_argument("--points", default=None, help="a .ply, .xyz or .npy cloud to fit instead of the torus")
     ap.add_argument("--out", default="pointconv_sdf.png",
                     help="where to write the slices (.png, or another format matplotlib writes: pdf, svg, ...)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0, help="random seed (0 to 2**63 - 1)")
     args = ap.parse_args(argv)
     try:  # user errors: a usage message and status 2, before any training
         check_device(args.device)
         check_out(args.out)
-        points = read_points(args.points) if args.points else None
+        if args.points == "":
+            raise ValueError("--points is empty (an unset variable?): name a .ply, .xyz or .npy file")
+        points = read_points(args.points) if args.points is not None else None
     except (ValueError, OSError, TypeError) as e:
         ap.error(str(e))
     shape = args.points or "built-in torus"
@@ -407,6 +411,8 @@ def main(argv=None) -> None:
     print("|---|---:|")
     for name, value in metrics.items():
         print(f"| {name} | {value:.4f} |")
+    if math.isinf(metrics.get("Chamfer to shape", 0.0)):
+        print("\nChamfer to shape is inf: the fitted SDF has no zero level set in the box (too few steps?)")
     print()
     print(f"wrote {args.out}")
 
