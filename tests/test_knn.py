@@ -204,3 +204,25 @@ def test_many_queries_with_a_sampled_bound_match_brute_force(radius):
     r2 = None if radius is None else radius_squared(radius, torch.float32)
     d, i = exact_rows_search(q[0], p[0], 12, r2, False)
     assert torch.equal(res.idx[0], i) and torch.equal(res.dists[0], d)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.autograd.functional.jvp's own torch.jit use)
+@pytest.mark.parametrize("op", ["knn", "ball_query"])
+def test_forward_mode_tangent_of_the_distances(op):
+    # the search runs on detached values: without a recomputation the distances came back from
+    # torch.autograd.forward_ad with no tangent at all, silently
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(0)
+    q, p = torch.rand(1, 6, 3, generator=g, dtype=torch.float64), torch.rand(1, 9, 3, generator=g, dtype=torch.float64)
+    tq, tp = torch.randn(q.shape, generator=g, dtype=torch.float64), torch.randn(p.shape, generator=g, dtype=torch.float64)
+
+    def dists(q, p):
+        out = pointconv.knn(q, p, 4) if op == "knn" else pointconv.ball_query(q, p, 0.6, 4)
+        return torch.where(out.idx >= 0, out.dists, 0.0)
+
+    expect = torch.autograd.functional.jvp(dists, (q, p), (tq, tp))[1]
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(dists(fwAD.make_dual(q, tq), fwAD.make_dual(p, tp))).tangent
+    assert got is not None and expect.abs().max() > 0
+    torch.testing.assert_close(got, expect)

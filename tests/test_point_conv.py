@@ -162,3 +162,14 @@ def test_bad_input(call, exc, match):
     values, idx, weights = _inputs()
     with pytest.raises(exc, match=match):
         call(values, idx, weights)
+
+
+def test_module_reprs_show_their_settings_and_integer_inputs_are_refused_plainly():
+    assert repr(pointconv.nn.PointwiseConv3d(3, 9, 0.1, dilation=2)) == \
+        "PointwiseConv3d(3, 9, cell_size=0.1, dilation=2, bias=False)"
+    assert "k=8, reduce='max', exclude_self=False" in repr(pointconv.nn.KNNConv(3, 4, 8, "max", exclude_self=False))
+    assert "radius=0.2, k=16, reduce='max'" in repr(pointconv.nn.RadiusConv(3, [8], 0.2, 16))
+    assert "in_channels=3, k=20" in repr(pointconv.nn.EdgeConv(3, 8, 20))
+    # (the message advised layer.to(torch.int64), which torch refuses)
+    with pytest.raises(TypeError, match="features must be a floating-point tensor, got dtype torch.int64"):
+        pointconv.nn.KNNConv(3, 4, 2)(torch.rand(1, 5, 3), torch.ones(1, 5, 3, dtype=torch.int64))

@@ -35,6 +35,8 @@ def layer_dtype(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
     TypeError that names the input, instead of a RuntimeError from inside a matmul)."""
     if torch.is_autocast_enabled(x.device.type):  # autocast casts the inputs of each op itself
         return
+    if not x.is_floating_point():  # (a layer cannot become an integer one)
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {dtype}: convert "
                         f"the input (x.to({dtype})) or the layer (layer.to({x.dtype}))")

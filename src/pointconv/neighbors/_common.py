@@ -56,14 +56,22 @@ def check_points(points, points_lengths, name="points", lengths_name="points_len
 
 
 def differentiable_dists(dists, idx, query, points):
-    """Recompute the selected squared distances with autograd when coordinates need gradients.
+    """Recompute the selected squared distances with autograd when coordinates need gradients
+    (recorded for backward, or carrying a forward-mode tangent of ``torch.autograd.forward_ad``).
 
     Same formula as the search, so the values are unchanged; missing neighbors stay ``inf``.
     """
-    if not torch.is_grad_enabled() or not (query.requires_grad or points.requires_grad):
+    backward = torch.is_grad_enabled() and (query.requires_grad or points.requires_grad)
+    if not (backward or _has_tangent(query) or _has_tangent(points)):
         return dists
     from .gather import gather
 
     nbr = gather(points, idx)
     d = sq_dist(query[:, :, None, :], nbr)
     return torch.where(idx >= 0, d, torch.full_like(d, float("inf")))
+
+
+def _has_tangent(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a forward-mode dual tensor (the search itself runs on detached values, so
+    its distances would carry no tangent, silently)."""
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None

@@ -51,6 +51,9 @@ class KNNConv(nn.Module):
         self.reduce, self.exclude_self = reduce, exclude_self
         self.linear = nn.Linear(in_channels, _checks.positive_int("out_channels", out_channels))
 
+    def extra_repr(self) -> str:
+        return f"k={self.k}, reduce={self.reduce!r}, exclude_self={self.exclude_self}"
+
     def forward(self, points, features, lengths=None):
         """``points (B, N, 3)``, ``features (B, N, C_in)`` (the layer's dtype) -> ``(B, N, C_out)``;
         padded rows are 0."""
@@ -82,6 +85,9 @@ class RadiusConv(nn.Module):
         for a, b in zip(chans[:-1], chans[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.mlp = nn.Sequential(*layers)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, radius={self.radius}, k={self.k}, reduce={self.reduce!r}"
 
     def forward(self, points, features, centers=None, lengths=None, center_lengths=None):
         """``points (B, N, 3)`` and ``centers (B, M, 3)`` (default: the points) float32 / float64
@@ -124,6 +130,10 @@ class PointwiseConv3d(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, cell_size={self.cell_size}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}")
+
     def forward(self, points, features, lengths=None, neighbors=None):
         """``points (B, N, 3)``, ``features (B, N, C_in)`` -> ``(B, N, C_out)``; pass ``neighbors``
         (``pointconv.conv.pointwise_neighbors``) to share one neighbor structure between layers."""
@@ -143,6 +153,9 @@ class EdgeConv(nn.Module):
         self.k = _checks.positive_int("k", k)
         self.mlp = nn.Sequential(nn.Linear(2 * in_channels, _checks.positive_int("out_channels", out_channels)),
                                  nn.LeakyReLU(0.2))
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, k={self.k}"
 
     def forward(self, features, lengths=None):
         """``features (B, N, C)`` -> ``(B, N, out_channels)``; padded rows are 0.
