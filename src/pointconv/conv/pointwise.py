@@ -27,6 +27,7 @@ import torch
 from .. import _checks
 from .._rows import repeat_cost, sorted_row_hashes, unique_rows
 from .._backend import backend_for
+from .._dtypes import accumulation_dtype
 from .._index1d import flatnonzero, take
 from .._threads import imap_ordered
 from ._cell_means import CellMeans, pointwise_linear, weight_matrix
@@ -163,11 +164,6 @@ def _check(points, features, cell_size, dilation, lengths):
     return cell_size, dilation, lengths
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision features, else their own dtype."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _check_weight(weight, cin, bias=None, features=None):
     _checks.tensor("weight", weight)
     if not weight.is_floating_point():
@@ -183,7 +179,7 @@ def _check_weight(weight, cin, bias=None, features=None):
     # the parameters in the features' dtype, or in float32 for fp16 / bf16 features (computed in
     # float32): never rounded to another dtype (autocast casts them itself)
     if features is not None and not torch.is_autocast_enabled(features.device.type):
-        allowed = {features.dtype, _compute_dtype(features.dtype)}
+        allowed = {features.dtype, accumulation_dtype(features.dtype)}
         for name, t in (("weight", weight), ("bias", bias)):
             if isinstance(t, torch.Tensor) and t.dtype not in allowed:
                 raise TypeError(f"{name} has dtype {t.dtype} but features has dtype {features.dtype}: they must "
@@ -286,7 +282,7 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
         neighbors = pointwise_neighbors(points, cell_size, dilation, lengths=lengths)
     # the per-(point, cell) means times the weights as one (27 C_in, C_out) matrix, in row blocks;
     # half-precision features are computed in float32
-    dtype = _compute_dtype(features.dtype)
+    dtype = accumulation_dtype(features.dtype)
     f = features.reshape(B * N, cin).to(dtype)
     W = weight_matrix(weight.to(dtype))
     groups = neighbors.groups
@@ -309,7 +305,7 @@ def pointwise_conv_reference(points, features, weight, cell_size, dilation=1, *,
     cell = cell_of(u[:, :, None, :], u[:, None, :, :], dilation)  # (B, N, N)
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
     cell = torch.where(valid[:, :, None] & valid[:, None, :], cell, -1)
-    dtype = _compute_dtype(features.dtype)
+    dtype = accumulation_dtype(features.dtype)
     member = (cell[..., None] == torch.arange(27, device=points.device)).to(dtype)  # (B, i, j, 27)
     count = member.sum(2)  # (B, i, 27)
     means = torch.einsum("bijc,bjf->bicf", member, features.to(dtype)) / count.clamp(min=1)[..., None]

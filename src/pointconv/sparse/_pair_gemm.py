@@ -27,15 +27,11 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import accumulation_dtype
 from .._threads import map_ordered
 
 _TILE_ELEMENTS = 1 << 19  # tile rows times the wider channel count: 2 MiB of float32
 _THREADS_MIN_ELEMENTS = 1 << 20  # pairs times channels: below, the threads cost more than they save
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where products of ``dtype`` are summed: float32 for fp16 / bf16, else ``dtype`` itself."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class PairTables:

@@ -24,10 +24,10 @@ from torch import nn
 
 from .. import _checks
 from .._backend import backend_for
+from .._dtypes import accumulation_dtype
 from .._row_sums import add_rows_
 from ._bilinear import bilinear_conv
 from ._implicit_gemm import use_triton
-from ._pair_gemm import accumulation_dtype
 from .kernel_map import KernelMap, build_conv, build_subm, build_transposed, inverse_of
 from .modules import SparseModule, VoxelCountRecorder
 from .tensor import SparseConvTensor, check_layer_input
