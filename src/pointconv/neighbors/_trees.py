@@ -52,8 +52,9 @@ class CloudTrees:
         liftable = (len(small) >= 2 and len(small) * self.gap < 1e150
                     and inside < torch.finfo(points.dtype).max / 4)
         self.lifted = small if liftable else []
+        shared = set(self.lifted)  # (a list's `in` made this loop quadratic in the clouds: 7 s at 40K)
         for b, n in enumerate(lengths):
-            if n and b not in self.lifted:
+            if n and b not in shared:
                 self._own[b] = build_tree(points[b, :n])
         if not self.lifted:
             return
