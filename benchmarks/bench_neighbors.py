@@ -16,7 +16,8 @@ shell (integer coordinates: the k-th neighbor ties with many points), half the p
 A fourth times farthest point sampling (``--fps``, B x N -> n) against the plain vectorized torch
 loop (``_fps_torch``, also its reference), the two timed in turns; the indices must be equal.
 A fifth times self-kNN in more dimensions than the kd-tree takes (``--dims``, B x N x D: feature
-space, as DGCNN's EdgeConv searches it) against batched ``cdist`` + ``topk`` and the literal exact
+space, as DGCNN's EdgeConv searches it; ``--dims-zeroed``: every other point zero, as feature
+vectors after a ReLU) against batched ``cdist`` + ``topk`` and the literal exact
 method (``exact_rows_search``: every distance with ``sq_dist``, each row sorted; skipped above
 --literal-max-pairs), whose answer ours must equal bitwise.
 
@@ -75,6 +76,9 @@ def main(argv=None):
                     help="B x N x n of the farthest-point-sampling table (none: skip it)")
     ap.add_argument("--dims", nargs="*", type=shape_spec(3), default=["2x6000x16", "2x6000x64", "1x20000x32"],
                     help="B x N x D of the high-dimensional table (none: skip it)")
+    ap.add_argument("--dims-zeroed", nargs="*", type=shape_spec(3), default=["1x20000x16"],
+                    help="B x N x D of high-dimensional clouds whose every other point is zero (as "
+                         "feature vectors after a ReLU), in the same table (none: skip them)")
     ap.add_argument("--literal-max-pairs", type=float, default=1e8,
                     help="largest B*N*N for the literal method in the high-dimensional table")
     args = ap.parse_args(argv)
@@ -98,7 +102,7 @@ def main(argv=None):
         hard_table(args, device)
     if args.fps:
         fps_table(args, device, gen)
-    if args.dims:
+    if args.dims or args.dims_zeroed:
         dims_table(args, device, gen)
 
 
@@ -217,9 +221,13 @@ def dims_table(args, device, gen):
     print()
     print("| B x N x D | method | ms | ms / pointconv.knn ms | equals the literal method |")
     print("|---|---|---:|---:|---|")
-    for spec in args.dims:
+    for spec, zeroed in [(s, False) for s in args.dims] + [(s, True) for s in args.dims_zeroed]:
         B, n, D = (int(v) for v in spec.lower().split("x"))
-        p = torch.randn(B, n, D, generator=gen).to(device)
+        p = torch.randn(B, n, D, generator=gen)
+        if zeroed:  # the repeated point: one group searched once, then expanded
+            p[:, ::2] = 0
+        p = p.to(device)
+        label = f"{B} x {n:,} x {D}" + (", every other point zero" if zeroed else "")
         literal = None
         rows = []
         t_pc, res = timed(lambda: pointconv.knn(p, p, k), device, args.repeat)
@@ -232,7 +240,7 @@ def dims_table(args, device, gen):
         same = "" if literal is None else ("yes" if all(
             torch.equal(res.dists[b], d) and torch.equal(res.idx[b], i) for b, (d, i) in enumerate(literal)) else "NO")
         for method, t in rows:
-            print(f"| {B} x {n:,} x {D} | {method} | {t:.1f} | {t / t_pc:.2f}x | {same if method == 'pointconv.knn' else ''} |",
+            print(f"| {label} | {method} | {t:.1f} | {t / t_pc:.2f}x | {same if method == 'pointconv.knn' else ''} |",
                   flush=True)
 
 

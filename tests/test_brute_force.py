@@ -8,6 +8,7 @@ from pointconv._matmul_precision import ieee_float32_matmul
 from pointconv.neighbors import ball_query_reference, knn_reference
 from pointconv.neighbors import _brute_force
 from pointconv.neighbors._brute_force import brute_force_search, exact_rows_search
+from pointconv.neighbors._point_groups import PointGroups
 from clouds import KINDS, make_cloud
 
 
@@ -55,7 +56,9 @@ def test_public_search_above_the_tree_dimensions(kind, D):
     _same(res, ball_query_reference(q, p, 0.9, 10, points_lengths=lengths))
 
 
-def test_every_point_equal_escalates_to_the_whole_cloud(monkeypatch):
+def test_ties_escalate_to_the_whole_cloud(monkeypatch):
+    # the escalation itself, on a cloud the grouped search would otherwise take
+    monkeypatch.setattr(_brute_force, "repeats_are_costly", lambda *a: False)
     rounds, decided = [], []
     topk, gathered = torch.topk, _brute_force.sq_dist_gathered
     monkeypatch.setattr(_brute_force.torch, "topk", lambda x, m, **kw: rounds.append(m) or topk(x, m, **kw))
@@ -69,6 +72,57 @@ def test_every_point_equal_escalates_to_the_whole_cloud(monkeypatch):
     assert sum(decided) == 500 * 500 and max(decided) <= 20_000 + 16 * 500
     assert torch.equal(i, torch.tensor([[j for j in range(5) if j != r][:4] for r in range(500)]))
     assert bool((d == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("radius2, exclude_self", [(None, True), (None, False), (30.0, True)])
+def test_repeated_points_are_searched_once_per_group(monkeypatch, dtype, radius2, exclude_self):
+    # 3000 copies of the zero vector (features a ReLU zeroed) and two points copied 40 times among
+    # 200 others: each run would widen its rows' candidates to every copy (20K identical points in
+    # 16-D took 41 s that way); one point per group, each expanded to its lowest indices, is exact
+    g = torch.Generator().manual_seed(3)
+    p = torch.cat([torch.zeros(3000, 16), torch.randn(200, 16, generator=g)]).to(dtype)
+    p[torch.randperm(3200, generator=g)[:80]] = p[3000:3002].repeat(40, 1)
+    p = p[torch.randperm(3200, generator=g)]
+    q = torch.cat([p[::7], torch.randn(30, 16, generator=g, dtype=dtype)])
+    row_ids = torch.cat([torch.arange(0, 3200, 7), torch.full((30,), -1)])
+    rounds = []
+    topk = torch.topk
+    monkeypatch.setattr(_brute_force.torch, "topk", lambda x, m, **kw: rounds.append(m) or topk(x, m, **kw))
+    got = brute_force_search(q, p, 10, radius2, exclude_self, row_ids)
+    _same(got, exact_rows_search(q, p, 10, radius2, exclude_self, row_ids))
+    assert max(rounds) < 200  # never the whole cloud (nor its 200-odd groups)
+
+
+def test_chunks_write_their_top_k_into_the_batch_buffers(monkeypatch):
+    # each chunk's top-k as new small tensors, kept until its batch was decided, pinned the freed
+    # approx matrices in glibc's heap: a 50K-point self-kNN in 64-D grew to 4.3 GB resident
+    calls = []
+    topk = torch.topk
+    monkeypatch.setattr(_brute_force.torch, "topk", lambda x, m, **kw: calls.append("out" in kw) or topk(x, m, **kw))
+    monkeypatch.setattr(_brute_force, "_APPROX_BYTES", 4 * 300 * 8)  # 8 queries per GEMM
+    x = torch.randn(300, 12)
+    _same(brute_force_search(x, x, 6, None, True), exact_rows_search(x, x, 6, None, True))
+    assert len(calls) >= 300 // 8 and all(calls)
+
+
+def test_point_groups_are_numbered_by_lowest_index():
+    x = torch.tensor([[1.0, 2.0], [0.0, 0.0], [1.0, 2.0], [5.0, 5.0], [0.0, 0.0], [1.0, 2.0]])
+    for hashes_order in [None, (torch.zeros(6, dtype=torch.int64), torch.arange(6))]:  # a collision on every row
+        groups = PointGroups(x, *(hashes_order or ()))
+        if hashes_order is None:
+            assert groups.group.tolist() == [0, 1, 0, 2, 1, 0] and groups.members.tolist() == [0, 2, 5, 1, 4, 3]
+            assert torch.equal(groups.representatives, x[[0, 1, 3]]) and groups.count.tolist() == [3, 2, 1]
+        # any partition into equal points: each group's points equal, the groups by lowest index
+        assert torch.equal(groups.representatives[groups.group], x)
+        lowest = [int(groups.members[f]) for f in groups.first]
+        assert lowest == sorted(lowest) and lowest[0] == 0
+    # groups 2 and 0, their two lowest points each, then padding (group 3 and point 6: the counts)
+    groups = PointGroups(x)
+    column, point = groups.expand_rows(torch.tensor([[2, 0, 3]]), 2)
+    assert point.tolist() == [[3, 0, 2]] and column.tolist() == [[0, 1, 1]]
+    column, point = groups.expand_rows(torch.tensor([[2, 0, 3]]), 2, width=5)
+    assert point.tolist() == [[3, 0, 2, 6, 6]]
 
 
 def test_reduced_precision_matmul_ranks_in_float64(monkeypatch):

@@ -18,8 +18,12 @@ searches feature space). Here, per chunk of queries:
    ``approx`` exceeds that, no point outside the candidates can enter. Other rows (ties and
    near-ties: lattices, repeated points) try again with 4x more candidates, ending at every point.
 
+Points that repeat many times (more than the first candidates, a ReLU's zero feature vectors)
+would take every copy that way: those clouds are searched one point per group of equal points
+and each group expanded to its lowest indices (``_point_groups``).
+
 Memory: one chunk's approx matrix (4 MiB, so it stays in cache from the GEMM to the top-k) and
-the candidates of finished rows, decided in batches of about 4M entries.
+the candidates of a batch of rows, about 4M entries.
 
 ``exact_rows_search`` is the literal method, kept for coordinates whose squares overflow float64
 and as an independent check in the tests.
@@ -30,6 +34,7 @@ import torch
 
 from .._matmul_precision import ieee_float32_matmul, no_autocast
 from ._distance import sq_dist, sq_dist_gathered
+from ._point_groups import PointGroups, repeats_are_costly, sorted_hashes
 from ._select import mask_candidates, select_sorted
 
 _CHUNK_BYTES = 64 << 20  # memory cap of one chunk's query x point matrix (the literal method)
@@ -74,10 +79,41 @@ def brute_force_search(q, p, k, radius2, exclude_self, row_ids=None):
     ``row_ids``: each query's own index in ``p`` for ``exclude_self`` (default: its row). Returns
     squared distances ``(nq, k)`` ascending, ties by index, and int64 indices, inf / -1 padded.
     """
-    nq, dim = q.shape
-    n = p.shape[0]
+    nq, n = q.shape[0], p.shape[0]
     if n == 0 or nq == 0:
         return _padded(nq, k, q)
+    rows_all = torch.arange(nq, device=q.device) if row_ids is None else row_ids
+    # Runs of equal points longer than the first candidates would each widen to every point.
+    hashes, order = sorted_hashes(p)
+    if n > _first_candidates(k) and repeats_are_costly(hashes, _first_candidates(k)):
+        return _grouped_search(q, p, PointGroups(p, hashes, order), k, radius2, exclude_self, rows_all)
+    return _certified_search(q, p, k, radius2, exclude_self, rows_all)
+
+
+def _first_candidates(k: int) -> int:
+    return 2 * k + 8
+
+
+def _grouped_search(q, p, groups, k, radius2, exclude_self, rows_all):
+    """The search over one point per group (``_point_groups``), each group then expanded."""
+    keep = k + int(exclude_self)  # the query's own point may be one of a group's lowest
+    g_d, g_i = _certified_search(q, groups.representatives, keep, radius2, False, rows_all)
+    out_d, out_i = _padded(q.shape[0], k, q)
+    rows_per_batch = max(1, _DECIDE_ENTRIES // (keep * keep))
+    for s in range(0, q.shape[0], rows_per_batch):
+        found = g_i[s:s + rows_per_batch]
+        column, point = groups.expand_rows(torch.where(found < 0, groups.num_groups, found), keep)
+        cand = torch.where(point < groups.n, point, -1)
+        d = mask_candidates(g_d[s:s + rows_per_batch].gather(1, column), cand, rows_all[s:s + rows_per_batch, None],
+                            radius2, exclude_self)
+        out_d[s:s + rows_per_batch], out_i[s:s + rows_per_batch] = select_sorted(d, cand, k)
+    return out_d, out_i
+
+
+def _certified_search(q, p, k, radius2, exclude_self, rows_all):
+    """The GEMM-ranked, certified search of the module docstring."""
+    nq, dim = q.shape
+    n = p.shape[0]
     center = p.double().mean(0)
     p64, q64 = p.double() - center, q.double() - center
     reach = q64.norm(dim=1) + p64.norm(dim=1).max()
@@ -86,48 +122,48 @@ def brute_force_search(q, p, k, radius2, exclude_self, row_ids=None):
     tiny = torch.finfo(q.dtype).smallest_normal * torch.finfo(q.dtype).eps
     err = 2 * (dim + 6) * (eps * reach.square() + tiny)
     if not bool(torch.isfinite(err).all()):  # squares beyond float64's range
-        return exact_rows_search(q, p, k, radius2, exclude_self, row_ids)
-    rows_all = torch.arange(nq, device=q.device) if row_ids is None else row_ids
+        return exact_rows_search(q, p, k, radius2, exclude_self, rows_all)
     # one product gives approx: [q', 1, |q'|^2] . [-2 p', |p'|^2, 1] (no broadcast adds over the matrix)
     q_rows = torch.cat([q64, torch.ones_like(q64[:, :1]), q64.square().sum(1, keepdim=True)], 1).to(gemm)
     p_rows = torch.cat([-2 * p64, p64.square().sum(1, keepdim=True), torch.ones_like(p64[:, :1])], 1).to(gemm)
     p_columns = p.t().contiguous()
     out_d, out_i = _padded(nq, k, q)
-
-    def decide(rows, cand):  # exact distances of finished rows, in few large ops rather than many small
-        d = sq_dist_gathered(q[rows], p_columns, cand.clamp(min=0))
-        d = mask_candidates(d, cand, rows_all[rows, None], radius2, exclude_self)
-        out_d[rows], out_i[rows] = select_sorted(d, cand, k)
-
+    # the approx matrix in chunks of rows that stay in cache from the GEMM to the top-k
+    chunk = max(1, _APPROX_BYTES // (q_rows.element_size() * n))
     pending = torch.arange(nq, device=q.device)
-    m = min(n, 2 * k + 8)
+    m = min(n, _first_candidates(k))
     while pending.numel():
-        # the approx matrix in chunks that stay in cache from the GEMM to the top-k
-        chunk = max(1, _APPROX_BYTES // (q_rows.element_size() * n))
-        unfinished, ready, ready_size = [], [], 0
-        for s in range(0, pending.numel(), chunk):
-            rows = pending[s:s + chunk]
-            with no_autocast(q.device):  # the error bound is float32's (or float64's)
-                approx = q_rows[rows] @ p_rows.t()
-            if exclude_self:
-                own = rows_all[rows]
-                inside = torch.nonzero((own >= 0) & (own < n)).flatten()
-                approx[inside, own[inside]] = float("inf")
-            if radius2 is not None:  # beyond the radius by more than the error: never in the answer
-                approx.masked_fill_(approx > radius2 + err[rows, None].to(gemm), float("inf"))
-            vals, cand = torch.topk(approx, m, dim=1, largest=False, sorted=True)
+        unfinished = []
+        # Rows in batches of about _DECIDE_ENTRIES candidates (memory stays bounded as m grows
+        # towards n), each chunk's top-k written into the batch's buffers: small tensors kept from
+        # chunk to chunk pinned the freed approx matrices in glibc's heap (50K queries in 64-D:
+        # 4.3 GB resident for 13 MB of points).
+        batch = max(chunk, _DECIDE_ENTRIES // m)
+        for b in range(0, pending.numel(), batch):
+            rows = pending[b:b + batch]
+            vals = torch.empty((len(rows), m), dtype=gemm, device=q.device)
+            cand = torch.empty((len(rows), m), dtype=torch.int64, device=q.device)
+            for s in range(0, len(rows), chunk):
+                part = rows[s:s + chunk]
+                with no_autocast(q.device):  # the error bound is float32's (or float64's)
+                    approx = q_rows[part] @ p_rows.t()
+                if exclude_self:
+                    own = rows_all[part]
+                    inside = torch.nonzero((own >= 0) & (own < n)).flatten()
+                    approx[inside, own[inside]] = float("inf")
+                if radius2 is not None:  # beyond the radius by more than the error: never in the answer
+                    approx.masked_fill_(approx > radius2 + err[part, None].to(gemm), float("inf"))
+                torch.topk(approx, m, dim=1, largest=False, sorted=True, out=(vals[s:s + chunk], cand[s:s + chunk]))
             if m < n:
                 limit = vals[:, min(k, m) - 1].double() + 2 * err[rows]
                 done = torch.isinf(vals[:, -1]) | (vals[:, -1].double() > limit)
                 unfinished.append(rows[~done])
                 rows, vals, cand = rows[done], vals[done], cand[done]
-            ready.append((rows, torch.where(torch.isinf(vals), -1, cand)))  # -1: excluded
-            ready_size += cand.numel()
-            if ready_size >= _DECIDE_ENTRIES:  # memory stays bounded when m grows towards n
-                decide(torch.cat([r for r, _ in ready]), torch.cat([c for _, c in ready]))
-                ready, ready_size = [], 0
-        if ready:
-            decide(torch.cat([r for r, _ in ready]), torch.cat([c for _, c in ready]))
+            cand = torch.where(torch.isinf(vals), -1, cand)  # -1: excluded
+            # exact distances of the finished rows, in few large ops rather than many small
+            d = sq_dist_gathered(q[rows], p_columns, cand.clamp(min=0))
+            d = mask_candidates(d, cand, rows_all[rows, None], radius2, exclude_self)
+            out_d[rows], out_i[rows] = select_sorted(d, cand, k)
         pending = torch.cat(unfinished) if unfinished else pending[:0]
         m = min(n, 4 * m)
     return out_d, out_i
