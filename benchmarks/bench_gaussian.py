@@ -8,7 +8,13 @@ Each (method, task) runs in its own process so its peak memory is its own: the p
 on CPU (above the inputs), torch.cuda.max_memory_allocated on CUDA. The original reports on an
 RTX 3080: plain PyTorch 23.6 / 57.1 / 78.6 ms, its CUDA kernels 3.0 / 20.8 / 29.8 ms.
 
+``--selection`` times instead the two exact strategies of the CPU selection (``select="aniso"``),
+the GEMM over quadratic features and the kd-tree with an eigenvalue bound, on one cloud per size
+and width range, and shows which one ``_tree_pays`` picks (the kd-tree's candidates grow with the
+anisotropy as K (1 + spread^1.5), the GEMM's work with the cloud).
+
     python benchmarks/bench_gaussian.py --device cpu
+    python benchmarks/bench_gaussian.py --selection
 """
 from __future__ import annotations
 
@@ -85,6 +91,40 @@ def worker(args):
     print(json.dumps({"ms": statistics.median(times), "peak_mb": peak / 2**20}))
 
 
+# per-axis precisions drawn from these ranges (the cuda_knn_aggregate table's is 200-1000)
+SELECTION_PRECISIONS = [(100.0, 100.0), (200.0, 1000.0), (50.0, 1000.0), (1.0, 1000.0)]
+
+
+def selection_table(args):
+    from pointconv.gaussian import select
+    from pointconv.gaussian._exponent import exponent_bounds
+
+    print(provenance("bench_gaussian --selection", "cpu"))
+    print(f"> the CPU selection's two exact strategies: Q={args.Q} uniform queries, K={args.K}, float32, "
+          f"one run each; the picked one in bold")
+    print()
+    print("| P | precisions | spread | GEMM ms | kd-tree ms | picked | picked / faster | same indices |")
+    print("|---:|---|---:|---:|---:|---|---:|---|")
+    g = torch.Generator().manual_seed(0)
+    for lo, hi in SELECTION_PRECISIONS:
+        for P in args.selection_sizes:
+            q, p = torch.rand(args.Q, 3, generator=g), torch.rand(P, 3, generator=g)
+            sigma = lo + (hi - lo) * torch.rand(P, 3, generator=g)
+            R = torch.linalg.qr(torch.randn(P, 3, 3, generator=g))[0]
+            bound, spread = exponent_bounds(sigma, R)
+            t0 = time.perf_counter()
+            by_gemm = select._select_gemm(q, p, sigma, R, args.K)
+            t1 = time.perf_counter()
+            by_tree = select._select_tree(q, p, sigma, R, args.K, bound, spread)
+            t2 = time.perf_counter()
+            ms = {"GEMM": (t1 - t0) * 1e3, "kd-tree": (t2 - t1) * 1e3}
+            picked = "kd-tree" if bound > 0 and select._tree_pays(P, args.K, spread) else "GEMM"
+            shown = {m: (f"**{v:.0f}**" if m == picked else f"{v:.0f}") for m, v in ms.items()}
+            print(f"| {P:,} | {lo:g}-{hi:g} | {spread:.1f} | {shown['GEMM']} | {shown['kd-tree']} | {picked} | "
+                  f"{ms[picked] / min(ms.values()):.2f}x | {'yes' if torch.equal(by_gemm, by_tree) else 'NO'} |",
+                  flush=True)
+
+
 def baseline_rss(args):
     """Resident set of a process that made the inputs and did nothing else (bytes)."""
     code = (f"import resource, torch, pointconv, sys; sys.path.insert(0, {repr(sys.path[0])});"
@@ -103,6 +143,9 @@ def main(argv=None):
     ap.add_argument("--K", type=positive_int, default=16)
     ap.add_argument("--repeat", type=positive_int, default=3, help="timed runs of pointconv (after one warm-up)")
     ap.add_argument("--ref-repeat", type=positive_int, default=1, help="timed runs of the reference (seconds each on CPU)")
+    ap.add_argument("--selection", action="store_true",
+                    help="time the CPU selection's GEMM and kd-tree strategies instead (--selection-sizes, --Q, --K)")
+    ap.add_argument("--selection-sizes", nargs="+", type=positive_int, default=[4096, 16384, 65536, 131072])
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "TASK"), help=argparse.SUPPRESS)
     ap.add_argument("--base-rss", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -113,6 +156,8 @@ def main(argv=None):
     if args.worker:
         args.method, args.task = args.worker
         return worker(args)
+    if args.selection:
+        return selection_table(args)
 
     base = baseline_rss(args) if args.device == "cpu" else 0
     print(provenance("bench_gaussian", args.device))

@@ -46,7 +46,7 @@ def _count(monkeypatch, name):
 
 
 def test_tree_path_for_large_clouds_is_exact(monkeypatch):
-    monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)  # as if the clouds were large
+    monkeypatch.setattr(select_module, "_TREE_CANDIDATE_COST", 0)  # as if the tree always paid
     used = _count(monkeypatch, "_select_tree")
     q, p, f, sigma, R = make(Q=100, P=500)
     out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 16)
@@ -54,10 +54,24 @@ def test_tree_path_for_large_clouds_is_exact(monkeypatch):
     assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 16))
 
 
+@pytest.mark.parametrize("aniso, tree", [(0.0, True), (2000.0, False)])
+def test_tree_or_gemm_by_the_candidates_the_tree_needs(monkeypatch, aniso, tree):
+    """Isotropic widths: the tree needs about 2K candidates a query and pays from a few thousand
+    points. Widths 1000x apart (spread ~1e3, ~3e4 K candidates): the GEMM, however large the
+    cloud (the tree took 38 s where the GEMM took 0.8 s, Q = 12,288, P = 16,384; the rule before
+    took the tree above 65,536 points whatever the widths)."""
+    used_tree, used_gemm = _count(monkeypatch, "_select_tree"), _count(monkeypatch, "_select_gemm")
+    q, p, f, sigma, R = make(B=1, Q=40, P=3000, seed=7, aniso=aniso)
+    out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 8)
+    assert (len(used_tree), len(used_gemm)) == ((1, 0) if tree else (0, 1))
+    assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 8))
+    assert select_module._tree_pays(10**7, 8, select_module.exponent_bounds(sigma[0], R[0])[1]) == tree
+
+
 def test_tree_path_with_exponents_in_the_subnormal_range(monkeypatch):
     """float32 points 1e-25 apart with sigma 1e30: every computed m underflows to about 0, so the
     K smallest are ties broken by index over the whole cloud, not the K nearest points."""
-    monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)
+    monkeypatch.setattr(select_module, "_TREE_CANDIDATE_COST", 0)
     used = _count(monkeypatch, "_select_tree")
     q, p, f, sigma, R = make(B=1, Q=30, P=300, seed=3)
     q, p, sigma = q * 1e-25, p * 1e-25, sigma * 1e30
@@ -67,7 +81,7 @@ def test_tree_path_with_exponents_in_the_subnormal_range(monkeypatch):
 
 
 def test_tree_path_takes_more_candidate_rounds(monkeypatch):
-    monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)
+    monkeypatch.setattr(select_module, "_TREE_CANDIDATE_COST", 0)
     q, p, f, sigma, R = make(Q=200, P=300, aniso=2000.0)
     rounds = _count(monkeypatch, "_rank")
     orig_tree = select_module._select_tree
@@ -82,7 +96,7 @@ def test_tree_path_over_repeated_points(monkeypatch):
     """Points repeated hundreds of times: the kd-tree is built over one point per group of identical
     points (``GroupedTree``) and its candidates expand to the group's points; the answer is exact."""
     from pointconv.neighbors import _grouped_tree
-    monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)
+    monkeypatch.setattr(select_module, "_TREE_CANDIDATE_COST", 0)
     grouped = []
     real = _grouped_tree.GroupedTree
     monkeypatch.setattr(select_module, "build_tree", lambda p: grouped.append(1) or real(p.double().numpy()))
@@ -95,7 +109,7 @@ def test_tree_path_over_repeated_points(monkeypatch):
 
 
 def test_singular_R_has_no_tree_bound_and_uses_the_gemm(monkeypatch):
-    monkeypatch.setattr(select_module, "_GEMM_MAX_POINTS", 0)
+    monkeypatch.setattr(select_module, "_TREE_CANDIDATE_COST", 0)
     gemm = _count(monkeypatch, "_select_gemm")
     q, p, f, sigma, R = make(Q=50, P=80)
     R[:, 3] = 0  # no lower bound on m from this point

@@ -68,7 +68,7 @@ _OPS = [
         "reference": "reference (dense)",
         "triton": "triton (one fused kernel without autograd; else selection + weighted-sum kernels, "
                   "2 backward and 2 double-backward kernels)",
-    }.get(b, "torch (GEMM-ranked exact selection; kd-tree above 65536 points on CPU; chunked weighted sums)")),
+    }.get(b, "torch (GEMM-ranked exact selection; kd-tree on large, not too anisotropic CPU clouds; chunked weighted sums)")),
     ("gather", lambda b, d: "torch (indexing)"),
     ("sparse convolution (pointconv.sparse)", lambda b, d: (
         "triton (implicit GEMM over the kernel map; torch ops for groups > 1)" if b == "triton"

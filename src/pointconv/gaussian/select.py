@@ -4,12 +4,12 @@ Ties go to the lower index, as in the reference; no path evaluates the exponent 
 dense Q x P matrix unless it must. Three strategies, each exact:
 
 * triton backend, float32: a brute-force kernel with a packed-key top-k (``kernels/gaussian.py``).
-* clouds up to 65536 points (and CUDA float64): ``_select_gemm``. ``m = d^T M d`` is a dot
+* CUDA float64, and CPU clouds where the kd-tree does not pay (``_tree_pays``): ``_select_gemm``. ``m = d^T M d`` is a dot
   product of quadratic features, so one float32 GEMM (float64 where torch's matmul precision
   settings allow TF32 / bf16) ranks every point; the K + 4 best are
   re-ranked with the exact formula, and a bound on both roundings certifies that no other point
   can enter. Near-tie rows are evaluated densely (``_select_dense``).
-* larger clouds on CPU: ``_select_tree``. ``m_ij >= c * |q_i - p_j|^2`` with ``c`` the smallest
+* large, not too anisotropic clouds on CPU: ``_select_tree``. ``m_ij >= c * |q_i - p_j|^2`` with ``c`` the smallest
   eigenvalue of ``R_j^T diag(sigma_j) R_j`` over the cloud, less a rounding margin
   (``exponent_bounds``). Each query ranks its Euclidean nearest points from a kd-tree; the answer
   is certified when ``c`` times the squared distance of the farthest candidate exceeds the K-th
@@ -29,7 +29,16 @@ from ..neighbors._cpu import build_tree
 from ._exponent import exponent_bounds, gaussian_exponent
 
 _CHUNK_ELEMENTS = 1 << 22  # query x point pairs per dense chunk
-_GEMM_MAX_POINTS = 1 << 16  # larger clouds use the kd-tree on CPU (O(Q log P) instead of O(Q P))
+# On CPU a kd-tree candidate (its query, its exponent, its rank) costs about 60 entries of the GEMM
+# path (each a 10-term product and its share of the top-k): about 150 ns against 2.5 ns
+# (benchmarks/bench_gaussian.py --selection).
+_TREE_CANDIDATE_COST = 60
+
+
+def _tree_pays(n: int, K: int, spread: float) -> bool:
+    """Whether the kd-tree (``_select_tree``) beats the GEMM on a CPU cloud of ``n`` points: a query
+    needs about ``K (1 + spread^1.5)`` candidates from the tree, and the GEMM ranks all ``n``."""
+    return _TREE_CANDIDATE_COST * K * (1 + spread ** 1.5) < n
 
 
 def _rank(m: torch.Tensor, cand: torch.Tensor, K: int):
@@ -212,8 +221,10 @@ def select_aniso(q, p, sigma, R, K, p_lengths):
             if n == 0 or Q == 0:
                 continue
             qb, pb, sb, Rb = q[b], p[b, :n], sigma[b, :n], R[b, :n]
-            bound, spread = exponent_bounds(sb, Rb) if use_tree and n > _GEMM_MAX_POINTS else (0.0, math.inf)
-            if bound > 0 and math.isfinite(bound):
+            # (spread >= 1: no cloud this small pays for the bounds' eigenvalues)
+            worth_a_look = use_tree and _tree_pays(n, K, 1.0)
+            bound, spread = exponent_bounds(sb, Rb) if worth_a_look else (0.0, math.inf)
+            if bound > 0 and math.isfinite(bound) and _tree_pays(n, K, spread):
                 idx[b] = _select_tree(qb, pb, sb, Rb, K, bound, spread)
             else:
                 idx[b] = _select_gemm(qb, pb, sb, Rb, K)
