@@ -48,6 +48,26 @@ def test_max_gradient_reaches_a_real_minus_infinity_after_padding():
         assert torch.autograd.grad(out.sum(), v)[0].flatten().tolist() == [0.0, 1.0, 0.0]
 
 
+def test_max_gathers_blocks_of_queries(monkeypatch):
+    # one gather of the whole (B, Q, k, C) peaked at k times the output (32 neighbors: 32x)
+    import importlib
+    from pointconv import _weighted_sum
+    aggregate_module = importlib.import_module("pointconv.conv.aggregate")
+    monkeypatch.setattr(_weighted_sum, "_CHUNK_ELEMENTS", 2 * 5 * 4 * 3)  # 3 queries of 2 clouds a block
+    blocks = []
+    real = aggregate_module.gather
+    monkeypatch.setattr(aggregate_module, "gather", lambda v, i: blocks.append(i.shape) or real(v, i))
+    values, idx, _ = _inputs(Q=7, k=5, C=4, seed=2)
+    values.requires_grad_()
+    out = pointconv.aggregate(values, idx, "max")
+    assert blocks == [(2, 3, 5), (2, 3, 5), (2, 1, 5)]
+    torch.testing.assert_close(out, aggregate_reference(values, idx, "max"), rtol=0, atol=0)
+    grad = torch.autograd.grad(out.square().sum(), values)[0]
+    expect = torch.autograd.grad(aggregate_reference(values, idx, "max").square().sum(), values)[0]
+    torch.testing.assert_close(grad, expect, rtol=0, atol=0)
+    assert pointconv.aggregate(values, idx[:, :0], "max").shape == (2, 0, 4)
+
+
 def test_adjacency_is_the_aggregation():
     values, idx, weights = _inputs(B=2)
     adj = pointconv.adjacency(idx, values.shape[1])

@@ -2,15 +2,15 @@
 
 ``idx = -1`` marks a missing neighbor: it is never averaged in, never the maximum, and adds
 nothing. mean / sum / weighted go through ``pointconv._weighted_sum`` (chunked, no (B, Q, k, C),
-exact gradients of any order, deterministic); max gathers ``(B, Q, k, C)`` and its gradient goes
-to the arg-max (the lowest k among exact ties).
+exact gradients of any order, deterministic); max gathers ``(B, rows, k, C)`` blocks of queries
+and its gradient goes to the arg-max (the lowest k among exact ties).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _checks
-from .._weighted_sum import gather_sum
+from .._weighted_sum import _chunk_rows, gather_sum
 from ..neighbors import gather
 from ._inputs import zeros_like_graph
 
@@ -68,7 +68,13 @@ def aggregate(values: torch.Tensor, idx: torch.Tensor, reduce: str = "mean", wei
         # one wins a tie (a real -inf, say) its gradient still reaches that neighbor (a -inf fill
         # would win such a tie and drop the gradient)
         first = torch.gather(idx, 2, valid.to(torch.uint8).argmax(2, keepdim=True))
-        out = gather(values, torch.where(valid, idx, first.clamp(min=0))).max(dim=2).values
+        safe = torch.where(valid, idx, first.clamp(min=0))
+        # by chunks of queries, each gathered block (B, rows, k, C) about 4M entries: max keeps
+        # only its arg-max for the backward, so the block is freed before the next (one gather of
+        # the whole (B, Q, k, C) peaked at k times the output)
+        step = max(1, _chunk_rows(k, C) // B)
+        out = torch.cat([gather(values, safe[:, s:s + step]).max(dim=2).values for s in range(0, max(Q, 1), step)],
+                        dim=1)
         return torch.where(valid.any(-1, keepdim=True), out, torch.zeros_like(out))
     if reduce == "weighted":
         # where, not a product with the mask: a padded slot's NaN / Inf weight must add nothing
