@@ -1,4 +1,6 @@
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -178,6 +180,45 @@ def test_dense_round_trip_and_replace_feature():
     y = x.replace_feature(x.features * 2)
     assert y.indices is x.indices and torch.equal(y.dense(), 2 * x.dense())
     assert x.spatial_size == 9 * 8
+
+
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_dense_values_and_gradients(channels_first):
+    x = random_sparse(3, 2, 3, seed=10)
+    expect = torch.zeros(2, *x.spatial_shape, 3, dtype=torch.float64)
+    for site, f in zip(x.indices.tolist(), x.features):
+        expect[tuple(site)] = f
+    got = x.dense(channels_first)
+    assert torch.equal(got, expect.movedim(-1, 1) if channels_first else expect) and got.is_contiguous()
+    fn = lambda f: x.replace_feature(f).dense(channels_first).square()  # noqa: E731
+    feats = x.features.clone().requires_grad_()
+    torch.autograd.gradcheck(fn, (feats,))
+    torch.autograd.gradgradcheck(fn, (feats,))
+
+
+def test_dense_holds_one_grid():
+    # the grid written out of place, then made channels first, held two to three grids at once
+    code = """
+import re, torch
+import pointconv.sparse as spconv
+def kib(field):  # this process's resident set: now (VmRSS) or at its peak since the reset (VmHWM)
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+g = torch.Generator().manual_seed(0)
+n, C, s = 20000, 16, 96
+lin = torch.randperm(2 * s ** 3, generator=g)[:n]
+b, rest = lin // s ** 3, lin % s ** 3
+idx = torch.stack([b, rest // (s * s), (rest // s) % s, rest % s], 1).int()
+x = spconv.SparseConvTensor(torch.randn(n, C, generator=g), idx, [s, s, s], 2)
+del lin, b, rest
+before = kib("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from here
+for channels_first in (False, True):
+    out = x.dense(channels_first)
+    del out
+print((kib("VmHWM") - before) / (2 * s ** 3 * C * 4 / 1024))
+"""
+    grids = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.8 < grids < 1.4
 
 
 def test_deterministic_repeated_runs():

@@ -181,11 +181,15 @@ class SparseConvTensor:
         if has_duplicate_sites(self.indices, self.spatial_shape, self.batch_size):  # O(N log N) < O(grid)
             raise ValueError("indices has duplicate sites (the same batch and coordinates twice): dense() "
                              "has one cell per site")
-        out = self.features.new_zeros((self.batch_size, *self.spatial_shape, C))
-        idx = tuple(self.indices.long().unbind(1))
-        out = out.index_put(idx, self.features)  # sites are unique: no accumulation needed
+        # one grid, in its final layout, written in place (the grid written out of place and then
+        # made channels first held three grids' worth of memory at once)
         if channels_first:
-            out = out.movedim(-1, 1).contiguous()
+            out = self.features.new_zeros((self.batch_size, C, *self.spatial_shape))
+            cells = out.movedim(1, -1)  # (B, *spatial, C), a view
+        else:
+            out = cells = self.features.new_zeros((self.batch_size, *self.spatial_shape, C))
+        # sites are unique: no accumulation needed
+        cells.index_put_(tuple(self.indices.long().unbind(1)), self.features)
         return out
 
     @classmethod
