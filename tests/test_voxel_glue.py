@@ -103,3 +103,19 @@ def test_bad_input():
         pointconv.devoxelize(x, pts, mode="cubic")
     with pytest.raises(ValueError, match="batch size"):
         pointconv.devoxelize(x, pts[:1])
+
+
+@pytest.mark.parametrize("feature_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("point_dtype", [torch.float32, torch.float64])
+def test_devoxelize_returns_the_features_dtype(feature_dtype, point_dtype):
+    # trilinear returned the promoted dtype (float32 for fp16 features) and nearest the features'
+    g = torch.Generator().manual_seed(4)
+    pts = torch.rand(2, 50, 3, generator=g, dtype=torch.float64).to(point_dtype)
+    x, _ = pointconv.voxelize(pts, torch.randn(2, 50, 3, generator=g).to(feature_dtype), 0.2)
+    wide = x.replace_feature(x.features.to(torch.promote_types(feature_dtype, point_dtype)))
+    for mode in ("trilinear", "nearest"):
+        got = pointconv.devoxelize(x, pts, mode=mode)
+        assert got.dtype == feature_dtype
+        # the same weights and sums as with the features widened, rounded once at the end
+        assert torch.equal(got, pointconv.devoxelize(wide, pts, mode=mode).to(feature_dtype))
+    assert pointconv.devoxelize(x, pts[:, :0]).dtype == feature_dtype

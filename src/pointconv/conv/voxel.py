@@ -103,7 +103,8 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
     renormalized over the ACTIVE ones (zeros if none is active); differentiable w.r.t. the
     features and the points. ``voxel_size`` / ``origin`` default to the ones ``voxelize`` stored.
     ``points`` must have ``x.batch_size`` clouds; an empty batch (B = 0, as ``voxelize`` of B = 0
-    gives a tensor of batch 1 without sites) is accepted when ``x`` has no sites.
+    gives a tensor of batch 1 without sites) is accepted when ``x`` has no sites. The result has
+    the features' dtype in both modes (trilinear weights are computed in the points' precision).
     """
     if not isinstance(x, SparseConvTensor):
         raise TypeError(f"x must be a SparseConvTensor, got {type(x).__name__}")
@@ -128,8 +129,8 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
     lengths = _checks.lengths("lengths", lengths, B, N, points.device)
     check_key_space(x.batch_size, x.spatial_shape)
     if empty or B * N == 0:  # nothing to read: zeros (and zero gradients)
-        return _inputs.zeros_like_graph((B, N, x.features.shape[1]), torch.result_type(x.features, points),
-                                        points.device, x.features, points)
+        return _inputs.zeros_like_graph((B, N, x.features.shape[1]), x.features.dtype, points.device,
+                                        x.features, points)
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
     shape = torch.tensor(x.spatial_shape, device=points.device)
     sites = SiteIndex(x.indices, x.spatial_shape, x.batch_size)  # released at the end (table reuse)
@@ -162,7 +163,9 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
             w = w * (rows >= 0).to(w.dtype)
             out = out + w[..., None] * read(rows)
             total = total + w
-        return torch.where(total[..., None] > 0, out / torch.where(total > 0, total, 1)[..., None], 0)
+        # weighted in the points' precision (fp16 / bf16 features upcast), returned in the features' dtype as
+        # mode="nearest" returns them
+        return torch.where(total[..., None] > 0, out / torch.where(total > 0, total, 1)[..., None], 0).to(feats.dtype)
     finally:
         sites.release()
 
