@@ -84,9 +84,10 @@ def brute_force_search(q, p, k, radius2, exclude_self, row_ids=None):
         return _padded(nq, k, q)
     rows_all = torch.arange(nq, device=q.device) if row_ids is None else row_ids
     # Runs of equal points longer than the first candidates would each widen to every point.
-    hashes, order = sorted_hashes(p)
-    if n > _first_candidates(k) and repeats_are_costly(hashes, _first_candidates(k)):
-        return _grouped_search(q, p, PointGroups(p, hashes, order), k, radius2, exclude_self, rows_all)
+    if n > _first_candidates(k):
+        hashes, order = sorted_hashes(p)
+        if repeats_are_costly(hashes, _first_candidates(k)):
+            return _grouped_search(q, p, PointGroups(p, hashes, order), k, radius2, exclude_self, rows_all)
     return _certified_search(q, p, k, radius2, exclude_self, rows_all)
 
 
