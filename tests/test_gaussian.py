@@ -108,6 +108,17 @@ def test_tree_path_over_repeated_points(monkeypatch):
     assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 10))
 
 
+def test_precisions_past_float64_have_no_tree_bound():
+    # R^T diag(sigma) R overflows: eigvalsh failed to converge on its infinities (a crash where
+    # the reference finds no neighbor: every exponent is inf)
+    g = torch.Generator().manual_seed(0)
+    q, p, f = (torch.randn(1, n, c, generator=g, dtype=torch.float64) for n, c in ((5, 3), (200, 3), (200, 2)))
+    sigma = torch.ones(1, 200, 3, dtype=torch.float64)
+    R = torch.eye(3, dtype=torch.float64).expand(1, 200, 3, 3) * 1e160
+    assert select_module.exponent_bounds(sigma[0], R[0]) == (0.0, float("inf"))
+    assert_same(pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 1), knn_aggregate_aniso_reference(q, p, f, sigma, R, 1))
+
+
 def test_singular_R_has_no_tree_bound_and_uses_the_gemm(monkeypatch):
     monkeypatch.setattr(select_module, "_TREE_CANDIDATE_COST", 0)
     gemm = _count(monkeypatch, "_select_gemm")

@@ -66,6 +66,8 @@ def test_max_gathers_blocks_of_queries(monkeypatch):
     expect = torch.autograd.grad(aggregate_reference(values, idx, "max").square().sum(), values)[0]
     torch.testing.assert_close(grad, expect, rtol=0, atol=0)
     assert pointconv.aggregate(values, idx[:, :0], "max").shape == (2, 0, 4)
+    for reduce in ("max", "mean"):  # a batch of no clouds (the block size divided by B)
+        assert pointconv.aggregate(values[:0], idx[:0], reduce).shape == (0, 7, 4)
 
 
 def test_adjacency_is_the_aggregation():

@@ -72,7 +72,7 @@ def aggregate(values: torch.Tensor, idx: torch.Tensor, reduce: str = "mean", wei
         # by chunks of queries, each gathered block (B, rows, k, C) about 4M entries: max keeps
         # only its arg-max for the backward, so the block is freed before the next (one gather of
         # the whole (B, Q, k, C) peaked at k times the output)
-        step = max(1, _chunk_rows(k, C) // B)
+        step = max(1, _chunk_rows(k, C) // max(B, 1))
         out = torch.cat([gather(values, safe[:, s:s + step]).max(dim=2).values for s in range(0, max(Q, 1), step)],
                         dim=1)
         return torch.where(valid.any(-1, keepdim=True), out, torch.zeros_like(out))

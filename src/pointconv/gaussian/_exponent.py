@@ -33,6 +33,8 @@ def exponent_bounds(sigma: torch.Tensor, R: torch.Tensor) -> tuple[float, float]
     s = sigma.double()
     Rd = R.double()
     M = Rd.transpose(-1, -2) @ (s.unsqueeze(-1) * Rd)
+    if not bool(torch.isfinite(M).all()):  # past float64's range (eigvalsh would fail to converge)
+        return 0.0, float("inf")
     eig = torch.linalg.eigvalsh(M)
     scale = (s * Rd.abs().sum(-1).square()).sum(-1).max()
     c = float(eig[..., 0].min() * (1 - 1e-9) - 8 * torch.finfo(sigma.dtype).eps * scale)

@@ -100,7 +100,7 @@ def _grouped_search(q, p, groups, k, radius2, exclude_self, rows_all):
     keep = k + int(exclude_self)  # the query's own point may be one of a group's lowest
     g_d, g_i = _certified_search(q, groups.representatives, keep, radius2, False, rows_all)
     out_d, out_i = _padded(q.shape[0], k, q)
-    rows_per_batch = max(1, _DECIDE_ENTRIES // (keep * keep))
+    rows_per_batch = max(1, _DECIDE_ENTRIES // max(1, keep * keep))
     for s in range(0, q.shape[0], rows_per_batch):
         found = g_i[s:s + rows_per_batch]
         column, point = groups.expand_rows(torch.where(found < 0, groups.num_groups, found), keep)
