@@ -223,3 +223,26 @@ def test_feature_replacement_and_sums_raise_clear_errors():
     assert y.features.tolist() == [[2.0, 4.0], [6.0, 8.0]]
     with pytest.raises(ValueError, match="already"):
         spconv.SparseSequential(nn.ReLU()).add(nn.ReLU(), "0")
+
+
+def conv_half_ok(x):
+    # float32 weights take fp16 / bf16 features (mixed precision, summed in float32)
+    conv = spconv.SubMConv3d(2, 3, 3)
+    return all(conv(x.replace_feature(x.features.to(dt))).features.dtype == dt for dt in (torch.float16, torch.bfloat16))
+
+
+def test_features_must_have_the_layers_dtype():
+    # the layer's weights were cast to the features' dtype: a float64 layer on float32 features
+    # silently computed in float32 (torch's and spconv's convolutions raise)
+    x = sct([[1.0, 2.0], [3.0, 4.0]], [[0, 0, 0, 0], [0, 1, 0, 0]], [3, 3, 3])
+    assert conv_half_ok(x)
+    for layer in (spconv.SubMConv3d(2, 3, 3).double(), spconv.SparseConv3d(2, 3, 2, 2).half(),
+                  spconv.SparseInverseConv3d(2, 3, 2, indice_key="k").double()):
+        with pytest.raises(TypeError, match=r"features has dtype torch.float32 but the layer's parameters"):
+            layer(x)
+    conv = spconv.SubMConv3d(2, 3, 3)
+    with pytest.raises(TypeError, match="features has dtype torch.float64"):
+        conv(x.replace_feature(x.features.double()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast picks the dtype itself
+        assert conv(x).features.dtype == torch.bfloat16
+    assert conv.double()(x.replace_feature(x.features.double())).features.dtype == torch.float64

@@ -28,15 +28,3 @@ def origin(value, points: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(o).all()):
         raise ValueError(f"origin must be finite, got {o.tolist()}")
     return o
-
-
-def layer_dtype(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
-    """A layer's input must have the dtype of its parameters (as torch.nn requires, but said as a
-    TypeError that names the input, instead of a RuntimeError from inside a matmul)."""
-    if torch.is_autocast_enabled(x.device.type):  # autocast casts the inputs of each op itself
-        return
-    if not x.is_floating_point():  # (a layer cannot become an integer one)
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {dtype}: convert "
-                        f"the input (x.to({dtype})) or the layer (layer.to({x.dtype}))")

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .. import _checks
-from ..conv._inputs import layer_dtype, zeros_like_graph
+from .._dtypes import layer_dtype
+from ..conv._inputs import zeros_like_graph
 from ..conv.aggregate import aggregate
 from ..conv.pointwise import _dilation, pointwise_conv
 from ..neighbors import ball_query, gather, knn

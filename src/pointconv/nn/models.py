@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import _checks
-from ..conv._inputs import layer_dtype
+from .._dtypes import layer_dtype
 from ..conv.pointwise import PointwiseNeighbors, pointwise_neighbors
 from .layers import PointwiseConv3d, _check_cloud, _masked_reduce
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import _checks
 from .._backend import backend_for
-from .._dtypes import accumulation_dtype
+from .._dtypes import accumulation_dtype, layer_dtype
 from .._row_sums import add_rows_
 from ._bilinear import bilinear_conv
 from ._implicit_gemm import use_triton
@@ -221,6 +221,9 @@ class SparseConvolution(VoxelCountRecorder, SparseModule):
         check_layer_input(x, self.ndim)
         if x.features.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.features.shape[1]} channels, this layer expects {self.in_channels}")
+        # as torch's and spconv's convolutions (a float64 layer would otherwise round its weights to
+        # float32 features, silently), but float32 weights take fp16 / bf16 features (summed in float32)
+        layer_dtype("features", x.features, self.weight.dtype, float32_for_half=True)
         indice_dict = dict(x.indice_dict)
         kmap = self._kernel_map(x, indice_dict)
         dtype = compute_dtype(x.features)  # under autocast: fp16 or bf16, as the autocast region asks
