@@ -27,6 +27,15 @@ def test_gather_gradients_to_second_order():
     torch.autograd.gradgradcheck(lambda v: pointconv.gather(v, idx) ** 2, (v,))
 
 
+def test_gather_from_clouds_without_points_stays_on_the_graph():
+    # P = 0 built its zeros apart from values: no grad_fn, so a loss through it could not backward
+    values = torch.zeros(2, 0, 4, dtype=torch.float64, requires_grad=True)
+    out = pointconv.gather(values, torch.full((2, 3, 2), -1))
+    assert out.requires_grad and torch.equal(out, torch.zeros(2, 3, 2, 4, dtype=torch.float64))
+    (grad,) = torch.autograd.grad(out.sum(), values, create_graph=True)
+    assert grad.shape == (2, 0, 4)
+
+
 def test_gather_deterministic_gradient(deterministic_mode):
     v = torch.randn(1, 50, 8, requires_grad=True)
     idx = torch.randint(0, 50, (1, 400, 16))

@@ -1,19 +1,7 @@
-"""Input helpers of the conv, nn and gaussian modules: checked grid origins, the layers' dtype
-rule, and the empty results of empty inputs (zeros that stay attached to the autograd graph)."""
+"""Input helpers of the conv modules: checked grid origins."""
 from __future__ import annotations
 
 import torch
-
-
-def zeros_like_graph(shape, dtype: torch.dtype, device, *inputs) -> torch.Tensor:
-    """Zeros of ``shape`` that depend on every ``input`` requiring a gradient, so an empty input
-    still gives a differentiable result (its gradients are zeros). Each input enters as the sum of
-    none of its elements: exactly 0, never NaN, whatever the input holds."""
-    out = torch.zeros(shape, dtype=dtype, device=device)
-    for t in inputs:
-        if isinstance(t, torch.Tensor) and t.requires_grad:
-            out = out + t.reshape(-1)[:0].sum().to(dtype)
-    return out
 
 
 def origin(value, points: torch.Tensor) -> torch.Tensor:

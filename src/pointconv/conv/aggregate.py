@@ -12,7 +12,7 @@ import torch
 from .. import _checks
 from .._weighted_sum import _chunk_rows, gather_sum
 from ..neighbors import gather
-from ._inputs import zeros_like_graph
+from .._graph_zeros import zeros_like_graph
 
 REDUCE = ("mean", "max", "sum", "weighted")
 

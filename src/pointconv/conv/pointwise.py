@@ -31,7 +31,7 @@ from .._dtypes import accumulation_dtype
 from .._index1d import flatnonzero, take
 from .._threads import imap_ordered
 from ._cell_means import CellMeans, pointwise_linear, weight_matrix
-from ._inputs import zeros_like_graph
+from .._graph_zeros import zeros_like_graph
 from ._pointwise_pairs import PairSearch, Windows, cell_of, quantize
 
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from .. import _checks
+from .._graph_zeros import zeros_like_graph
 from .._row_sums import add_rows
 from ..sparse.kernel_map import SiteIndex, check_key_space, linearize
 from ..sparse.tensor import SparseConvTensor
@@ -129,8 +130,7 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
     lengths = _checks.lengths("lengths", lengths, B, N, points.device)
     check_key_space(x.batch_size, x.spatial_shape)
     if empty or B * N == 0:  # nothing to read: zeros (and zero gradients)
-        return _inputs.zeros_like_graph((B, N, x.features.shape[1]), x.features.dtype, points.device,
-                                        x.features, points)
+        return zeros_like_graph((B, N, x.features.shape[1]), x.features.dtype, points.device, x.features, points)
     valid = torch.arange(N, device=points.device)[None, :] < lengths[:, None]
     shape = torch.tensor(x.spatial_shape, device=points.device)
     sites = SiteIndex(x.indices, x.spatial_shape, x.batch_size)  # released at the end (table reuse)

@@ -25,7 +25,7 @@ from .._backend import TRITON_MAX_K, backend_for
 from .._matmul_precision import no_autocast
 from .._weighted_sum import gather_sum
 from ..neighbors import gather, knn
-from ..conv._inputs import zeros_like_graph
+from .._graph_zeros import zeros_like_graph
 from ..neighbors._distance import sq_dist
 from ._exponent import gaussian_exponent
 from ._kernel_autograd import GaussianSum

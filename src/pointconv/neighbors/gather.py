@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
+from .._graph_zeros import zeros_like_graph
 
 
 def gather_reference(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -45,8 +46,8 @@ def gather(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     missing = idx < 0
     flat = (idx.clamp(min=0) + torch.arange(B, device=idx.device)[:, None, None] * P).reshape(-1)
     rows = values.reshape(B * P, C)
-    if not P:
-        out = values.new_zeros((B, Q, K, C))
+    if not P:  # every index is -1: zeros, still on values' graph (their gradient: empty)
+        out = zeros_like_graph((B, Q, K, C), values.dtype, values.device, values)
     elif values.device.type == "cpu":
         # index_select's backward is index_add_: on CPU sequential, where indexing's accumulating
         # index_put_ runs on threads and rounds in a different order from run to run (and both

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import _checks
 from .._dtypes import layer_dtype
-from ..conv._inputs import zeros_like_graph
+from .._graph_zeros import zeros_like_graph
 from ..conv.aggregate import aggregate
 from ..conv.pointwise import _dilation, pointwise_conv
 from ..neighbors import ball_query, gather, knn
