@@ -57,5 +57,28 @@ def test_zero_dimensional_coordinates():
 
 
 def test_mixed_devices():
-    with pytest.raises(ValueError, match="query is on meta but points is on cpu"):
-        pointconv.knn(P.to("meta"), P, 3)
+    from pointconv import _checks
+    with pytest.raises(ValueError, match="points is on meta but query is on cpu"):
+        _checks.same_device(query=P, points=P.to("meta"))
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda m: pointconv.knn(P, m, 3), "points"),
+    (lambda m: pointconv.knn(m, P, 3), "query"),
+    (lambda m: pointconv.ball_query(P, P, torch.tensor(0.2, device="meta"), 3), "radius"),
+    (lambda m: pointconv.knn(P, P, torch.tensor(3, device="meta")), "k"),
+    (lambda m: pointconv.gather(m, torch.zeros(2, 4, 3, dtype=torch.long)), "values"),
+    (lambda m: pointconv.farthest_point_sample(m, 2), "points"),
+])
+def test_meta_tensors_are_named(call, name):
+    # a meta tensor holds no values: .item() on it raised a RuntimeError from inside torch
+    with pytest.raises(ValueError, match=f"{name} is on the meta device"):
+        call(P.to("meta"))
+
+
+@pytest.mark.parametrize("k", [torch.tensor(True), torch.tensor([3]), torch.tensor(3.0)])
+def test_integer_arguments_take_integer_0_dim_tensors_only(k):
+    # torch.tensor(True) read as k = 1 (operator.index takes bool tensors and 1-element ones)
+    with pytest.raises(TypeError, match="k must be an int or an integer 0-dim tensor"):
+        pointconv.knn(P, P, k)
+    assert pointconv.knn(P, P, torch.tensor(3)).idx.shape == (2, 10, 3)

@@ -195,3 +195,23 @@ def test_module_reprs_show_their_settings_and_integer_inputs_are_refused_plainly
     # (the message advised layer.to(torch.int64), which torch refuses)
     with pytest.raises(TypeError, match="features must be a floating-point tensor, got dtype torch.int64"):
         pointconv.nn.KNNConv(3, 4, 2)(torch.rand(1, 5, 3), torch.ones(1, 5, 3, dtype=torch.int64))
+
+
+def test_torch_func_grad_on_the_reference_backend():
+    # as the README says: torch.func.grad runs on the reference backend; the weighted sums'
+    # autograd Function had no setup_context, so aggregate and the layers built on it raised
+    g = torch.Generator().manual_seed(3)
+    p = torch.rand(2, 30, 3, generator=g, dtype=torch.float64)
+    f = torch.randn(2, 30, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 30, 5, generator=g, dtype=torch.float64)
+    idx = pointconv.knn(p, p, 5).idx
+    conv = pointconv.nn.KNNConv(4, 6, 5).double()
+    losses = [lambda x: pointconv.aggregate(x, idx, "mean").square().sum(),
+              lambda x: pointconv.aggregate(x, idx, "weighted", w).square().sum(),
+              lambda x: pointconv.aggregate(x, idx, "max").square().sum(),
+              lambda x: conv(p, x).square().sum()]
+    with pointconv.use_backend("reference"):
+        for loss in losses:
+            x = f.clone().requires_grad_()
+            expect = torch.autograd.grad(loss(x), x)[0]
+            torch.testing.assert_close(torch.func.grad(loss)(f), expect, rtol=0, atol=0)

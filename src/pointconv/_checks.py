@@ -18,7 +18,15 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def tensor(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _has_data(name, x)
     return x
+
+
+def _has_data(name: str, x: torch.Tensor) -> None:
+    # the checks and the searches read values (a meta tensor's .item() raised from inside torch)
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values: pointconv reads its inputs' "
+                         "values (their ranges, their neighbors)")
 
 
 def coords(name: str, x, *, ndim: int, dim: int | None = None) -> torch.Tensor:
@@ -57,10 +65,15 @@ def same_dtype(**tensors: torch.Tensor) -> None:
 
 
 def integer(name: str, v) -> int:
-    """``v`` as an int: Python and numpy ints, integer 0-dim tensors; not bools, floats or strings
-    (``int(1.7)`` would silently truncate)."""
+    """``v`` as an int: Python and numpy ints, integer 0-dim tensors; not bools (nor bool tensors),
+    floats or strings (``int(1.7)`` would silently truncate)."""
     if isinstance(v, bool):
         raise TypeError(f"{name} must be an int, got bool")
+    if isinstance(v, torch.Tensor):
+        if v.dtype == torch.bool or v.is_floating_point() or v.is_complex() or v.dim() != 0:
+            raise TypeError(f"{name} must be an int or an integer 0-dim tensor, got a tensor of dtype {v.dtype} "
+                            f"and shape {tuple(v.shape)}")
+        _has_data(name, v)
     try:
         return operator.index(v)
     except TypeError:
@@ -97,6 +110,7 @@ def output_size(name: str, *shape: int) -> None:
 
 def positive_float(name: str, r) -> float:
     if isinstance(r, torch.Tensor) and r.numel() == 1:
+        _has_data(name, r)
         r = r.item()
     if isinstance(r, bool) or not isinstance(r, numbers.Real):
         raise TypeError(f"{name} must be a positive number, got {type(r).__name__}")

@@ -89,10 +89,14 @@ class _WeightedSum(torch.autograd.Function):
     its backward is written with the three, so autograd differentiates it again."""
 
     @staticmethod
-    def forward(ctx, name, a, b, idx, num_rows):
+    def forward(name, a, b, idx, num_rows):
+        return _dispatch(name, a, b, idx, num_rows) if name == "scatter_sum" else _dispatch(name, a, b, idx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (apart from forward: torch.func.grad can transform it)
+        name, a, b, idx, _ = inputs
         ctx.save_for_backward(a, b, idx)
         ctx.name = name
-        return _dispatch(name, a, b, idx, num_rows) if name == "scatter_sum" else _dispatch(name, a, b, idx)
 
     @staticmethod
     def backward(ctx, grad):
