@@ -94,9 +94,21 @@ class _WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # (apart from forward: torch.func.grad can transform it)
-        name, a, b, idx, _ = inputs
+        name, a, b, idx, num_rows = inputs
         ctx.save_for_backward(a, b, idx)
-        ctx.name = name
+        ctx.save_for_forward(a, b, idx)
+        ctx.name, ctx.num_rows = name, num_rows
+
+    @staticmethod
+    def jvp(ctx, _, a_t, b_t, __, ___):
+        # bilinear in (a, b): the tangent is op(a_t, b) + op(a, b_t)
+        a, b, idx = ctx.saved_tensors
+        terms = []
+        if a_t is not None:
+            terms.append(_WeightedSum.apply(ctx.name, a_t, b, idx, ctx.num_rows))
+        if b_t is not None:
+            terms.append(_WeightedSum.apply(ctx.name, a, b_t, idx, ctx.num_rows))
+        return sum(terms[1:], terms[0])
 
     @staticmethod
     def backward(ctx, grad):

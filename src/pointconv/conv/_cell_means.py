@@ -215,11 +215,27 @@ class _Bilinear(torch.autograd.Function):
     when ``adjoint``. Every derivative of either is again one of them."""
 
     @staticmethod
-    def forward(ctx, mode, x, y, mats, adjoint):
-        ctx.save_for_backward(x, y)
-        ctx.mode, ctx.mats, ctx.adjoint = mode, mats, adjoint
+    def forward(mode, x, y, mats, adjoint):
         compute = _conv if mode == "conv" else _weight_grad
         return compute(x.contiguous(), y.contiguous(), _matrix(mats, adjoint))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (apart from forward: torch.func.grad can transform it)
+        mode, x, y, mats, adjoint = inputs
+        ctx.save_for_backward(x, y)
+        ctx.save_for_forward(x, y)
+        ctx.mode, ctx.mats, ctx.adjoint = mode, mats, adjoint
+
+    @staticmethod
+    def jvp(ctx, _, x_t, y_t, __, ___):
+        # bilinear in (x, y): the tangent is f(x_t, y) + f(x, y_t)
+        x, y = ctx.saved_tensors
+        terms = []
+        if x_t is not None:
+            terms.append(_Bilinear.apply(ctx.mode, x_t, y, ctx.mats, ctx.adjoint))
+        if y_t is not None:
+            terms.append(_Bilinear.apply(ctx.mode, x, y_t, ctx.mats, ctx.adjoint))
+        return sum(terms[1:], terms[0])
 
     @staticmethod
     def backward(ctx, grad):

@@ -28,6 +28,7 @@ from .. import _checks
 from .._rows import repeat_cost, sorted_row_hashes, unique_rows
 from .._backend import backend_for
 from .._dtypes import accumulation_dtype
+from .._func_transforms import outside_func_transforms
 from .._index1d import flatnonzero, take
 from .._threads import imap_ordered
 from ._cell_means import CellMeans, pointwise_linear, weight_matrix
@@ -186,6 +187,7 @@ def _check_weight(weight, cin, bias=None, features=None):
                                 "match (or be float32 for float16 / bfloat16 features)")
 
 
+@outside_func_transforms  # (the pairs are found by compactions of values)
 def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
     """The neighbor pairs and cells of every valid point (build once, reuse across layers).
 

@@ -11,6 +11,7 @@ import torch
 
 from .. import _checks
 from .._backend import TRITON_MAX_K, backend_for
+from .._func_transforms import outside_func_transforms
 from ._brute_force import brute_force_search
 from ._cpu import KDTREE_MAX_DIM, kdtree_search
 from ._trees import CloudTrees, extent_of
@@ -23,6 +24,7 @@ def _use_triton(backend: str, dtype: torch.dtype, k: int = 1) -> bool:
     return backend == "triton" and dtype == torch.float32 and k <= TRITON_MAX_K
 
 
+@outside_func_transforms  # (kd-trees and grids read values)
 def build_structures(points: torch.Tensor, lengths: torch.Tensor, k_hint: int = 16):
     """What a NeighborIndex keeps for the current backend: kd-trees, a Triton grid, or nothing."""
     backend = backend_for(points.device)
@@ -37,6 +39,7 @@ def build_structures(points: torch.Tensor, lengths: torch.Tensor, k_hint: int = 
 
 
 @torch.no_grad()
+@outside_func_transforms  # (a search reads values; the callers recompute the distances differentiably)
 def search(query, points, k, *, radius2, query_lengths, points_lengths, exclude_self, structures=None):
     """Exact neighbors: squared distances ``(B, Q, k)`` ascending (ties by index) and int64 indices."""
     _checks.output_size("k", query.shape[0], query.shape[1], k)

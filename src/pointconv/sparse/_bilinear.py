@@ -26,11 +26,27 @@ class _Bilinear(torch.autograd.Function):
     """``"conv"``: ``(x, w) -> conv(x, w; T)``; ``"weight_grad"``: ``(x, g) -> wgrad(x, g; T)``."""
 
     @staticmethod
-    def forward(ctx, mode, x, y, T):
-        ctx.save_for_backward(x, y)
-        ctx.mode, ctx.tables = mode, T
+    def forward(mode, x, y, T):
         compute = T.conv if mode == "conv" else T.weight_grad
         return compute(x.contiguous(), y.contiguous())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (apart from forward: torch.func.grad can transform it)
+        mode, x, y, T = inputs
+        ctx.save_for_backward(x, y)
+        ctx.save_for_forward(x, y)
+        ctx.mode, ctx.tables = mode, T
+
+    @staticmethod
+    def jvp(ctx, _, x_t, y_t, __):
+        # bilinear in (x, y): the tangent is f(x_t, y) + f(x, y_t)
+        x, y = ctx.saved_tensors
+        terms = []
+        if x_t is not None:
+            terms.append(_Bilinear.apply(ctx.mode, x_t, y, ctx.tables))
+        if y_t is not None:
+            terms.append(_Bilinear.apply(ctx.mode, x, y_t, ctx.tables))
+        return sum(terms[1:], terms[0])
 
     @staticmethod
     def backward(ctx, grad):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._func_transforms import outside_func_transforms
 from .._index1d import flatnonzero, take
 from ._implicit_gemm import conv_tables
 from ._pair_gemm import PairTables
@@ -152,6 +153,7 @@ class SiteIndex:
     has a key of its own (a cell of the margin, which holds no site), so neighbor lookups need no
     bounds test. ``self.keys``: the key of every site, in row order."""
 
+    @outside_func_transforms  # (it writes the sites into a kept table)
     def __init__(self, indices: torch.Tensor, shape, batch_size: int, margin=None):
         margin = [0] * len(shape) if margin is None else list(margin)
         self.shape = [n + 2 * m for n, m in zip(shape, margin)]
@@ -191,6 +193,7 @@ class SiteIndex:
     def __exit__(self, *exc) -> None:
         self.release()
 
+    @outside_func_transforms  # (it clears the kept table in place)
     def release(self) -> None:
         """Clear this index's entries of its dense table and keep the table for the next index."""
         if not self.released and self.table is not None:
@@ -250,6 +253,7 @@ def output_shape(in_shape, kernel_size, stride, padding, dilation):
     return out
 
 
+@outside_func_transforms
 def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
     n = indices.shape[0]
     dev = indices.device
@@ -301,6 +305,7 @@ def _map_to_targets(indices, shape, batch_size, y, valid, out_shape, kernel_size
                      tuple(stride), tuple(padding), tuple(dilation), False)
 
 
+@outside_func_transforms
 def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> KernelMap:
     batch_size = _batch_size(indices)
     SiteIndex(indices, shape, batch_size).release()  # duplicate check
@@ -323,6 +328,7 @@ def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, ou
     return out
 
 
+@outside_func_transforms
 def build_transposed(indices, shape, kernel_size, stride, padding, dilation, output_padding) -> KernelMap:
     batch_size = _batch_size(indices)
     SiteIndex(indices, shape, batch_size).release()  # duplicate check

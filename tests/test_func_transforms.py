@@ -1,0 +1,90 @@
+"""torch.func's grad and jvp, and forward-mode AD, on the default (torch) backend: the same
+derivatives as torch.autograd. The searches and index structures run on the inputs' values with
+the transforms suspended (``pointconv._func_transforms``); the bilinear autograd Functions have a
+``setup_context`` and a ``jvp``. vmap stops at the inputs' data-dependent checks (README)."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import pointconv
+import pointconv.sparse as spconv
+
+# torch.func.jvp's first call scripts torch's own decompositions (torch's warning, not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+g = torch.Generator().manual_seed(0)
+P = torch.rand(2, 40, 3, generator=g, dtype=torch.float64)
+F = torch.randn(2, 40, 4, generator=g, dtype=torch.float64)
+W = torch.randn(5, 4, 3, 3, 3, generator=g, dtype=torch.float64)
+SIGMA = 30 + 40 * torch.rand(2, 40, 3, generator=g, dtype=torch.float64)
+R = torch.linalg.qr(torch.randn(2, 40, 3, 3, generator=g, dtype=torch.float64))[0]
+VOXELS = pointconv.voxelize(P, F, 0.25)[0]
+torch.manual_seed(0)
+SUBM = spconv.SubMConv3d(4, 3, 3).double()
+STRIDED = spconv.SparseConv3d(4, 3, 2, 2).double()
+KNN_CONV = pointconv.nn.KNNConv(4, 6, 5).double()
+
+
+def finite(d):
+    return torch.where(torch.isfinite(d), d, 0)
+
+
+CASES = {  # name: (a scalar loss of one input, that input)
+    "knn wrt query": (lambda q: finite(pointconv.knn(q, P, 5).dists).square().sum(), P[:, :12] + 0.01),
+    "self knn (exclude_self)": (lambda p: finite(pointconv.knn(p, p, 4, exclude_self=True).dists).sum(), P),
+    "knn in 16-D (brute force)": (lambda p: finite(pointconv.knn(p, p, 3).dists).square().sum(),
+                                  torch.rand(1, 30, 16, generator=g, dtype=torch.float64)),
+    "ball_query": (lambda q: finite(pointconv.ball_query(q, P, 0.3, 4).dists).sum(), P[:, :12] + 0.01),
+    "NeighborIndex built inside": (lambda p: finite(pointconv.NeighborIndex(p).knn(P[:, :9], 3).dists).sum(), P),
+    "aggregate mean": (lambda f: pointconv.aggregate(f, pointconv.knn(P, P, 4).idx, "mean").square().sum(), F),
+    "KNNConv wrt features": (lambda f: KNN_CONV(P, f).square().sum(), F),
+    "pointwise_conv wrt features": (lambda f: pointconv.pointwise_conv(P, f, W, 0.1).square().sum(), F),
+    "pointwise_conv wrt weight": (lambda w: pointconv.pointwise_conv(P, F, w, 0.1).square().sum(), W),
+    "SubMConv3d": (lambda f: SUBM(VOXELS.replace_feature(f)).features.square().sum(), VOXELS.features),
+    "SparseConv3d": (lambda f: STRIDED(VOXELS.replace_feature(f)).features.square().sum(), VOXELS.features),
+    "voxelize -> SubMConv3d -> devoxelize": (
+        lambda f: pointconv.devoxelize(SUBM(pointconv.voxelize(P, f, 0.25)[0]), P).square().sum(), F),
+    "devoxelize wrt points": (lambda p: pointconv.devoxelize(VOXELS, p).square().sum(), P),
+    "knn_aggregate_aniso wrt query": (
+        lambda q: pointconv.knn_aggregate_aniso(q, P, F, SIGMA, R, 4)[0].square().sum(), P[:, :10] + 0.01),
+    "knn_aggregate_aniso wrt features": (
+        lambda f: pointconv.knn_aggregate_aniso(P[:, :10], P, f, SIGMA, R, 4)[0].square().sum(), F),
+}
+
+
+def _reverse(loss, x):
+    x = x.detach().clone().requires_grad_()
+    return torch.autograd.grad(loss(x), x)[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_func_grad_and_jvp_equal_autograd(name):
+    loss, x = CASES[name]
+    expect = _reverse(loss, x)
+    torch.testing.assert_close(torch.func.grad(loss)(x), expect, rtol=1e-12, atol=1e-12)
+    tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    _, jvp = torch.func.jvp(loss, (x,), (tangent,))
+    torch.testing.assert_close(jvp, (expect * tangent).sum(), rtol=1e-10, atol=1e-10)
+    with fwAD.dual_level():
+        dual_out = loss(fwAD.make_dual(x, tangent))
+        torch.testing.assert_close(fwAD.unpack_dual(dual_out).tangent, jvp, rtol=1e-12, atol=1e-12)
+
+
+def test_func_grad_of_grad():
+    # second order through the weighted sums and the search (an Eikonal-style loss)
+    def loss(q):
+        return pointconv.knn_aggregate_aniso(q, P, F, SIGMA, R, 4)[0].sum()
+
+    def eikonal(q):
+        return (torch.func.grad(loss)(q).norm(dim=-1) - 1).square().sum()
+
+    q = P[:, :10] + 0.01
+    x = q.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss(x), x, create_graph=True)
+    expect = torch.autograd.grad((grad.norm(dim=-1) - 1).square().sum(), x)[0]
+    torch.testing.assert_close(torch.func.grad(eikonal)(q), expect, rtol=1e-10, atol=1e-10)
+
+
+def test_vmap_stops_at_the_checks():
+    with pytest.raises(RuntimeError, match="data-dependent control flow"):
+        torch.func.vmap(lambda q: pointconv.knn(q[None], P[:1], 3).dists)(P[0, :5, None].expand(5, 4, 3))
