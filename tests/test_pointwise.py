@@ -44,6 +44,26 @@ def test_lengths_padding_and_batches():
     assert bool((out[1, 23:] == 0).all())
 
 
+@pytest.mark.parametrize("fn", [pointconv.pointwise_conv, pointwise_conv_reference])
+def test_nan_in_the_padding_changes_nothing(fn):
+    # the weight gradient's one-pass products ran over every row, padded ones too: NaN * 0
+    g = torch.Generator().manual_seed(6)
+    pts = torch.rand(2, 30, 3, generator=g, dtype=torch.float64)
+    feats = torch.randn(2, 30, 2, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 2, 3, 3, 3, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([30, 17])
+    grads = []
+    for pad in (0.0, float("nan")):
+        f = feats.clone()
+        f[1, 17:] = pad
+        f.requires_grad_()
+        w = weight.clone().requires_grad_()
+        out = fn(pts, f, w, 0.2, 1, lengths=lengths)
+        grads.append((out, *torch.autograd.grad(out.square().sum(), (f, w))))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_gradients_to_second_order_and_not_to_coordinates():
     pts = cloud("uniform", N=12, seed=6)
     g = torch.Generator().manual_seed(7)

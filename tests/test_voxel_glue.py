@@ -119,3 +119,28 @@ def test_devoxelize_returns_the_features_dtype(feature_dtype, point_dtype):
         # the same weights and sums as with the features widened, rounded once at the end
         assert torch.equal(got, pointconv.devoxelize(wide, pts, mode=mode).to(feature_dtype))
     assert pointconv.devoxelize(x, pts[:, :0]).dtype == feature_dtype
+
+
+@pytest.mark.parametrize("dtype, offset, step, voxel", [(torch.float32, 1e6, 1 / 16, 0.01),
+                                                        (torch.float64, 1e12, 2.0**-13, 1e-5)])
+def test_default_origin_far_from_zero(dtype, offset, step, voxel):
+    # floor(lo / voxel) * voxel rounded above lo, and one voxel lower rounded back to it: the
+    # points' voxel coordinates were -1 ("origin must not exceed ...", an origin never passed)
+    for k in range(64):
+        base = offset + k * step  # exact in the dtype: the ulp there is the step
+        pts = torch.tensor([[[base, 0.0, 0.0], [base + 200 * voxel, 0.0, 0.0]]], dtype=dtype)
+        x, point_voxel = pointconv.voxelize(pts, torch.ones(1, 2, 1, dtype=dtype), voxel)
+        assert bool((x.voxel_origin <= pts[0].amin(0)).all())
+        u = torch.floor((pts[0] - x.voxel_origin) / voxel)  # each point in its voxel, as computed in the dtype
+        assert torch.equal(x.indices[point_voxel[0], 1:].to(dtype), u)
+
+
+def test_voxel_size_must_be_a_normal_number_of_the_points_dtype():
+    pts = torch.rand(1, 5, 3)
+    for voxel in (1e39, 1e-39):
+        with pytest.raises(ValueError, match="voxel_size = .* is not a normal torch.float32 number"):
+            pointconv.voxelize(pts, torch.ones(1, 5, 1), voxel)
+    x, _ = pointconv.voxelize(pts.double(), torch.ones(1, 5, 1, dtype=torch.float64), 1e39)
+    assert x.indices.tolist() == [[0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="voxel_size"):
+        pointconv.devoxelize(x, pts, 1e39)

@@ -285,7 +285,11 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
     # the per-(point, cell) means times the weights as one (27 C_in, C_out) matrix, in row blocks;
     # half-precision features are computed in float32
     dtype = accumulation_dtype(features.dtype)
+    valid = (torch.arange(N, device=points.device)[None, :] < lengths[:, None]).reshape(-1, 1)
+    # padded rows zeroed: no pair reads them, but the weight gradient's products run over every row
+    # (a NaN there made it NaN)
     f = features.reshape(B * N, cin).to(dtype)
+    f = f if bool(valid.all()) else torch.where(valid, f, 0)
     W = weight_matrix(weight.to(dtype))
     groups = neighbors.groups
     if groups is None:
@@ -294,7 +298,6 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
         out = pointwise_linear(groups.sums(f), W, neighbors).index_select(0, groups.of_row)
     if bias is not None:
         out = out + bias.to(dtype)
-    valid = (torch.arange(N, device=points.device)[None, :] < lengths[:, None]).reshape(-1, 1)
     return (out * valid.to(out.dtype)).to(features.dtype).reshape(B, N, -1)
 
 
@@ -310,7 +313,8 @@ def pointwise_conv_reference(points, features, weight, cell_size, dilation=1, *,
     dtype = accumulation_dtype(features.dtype)
     member = (cell[..., None] == torch.arange(27, device=points.device)).to(dtype)  # (B, i, j, 27)
     count = member.sum(2)  # (B, i, 27)
-    means = torch.einsum("bijc,bjf->bicf", member, features.to(dtype)) / count.clamp(min=1)[..., None]
+    f = torch.where(valid[..., None], features.to(dtype), 0)  # (a NaN in the padding adds nothing)
+    means = torch.einsum("bijc,bjf->bicf", member, f) / count.clamp(min=1)[..., None]
     W = weight.to(dtype).reshape(weight.shape[0], cin, 27)
     out = torch.einsum("bicf,ofc->bio", means, W)
     if bias is not None:

@@ -30,15 +30,30 @@ def _origin(points, valid, voxel_size, origin):
     lo = torch.where(valid[..., None], points, torch.full_like(points, float("inf"))).amin((0, 1))
     o = torch.floor(lo / voxel_size) * voxel_size
     # lo / voxel_size can round up to a whole number (0.9 / 0.1 in float32), putting the origin just
-    # above lo: one voxel lower then, so that floor((lo - o) / voxel_size) >= 0 as computed later
-    return torch.where(torch.floor((lo - o) / voxel_size) < 0, o - voxel_size, o)
+    # above lo: one voxel lower then, so that floor((lo - o) / voxel_size) >= 0 as computed later;
+    # and never above lo (far from 0, o - voxel_size can round back to o: 1e6 + 0.5 in float32
+    # with voxels of 0.01)
+    o = torch.where(torch.floor((lo - o) / voxel_size) < 0, o - voxel_size, o)
+    return torch.minimum(o, lo)
+
+
+def _voxel_size(voxel_size, points) -> float:
+    """A positive voxel size that the points' dtype holds as a normal number (else the default origin
+    would be NaN and the voxel coordinates meaningless)."""
+    voxel_size = _checks.positive_float("voxel_size", voxel_size)
+    info = torch.finfo(points.dtype)
+    if not info.smallest_normal <= voxel_size <= info.max:
+        raise ValueError(f"voxel_size = {voxel_size:g} is not a normal {points.dtype} number (the points' dtype): "
+                         f"it must lie in [{info.smallest_normal:g}, {info.max:g}] (or use float64 points)")
+    return voxel_size
 
 
 def voxelize(points, features, voxel_size, *, lengths=None, origin=None, reduce="mean"):
     """Average (or sum, or max) the features of the points in each occupied voxel.
 
     Args:
-        points: ``(B, N, 3)``; features: ``(B, N, C)``; voxel_size: edge length (> 0).
+        points: ``(B, N, 3)``; features: ``(B, N, C)``; voxel_size: edge length (> 0, a normal
+            number of the points' dtype).
         lengths: optional ``(B,)``; origin: optional grid origin (3,); reduce: "mean", "sum" or "max".
         Every voxel coordinate must lie in [0, 2^31 - 2] (int32 sites): ValueError otherwise.
 
@@ -56,7 +71,7 @@ def voxelize(points, features, voxel_size, *, lengths=None, origin=None, reduce=
     if features.dim() != 3 or features.shape[:2] != points.shape[:2]:
         raise ValueError(f"features must have shape ({points.shape[0]}, {points.shape[1]}, C), got shape "
                          f"{tuple(features.shape)}")
-    voxel_size = _checks.positive_float("voxel_size", voxel_size)
+    voxel_size = _voxel_size(voxel_size, points)
     if reduce not in ("mean", "sum", "max"):
         raise ValueError(f"reduce must be 'mean', 'sum' or 'max', got {reduce!r}")
     B, N, C = features.shape
@@ -116,7 +131,7 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
         voxel_size = getattr(x, "voxel_size", None)
         if voxel_size is None:
             raise ValueError("voxel_size is needed: x was not made by pointconv.voxelize")
-    voxel_size = _checks.positive_float("voxel_size", voxel_size)
+    voxel_size = _voxel_size(voxel_size, points)
     if origin is None:
         origin = getattr(x, "voxel_origin", None)
     o = torch.zeros(3, dtype=points.dtype, device=points.device) if origin is None else \
