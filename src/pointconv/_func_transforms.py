@@ -4,7 +4,9 @@ Inside those transforms every op's output is a wrapper that tracks it, and a wra
 pointer: kd-trees (NumPy views), ``nonzero``-based compactions and writes into kept site tables
 fail on it. The structures (neighbor lists, kernel maps, site tables) are not differentiated;
 the differentiable parts recompute from the wrapped inputs through them. So they are built on
-the inputs' values with the transforms suspended (``suspended``, ``outside_func_transforms``).
+the inputs' values with the transforms suspended (``suspended``, ``outside_func_transforms``;
+also the structures' lazily built parts, which would otherwise be cached as the transforms'
+wrappers).
 ``vmap`` is not handled: its batched tensors stop at the inputs' data-dependent checks.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ _functorch = getattr(torch._C, "_functorch", None)
 _disable = getattr(torch._C, "_DisableFuncTorch", None)
 
 
-def _under_grad_transforms() -> bool:
+def under_grad_transforms() -> bool:
     """Inside torch.func's grad / jvp / vjp (and nothing else, vmap included)."""
     if _functorch is None or _disable is None or _functorch.maybe_current_level() is None:
         return False
@@ -38,19 +40,24 @@ def _value(x):
 def suspended(*tensors):
     """The tensors detached; inside grad / jvp transforms their values, the transforms suspended
     until the block ends (what it computes comes out as constants of the transforms)."""
-    if not _under_grad_transforms():
+    if not under_grad_transforms():
         yield [x.detach() if isinstance(x, torch.Tensor) else x for x in tensors]
         return
-    values = [_value(x) for x in tensors]
-    with _disable():
-        yield values
+    with _disable():  # (a detach inside the transforms would wrap the values again)
+        yield [_value(x) for x in tensors]
+
+
+def has_tangent(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a forward-mode dual tensor (an op that runs on detached values, or on a
+    kernel without a jvp, would otherwise return no tangent, silently)."""
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
 
 def outside_func_transforms(build):
     """``build(*args, **kwargs)`` (a structure builder) run by ``suspended`` on its arguments."""
     @functools.wraps(build)
     def wrapper(*args, **kwargs):
-        if not _under_grad_transforms():
+        if not under_grad_transforms():
             return build(*args, **kwargs)
         names = list(kwargs)
         with suspended(*args, *kwargs.values()) as values:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._backend import backend_for
+from .._func_transforms import outside_func_transforms
 from .._threads import map_ordered
 
 # torch warns once per process that CSR tensors are "beta"; the CSR x dense product used here is
@@ -76,6 +77,7 @@ class CellMeans:
     def nnz(self) -> int:
         return self.col.numel()
 
+    @outside_func_transforms
     def values(self, dtype: torch.dtype) -> torch.Tensor:
         """``1 / count`` in ``dtype`` (cached: the structure is reused by every layer and step)."""
         if dtype not in self._values:

@@ -70,6 +70,7 @@ class PointwiseNeighbors:
         return self.gather.nnz
 
     @property
+    @outside_func_transforms  # (built on first use: not as the transforms' wrappers)
     def scatter(self) -> CellMeans:
         if self._scatter is None:
             rows = self._gather_rows

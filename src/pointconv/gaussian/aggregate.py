@@ -22,6 +22,7 @@ import torch
 
 from .. import _checks
 from .._backend import TRITON_MAX_K, backend_for
+from .._func_transforms import has_tangent, under_grad_transforms
 from .._matmul_precision import no_autocast
 from .._weighted_sum import gather_sum
 from ..neighbors import gather, knn
@@ -94,7 +95,10 @@ def _empty(q, p, f, sigma, R, K):
 def _fused_forward(q, p, f, sigma, R, K, select) -> bool:
     """Whether one Triton kernel computes the whole forward: float32 ``select="aniso"`` on the
     Triton backend when no gradient is recorded (a recorded forward keeps the differentiable ops)."""
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, p, f, sigma, R))
+    # (nor for forward-mode duals or under torch.func: the kernel has no autograd at all, where the
+    # unfused ops raise for want of a jvp / setup_context instead of dropping the derivative)
+    recording = (torch.is_grad_enabled() and any(t.requires_grad for t in (q, p, f, sigma, R))) \
+        or any(has_tangent(t) for t in (q, p, f, sigma, R)) or under_grad_transforms()
     return (select == "aniso" and q.dtype == torch.float32 and backend_for(q.device) == "triton" and not recording
             and K <= TRITON_MAX_K)
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .._backend import TRITON_MAX_K, backend_for
+from .._func_transforms import outside_func_transforms
 from .._matmul_precision import ieee_float32_matmul, no_autocast
 from ..neighbors._cpu import build_tree
 from ._exponent import exponent_bounds, gaussian_exponent
@@ -204,6 +205,7 @@ def _select_tree(q, p, sigma, R, K, bound, spread):
 
 
 @torch.no_grad()
+@outside_func_transforms  # (kd-trees and kernels read values; the selection is not differentiated)
 def select_aniso(q, p, sigma, R, K, p_lengths):
     """Indices ``(B, Q, K)`` of the K smallest exponents (ties to the lower index), -1 padded."""
     # the GEMM's bound and the exact formula are float32's / float64's: an autocast region

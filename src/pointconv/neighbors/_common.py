@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _checks
+from .._func_transforms import has_tangent
 from ._distance import sq_dist
 
 
@@ -62,7 +63,7 @@ def differentiable_dists(dists, idx, query, points):
     Same formula as the search, so the values are unchanged; missing neighbors stay ``inf``.
     """
     backward = torch.is_grad_enabled() and (query.requires_grad or points.requires_grad)
-    if not (backward or _has_tangent(query) or _has_tangent(points)):
+    if not (backward or has_tangent(query) or has_tangent(points)):
         return dists
     from .gather import gather
 
@@ -71,7 +72,3 @@ def differentiable_dists(dists, idx, query, points):
     return torch.where(idx >= 0, d, torch.full_like(d, float("inf")))
 
 
-def _has_tangent(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a forward-mode dual tensor (the search itself runs on detached values, so
-    its distances would carry no tangent, silently)."""
-    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None

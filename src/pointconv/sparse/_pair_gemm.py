@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .._dtypes import accumulation_dtype
+from .._func_transforms import outside_func_transforms
 from .._threads import map_ordered
 
 _TILE_ELEMENTS = 1 << 19  # tile rows times the wider channel count: 2 MiB of float32
@@ -51,6 +52,7 @@ class PairTables:
         self._tiles_cache = {}
 
     @property
+    @outside_func_transforms
     def transposed(self) -> "PairTables":
         """Built on first use: a forward that needs no feature gradient never builds it."""
         if self._transposed is None:
@@ -77,6 +79,7 @@ class PairTables:
             return [fn(item) for item in items]
         return map_ordered(fn, items, self.out_rows.device)
 
+    @outside_func_transforms
     def _tiles(self, channels: int):
         """``(tiles, loose)``: per tile of output rows, ``(r0, r1, pieces)`` with the ranges
         ``(offset, begin, end)`` of the sorted offsets' pairs that write into rows ``r0 .. r1``;

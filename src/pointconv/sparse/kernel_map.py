@@ -58,6 +58,7 @@ class KernelMap:
     _tables: object = field(default=None, repr=False, compare=False)
     _pair_tables: object = field(default=None, repr=False, compare=False)
 
+    @outside_func_transforms
     def tables(self):
         """The map as the Triton kernels read it (``_implicit_gemm.ConvTables``), built once."""
         if self._tables is None:
@@ -65,6 +66,7 @@ class KernelMap:
                                        self.out_indices.shape[0])
         return self._tables
 
+    @outside_func_transforms
     def pair_tables(self) -> PairTables:
         """The map as the CPU's tiled pair products read it (``_pair_gemm.PairTables``), built once."""
         if self._pair_tables is None:
