@@ -392,7 +392,7 @@ def main(argv=None) -> None:
     ap.add_argument("--points", default=None, help="a .ply, .xyz or .npy cloud to fit instead of the torus")
     ap.add_argument("--out", default="pointconv_sdf.png",
                     help="where to write the slices (.png, or another format matplotlib writes: pdf, svg, ...)")
-    ap.add_argument("--seed", type=seed_int, default=0, help="random seed (0 to 2**63 - 1)")
+    ap.add_argument("--seed", type=seed_int, default=0, help="random seed (-2**63 to 2**63 - 1)")
     args = ap.parse_args(argv)
     try:  # user errors: a usage message and status 2, before any training
         check_device(args.device)
