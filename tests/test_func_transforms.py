@@ -36,6 +36,8 @@ CASES = {  # name: (a scalar loss of one input, that input)
                                   torch.rand(1, 30, 16, generator=g, dtype=torch.float64)),
     "ball_query": (lambda q: finite(pointconv.ball_query(q, P, 0.3, 4).dists).sum(), P[:, :12] + 0.01),
     "NeighborIndex built inside": (lambda p: finite(pointconv.NeighborIndex(p).knn(P[:, :9], 3).dists).sum(), P),
+    "farthest_point_sample + gather": (
+        lambda p: pointconv.gather(p, pointconv.farthest_point_sample(p, 10)[..., None]).square().sum(), P),
     "aggregate mean": (lambda f: pointconv.aggregate(f, pointconv.knn(P, P, 4).idx, "mean").square().sum(), F),
     "KNNConv wrt features": (lambda f: KNN_CONV(P, f).square().sum(), F),
     "pointwise_conv wrt features": (lambda f: pointconv.pointwise_conv(P, f, W, 0.1).square().sum(), F),
@@ -124,3 +126,30 @@ def test_gaussian_kernels_raise_for_forward_ad_rather_than_drop_it():
     with pointconv.use_backend("triton"), fwAD.dual_level():
         with pytest.raises(NotImplementedError, match="jvp"):
             pointconv.knn_aggregate_aniso(fwAD.make_dual(q, torch.ones_like(q)), p, f, s, r, 3)
+
+
+@pytest.mark.parametrize("create_graph", [True, False])
+def test_forward_over_reverse_through_the_pointwise_convolution(monkeypatch, create_graph):
+    # the tangent of a weight gradient: the backward's products ran with dual tensors, on pool
+    # threads that had forward-mode AD on (a Function's forward has it off) and in the one-pass
+    # path, whose out= products refuse duals (NotImplementedError)
+    from pointconv.conv import _cell_means
+    monkeypatch.setattr(_cell_means, "_BLOCK_ELEMENTS", 27 * 4 * 8)  # many blocks: the pool's threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = W.clone().requires_grad_()
+        tangent = torch.randn(F.shape, generator=torch.Generator().manual_seed(2), dtype=F.dtype)
+
+        def loss(f):
+            return pointconv.pointwise_conv(P, f, w, 0.1).square().sum()
+
+        f = F.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(loss(f), w, create_graph=True)
+        expect = (torch.autograd.grad(gw.sum(), f)[0] * tangent).sum()
+        with fwAD.dual_level():
+            (gw,) = torch.autograd.grad(loss(fwAD.make_dual(F, tangent).requires_grad_()), w,
+                                        create_graph=create_graph)
+            torch.testing.assert_close(fwAD.unpack_dual(gw).tangent.sum(), expect, rtol=1e-10, atol=1e-10)
+    finally:
+        torch.set_num_threads(threads)

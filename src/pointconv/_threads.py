@@ -40,20 +40,23 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _pools[workers]
 
 
-def _run_in_worker(fn, item, grad_enabled: bool):
+def _run_in_worker(fn, item, grad_enabled: bool, fwd_grad_enabled: bool):
     # Work items that call map_ordered themselves run their items inline: they would otherwise
-    # wait on the same pool's threads, which may all be waiting too. Autograd's grad mode is
+    # wait on the same pool's threads, which may all be waiting too. Autograd's grad modes are
     # per thread: the item runs in its caller's (an autograd Function's forward runs without
-    # grad, and so must its items).
+    # grad and without forward-mode AD, and so must its items: out= ops refuse dual tensors).
     _in_worker.active = True
     # One torch thread, said in this thread: a pool thread's torch.get_num_threads() reads 1, but
     # MKL in it could still split a GEMM's reduction over two threads (a weight gradient's bits then
     # depended on the thread count; measured). 0.15 us per call.
     torch.set_num_threads(1)
+    fwd_before = torch._C._is_fwd_grad_enabled()
+    torch._C._set_fwd_grad_enabled(fwd_grad_enabled)
     try:
         with torch.set_grad_enabled(grad_enabled):
             return fn(item)
     finally:
+        torch._C._set_fwd_grad_enabled(fwd_before)
         _in_worker.active = False
 
 
@@ -81,8 +84,8 @@ def imap_ordered(fn: Callable[[T], R], items: Iterable[T], device: torch.device,
     futures = []
     try:
         pool = _pool(workers)
-        grad_enabled = torch.is_grad_enabled()
-        futures = [pool.submit(_run_in_worker, fn, item, grad_enabled) for item in items]
+        grad_enabled, fwd_grad_enabled = torch.is_grad_enabled(), torch._C._is_fwd_grad_enabled()
+        futures = [pool.submit(_run_in_worker, fn, item, grad_enabled, fwd_grad_enabled) for item in items]
         for future in futures:
             yield future.result()
     finally:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._backend import backend_for
-from .._func_transforms import outside_func_transforms
+from .._func_transforms import has_tangent, outside_func_transforms
 from .._threads import map_ordered
 
 # torch warns once per process that CSR tensors are "beta"; the CSR x dense product used here is
@@ -246,7 +246,9 @@ class _Bilinear(torch.autograd.Function):
         need_x, need_y = ctx.needs_input_grad[1:3]
         cin = x.shape[1]
         if ctx.mode == "conv":  # y = w, grad = g
-            if need_x and need_y and not torch.is_grad_enabled() and not _use_triton(x, cin, y.shape[1]):
+            # (not for forward-mode duals: its out= products refuse them)
+            one_pass = not torch.is_grad_enabled() and not any(has_tangent(t) for t in (x, y, grad))
+            if need_x and need_y and one_pass and not _use_triton(x, cin, y.shape[1]):
                 return (None, *_conv_grads(x, y, grad.contiguous(), _matrix(mats, other)), None, None)  # one pass
             gx = _Bilinear.apply("conv", grad, _swap_channels(y, cin), mats, other) if need_x else None
             gy = _Bilinear.apply("weight_grad", x, grad, mats, same) if need_y else None

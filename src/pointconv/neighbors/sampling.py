@@ -9,6 +9,7 @@ import torch
 
 from .. import _checks
 from .._backend import backend_for
+from .._func_transforms import outside_func_transforms
 from .._row_sums import add_rows
 from .._rows import unique_rows
 from ._common import check_points
@@ -84,6 +85,7 @@ def _fps_numpy(points, n, lengths, start):
     return torch.from_numpy(out)
 
 
+@outside_func_transforms  # (NumPy and Triton read the values; the indices are not differentiated)
 def farthest_point_sample(points: torch.Tensor, n: int, *, lengths=None, random_start: bool = False) -> torch.Tensor:
     """Iterative farthest point sampling.
 
