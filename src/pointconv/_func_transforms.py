@@ -21,7 +21,7 @@ _disable = getattr(torch._C, "_DisableFuncTorch", None)
 
 
 def under_grad_transforms() -> bool:
-    """Inside torch.func's grad / jvp / vjp (and nothing else, vmap included)."""
+    """Inside torch.func's grad / jvp / vjp transforms only (none of them under a vmap)."""
     if _functorch is None or _disable is None or _functorch.maybe_current_level() is None:
         return False
     kinds = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
