@@ -153,3 +153,25 @@ def test_forward_over_reverse_through_the_pointwise_convolution(monkeypatch, cre
             torch.testing.assert_close(fwAD.unpack_dual(gw).tangent.sum(), expect, rtol=1e-10, atol=1e-10)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_func_grad_of_grad_through_the_gaussian_kernels():
+    # the Triton Gaussian Functions (forward, backward, double backward) have a setup_context:
+    # an Eikonal loss's grad of grad equals torch.autograd's
+    from needs_triton import require_triton
+    require_triton()
+    q, p, f = P[:1, :4].float(), P[:1, :12].float(), F[:1, :12].float()
+    s, r = SIGMA[:1, :12].float(), R[:1, :12].float()
+
+    def sdf(x):
+        return pointconv.knn_aggregate_aniso(x, p, f, s, r, 3)[0].sum()
+
+    def eikonal(x):
+        return (torch.func.grad(sdf)(x).norm(dim=-1) - 1).square().sum()
+
+    with pointconv.use_backend("triton"):
+        x = q.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(sdf(x), x, create_graph=True)
+        expect = torch.autograd.grad((grad.norm(dim=-1) - 1).square().sum(), x)[0]
+        torch.testing.assert_close(torch.func.grad(sdf)(q), grad.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.func.grad(eikonal)(q), expect, rtol=1e-5, atol=1e-6)

@@ -32,14 +32,17 @@ from .._weighted_sum import gather_sum, pair_dot, scatter_sum
 
 class GaussianSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, p, f, sigma, R, idx):
+    def forward(q, p, f, sigma, R, idx):
         from ..kernels import gaussian_sum as kernels
 
         f_out, m = kernels.forward(q, p, f, sigma, R, idx)
         w = torch.where(idx >= 0, torch.exp(-m), 0.0)
-        ctx.save_for_backward(q, p, f, sigma, R, idx, w)
-        ctx.set_materialize_grads(False)
         return f_out, w, m
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (apart from forward: torch.func.grad can transform it)
+        ctx.save_for_backward(*inputs, output[1])
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, g_fout, g_w, g_m):
@@ -56,14 +59,17 @@ class GaussianSumGrad(torch.autograd.Function):
     (any of them None); ``g_f`` is an empty tensor unless ``need_f``."""
 
     @staticmethod
-    def forward(ctx, q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, need_f):
+    def forward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, need_f):
         from ..kernels import gaussian_sum as kernels
 
         g_q, g_p, g_f, g_s, g_R = kernels.backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, need_f)
         g_f = f.new_zeros((0,)) if g_f is None else g_f.to(f.dtype)
-        ctx.save_for_backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m)
-        ctx.set_materialize_grads(False)
         return g_q, g_p, g_f, g_s, g_R
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:10])
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, a_q, a_p, a_f, a_s, a_R):
@@ -78,14 +84,17 @@ class GaussianSumGradGrad(torch.autograd.Function):
     again (third order) differentiates the torch-ops ``double_backward``."""
 
     @staticmethod
-    def forward(ctx, q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, a_s, a_R):
+    def forward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, a_s, a_R):
         from ..kernels import gaussian_sum_double as kernels
 
-        ctx.save_for_backward(q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, a_s, a_R)
-        ctx.set_materialize_grads(False)
         d_q, d_p, d_f, d_s, d_R, d_w, d_gf, d_gw, d_gm = kernels.double_backward(
             q, p, f, sigma, R, idx, w, g_fout, g_w, g_m, a_q, a_p, a_f, a_s, a_R)
         return d_q, d_p, d_f.to(f.dtype), d_s, d_R, d_w, None if d_gf is None else d_gf.to(g_fout.dtype), d_gw, d_gm
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, *cotangents):
