@@ -160,3 +160,10 @@ def test_squares_beyond_float64_take_the_literal_method():
     q = torch.tensor([[1e160, 0.0], [0.0, 0.0]], dtype=torch.float64)
     p = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1e160, 0.0]], dtype=torch.float64)
     _same(brute_force_search(q, p, 3, None, False), exact_rows_search(q, p, 3, None, False))
+
+
+def test_k_zero_on_the_grouped_path():
+    # the grouped search's batch size divided by k * k (k = 0: ZeroDivisionError)
+    p = torch.zeros(100, 12)
+    d, i = brute_force_search(p, p, 0, None, False)
+    assert d.shape == (100, 0) and i.shape == (100, 0)

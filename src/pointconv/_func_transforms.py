@@ -53,6 +53,15 @@ def has_tangent(t: torch.Tensor) -> bool:
     return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
 
+def bilinear_tangent(op, x, y, x_t, y_t):
+    """The forward-mode tangent of ``op(x, y)``, bilinear in ``(x, y)``: ``op(x_t, y) + op(x, y_t)``,
+    a term for each tangent given (None: no tangent)."""
+    terms = [op(x_t, y)] if x_t is not None else []
+    if y_t is not None:
+        terms.append(op(x, y_t))
+    return sum(terms[1:], terms[0])
+
+
 def outside_func_transforms(build):
     """``build(*args, **kwargs)`` (a structure builder) run by ``suspended`` on its arguments."""
     @functools.wraps(build)

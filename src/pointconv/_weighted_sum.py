@@ -21,6 +21,7 @@ import torch
 
 from ._backend import backend_for
 from ._row_sums import add_rows_
+from ._func_transforms import bilinear_tangent
 
 _CHUNK_ELEMENTS = 1 << 22  # rows x k x C per chunk
 
@@ -101,14 +102,8 @@ class _WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _, a_t, b_t, __, ___):
-        # bilinear in (a, b): the tangent is op(a_t, b) + op(a, b_t)
         a, b, idx = ctx.saved_tensors
-        terms = []
-        if a_t is not None:
-            terms.append(_WeightedSum.apply(ctx.name, a_t, b, idx, ctx.num_rows))
-        if b_t is not None:
-            terms.append(_WeightedSum.apply(ctx.name, a, b_t, idx, ctx.num_rows))
-        return sum(terms[1:], terms[0])
+        return bilinear_tangent(lambda u, v: _WeightedSum.apply(ctx.name, u, v, idx, ctx.num_rows), a, b, a_t, b_t)
 
     @staticmethod
     def backward(ctx, grad):

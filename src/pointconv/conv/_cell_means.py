@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._backend import backend_for
-from .._func_transforms import has_tangent, outside_func_transforms
+from .._func_transforms import bilinear_tangent, has_tangent, outside_func_transforms
 from .._threads import map_ordered
 
 # torch warns once per process that CSR tensors are "beta"; the CSR x dense product used here is
@@ -230,14 +230,8 @@ class _Bilinear(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _, x_t, y_t, __, ___):
-        # bilinear in (x, y): the tangent is f(x_t, y) + f(x, y_t)
         x, y = ctx.saved_tensors
-        terms = []
-        if x_t is not None:
-            terms.append(_Bilinear.apply(ctx.mode, x_t, y, ctx.mats, ctx.adjoint))
-        if y_t is not None:
-            terms.append(_Bilinear.apply(ctx.mode, x, y_t, ctx.mats, ctx.adjoint))
-        return sum(terms[1:], terms[0])
+        return bilinear_tangent(lambda u, v: _Bilinear.apply(ctx.mode, u, v, ctx.mats, ctx.adjoint), x, y, x_t, y_t)
 
     @staticmethod
     def backward(ctx, grad):

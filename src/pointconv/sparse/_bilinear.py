@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .._func_transforms import bilinear_tangent
+
 
 def bilinear_conv(x: torch.Tensor, w: torch.Tensor, T) -> torch.Tensor:
     """``(M_out, C_out)``: ``conv(x, w; T)``, differentiable to any order in x and w ``(V, C_in, C_out)``."""
@@ -39,14 +41,8 @@ class _Bilinear(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _, x_t, y_t, __):
-        # bilinear in (x, y): the tangent is f(x_t, y) + f(x, y_t)
         x, y = ctx.saved_tensors
-        terms = []
-        if x_t is not None:
-            terms.append(_Bilinear.apply(ctx.mode, x_t, y, ctx.tables))
-        if y_t is not None:
-            terms.append(_Bilinear.apply(ctx.mode, x, y_t, ctx.tables))
-        return sum(terms[1:], terms[0])
+        return bilinear_tangent(lambda u, v: _Bilinear.apply(ctx.mode, u, v, ctx.tables), x, y, x_t, y_t)
 
     @staticmethod
     def backward(ctx, grad):
