@@ -171,6 +171,37 @@ def test_grouped_tree_queries_as_a_tree_over_all_points():
     assert all(len(set(row)) == 40 for row in ii)
 
 
+@pytest.mark.parametrize("lattice", [False, True])
+def test_copies_at_the_kth_neighbor_are_certified_without_the_fallback(monkeypatch, lattice):
+    """Sites repeated 60 times each: a query's k-th neighbor is one of many copies, and the copies
+    left out tie with it. They have higher indices than the copies taken, so the tree's candidates
+    prove the answer (every row used to go to the exact fallback). On a lattice, groups also tie
+    with each other and the input dtype may rank another group last: those rows still fall back,
+    and every answer is the reference's."""
+    fallback_rows = []
+    real = cpu._exact_fallback
+
+    def spy(qb, *args, **kwargs):
+        fallback_rows.append(len(qb))
+        return real(qb, *args, **kwargs)
+
+    monkeypatch.setattr(cpu, "_exact_fallback", spy)
+    g = torch.Generator().manual_seed(3)
+    sites = torch.randint(0, 5, (50, 3), generator=g).float() if lattice else torch.rand(50, 3, generator=g)
+    p = sites[torch.randperm(3000, generator=g) % 50][None]  # 60 copies each (some sites coincide), shuffled
+    assert repeats_are_costly(p[0].double().numpy())
+    q = p[:, :1000] + (0.5 if lattice else 0.01)  # other queries too: near the copies, none on them
+    for k, exclude_self in ((5, False), (16, True), (59, True), (70, False), (70, True)):
+        fallback_rows.clear()
+        assert_same(pointconv.knn(p, p, k, exclude_self=exclude_self),
+                    reference(pointconv.knn, p, p, k, exclude_self=exclude_self))
+        if not lattice and k < 60:  # k within the query's own group
+            assert not fallback_rows
+    assert_same(pointconv.knn(q, p, 70), reference(pointconv.knn, q, p, 70))
+    assert_same(pointconv.ball_query(p, p, 1.5 if lattice else 0.1, 40, exclude_self=True),
+                reference(pointconv.ball_query, p, p, 1.5 if lattice else 0.1, 40, exclude_self=True))
+
+
 def test_ties_at_the_kth_neighbor_on_a_lattice_match_the_reference():
     """Voxel centers of a sphere shell: integer coordinates, so the k-th neighbor ties with many
     points at the same distance and most queries go to the exact fallback (which asks the tree for

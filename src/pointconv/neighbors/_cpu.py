@@ -97,14 +97,33 @@ def morton_order(x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.T
     return torch.argsort(code)
 
 
-def _drop_self(cand: torch.Tensor, d64: torch.Tensor, rows: torch.Tensor):
-    """Remove each row's own index from its candidates (or the last candidate if it is absent)."""
+def _drop_self(cand: torch.Tensor, d64: torch.Tensor, rows: torch.Tensor, following=None):
+    """Remove each row's own index from its candidates (or the last candidate if it is absent),
+    and the same slot from ``following`` (``_query_chunk``'s, if any)."""
     n, m = cand.shape
     is_self = cand == rows
     pos = torch.where(is_self.any(1), is_self.int().argmax(1), m - 1)
     cols = torch.arange(m - 1)[None, :]
     cols = cols + (cols >= pos[:, None]).long()
-    return cand.gather(1, cols), d64.gather(1, cols)
+    if following is not None:
+        following = following.gather(1, cols)
+    return cand.gather(1, cols), d64.gather(1, cols), following
+
+
+def _unseen_after_groups(cand, d64, following, out_i, k, groups):
+    """Over a ``GroupedTree``: a lower bound (squared, float64) on the distance of every point that
+    is not among a row's first k candidates and could precede its k-th neighbor ``out_i[:, k-1]``.
+
+    The points left out are the groups after the one in slot k-1, no nearer than ``following``
+    says, and that group's later points. Those tie with it and have higher indices than its
+    candidates, so when the k-th neighbor is one of them they all come after it; otherwise (the
+    input dtype ranked another group last) they count at the group's distance.
+    """
+    unseen = following[:, k - 1].square()
+    last_slot = cand[:, k - 1]
+    kth = out_i[:, k - 1]
+    same = (last_slot >= 0) & (kth >= 0) & (groups.group[last_slot.clamp(min=0)] == groups.group[kth.clamp(min=0)])
+    return torch.where(same | (last_slot < 0), unseen, torch.minimum(unseen, d64[:, k - 1]))
 
 
 def _guess_bound(tree, q64, m, bound):
@@ -149,14 +168,22 @@ def _first_candidates(tree, q64, m, kk, bound, rel, tiny):
 
 
 def _query_chunk(tree, q64, m, guess, bound, workers=1):
-    dd, ii = tree.query(q64, k=m, distance_upper_bound=guess, workers=workers)
-    dd, ii = np.asarray(dd).reshape(len(q64), m), np.asarray(ii).reshape(len(q64), m)
+    """The tree's m nearest candidates of each row: ``(dd, ii, following)``, ``following`` the
+    per-slot bound on the groups after the slot's over a ``GroupedTree`` (else None)."""
+    def query(x, upper):
+        if isinstance(tree, GroupedTree):
+            return tree.query_with_next(x, m, upper, workers)
+        dd, ii = tree.query(x, k=m, distance_upper_bound=upper, workers=workers)
+        return dd, ii, None
+
+    found = [np.asarray(a).reshape(len(q64), m) if a is not None else None for a in query(q64, guess)]
     if guess < bound:
-        short = np.nonzero(np.isinf(dd[:, -1]))[0]
+        short = np.nonzero(np.isinf(found[0][:, -1]))[0]
         if short.size:
-            d2, i2 = tree.query(q64[short], k=m, distance_upper_bound=bound, workers=workers)
-            dd[short], ii[short] = np.asarray(d2).reshape(-1, m), np.asarray(i2).reshape(-1, m)
-    return dd, ii
+            for whole, again in zip(found, query(q64[short], bound)):
+                if whole is not None:
+                    whole[short] = np.asarray(again).reshape(-1, m)
+    return tuple(found)
 
 
 def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None, lift=None):
@@ -194,12 +221,14 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None, lift=None)
     m = _first_candidates(tree, q64, m, min(k + int(exclude_self), n), bound, rel, tiny)
     guess = _guess_bound(tree, q64, m, bound)
     p_columns = p.detach().t().contiguous()
+    groups = tree.groups if isinstance(tree, GroupedTree) else None
     out_d = torch.empty((nq, k), dtype=q.dtype)
     out_i = torch.empty((nq, k), dtype=torch.int64)
     uncertified = []
     if nq < _PIPELINE_ROWS:  # small batches: a thread pool costs more than it saves
-        dd, ii = _query_chunk(tree, q64, m, guess, bound, workers=-1)
-        out_d, out_i, bad = _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel, tiny)
+        dd, ii, following = _query_chunk(tree, q64, m, guess, bound, workers=-1)
+        out_d, out_i, bad = _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel, tiny,
+                                          following, groups)
         uncertified.append(bad)
     else:
         # Enough chunks to keep every thread busy, each big enough to amortize its overhead.
@@ -210,9 +239,9 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None, lift=None)
         queried = imap_ordered(lambda span: _query_chunk(tree, q64[span[0]:span[1]], m, guess, bound), spans,
                                torch.device("cpu"), workers=_THREADS)
         with contextlib.closing(queried):
-            for (s, e), (dd, ii) in zip(spans, queried):
-                out_d[s:e], out_i[s:e], bad = _finish_chunk(q[s:e], p_columns, dd, ii, k, radius2,
-                                                            exclude_self, rows[s:e], rel, tiny)
+            for (s, e), (dd, ii, following) in zip(spans, queried):
+                out_d[s:e], out_i[s:e], bad = _finish_chunk(q[s:e], p_columns, dd, ii, k, radius2, exclude_self,
+                                                            rows[s:e], rel, tiny, following, groups)
                 uncertified.append(bad + s)
     bad = torch.cat(uncertified)
     if bad.numel():
@@ -229,8 +258,11 @@ def kdtree_search(q, p, tree, k, radius2, exclude_self, row_ids=None, lift=None)
     return out_d, out_i
 
 
-def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel, tiny):
+def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel, tiny, following=None, groups=None):
     """Top-k of one chunk from the tree's m float64-nearest candidates (see the module docstring).
+
+    Over a ``GroupedTree`` (``following`` and ``groups`` given): the candidates are its groups'
+    lowest points, and ``following`` bounds, per slot, the groups after the slot's own.
 
     Returns ``(dists, idx, uncertified_rows)``: the rows whose answer the candidates cannot prove.
     """
@@ -239,8 +271,9 @@ def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel, tin
     cand = torch.from_numpy(ii).to(torch.int64)
     cand[cand >= n] = -1
     d64 = torch.from_numpy(dd).square()
+    following = None if following is None else torch.from_numpy(following)
     if exclude_self and m > 1:
-        cand, d64 = _drop_self(cand, d64, rows[:, None])
+        cand, d64, following = _drop_self(cand, d64, rows[:, None], following)
     mm = cand.shape[1]
     # Rows whose first k+1 candidates are farther apart (float64) than any rounding error keep
     # the tree's order in the input dtype too; only the others need a sort by (distance, index).
@@ -260,7 +293,10 @@ def _finish_chunk(q, p_columns, dd, ii, k, radius2, exclude_self, rows, rel, tin
     if m == n:  # every point was a candidate
         return out_d, out_i, torch.empty(0, dtype=torch.int64)
     # The first unseen point is at least this far (squared, float64).
-    unseen = torch.from_numpy(dd[:, m - 1]).square()
+    if groups is None:
+        unseen = torch.from_numpy(dd[:, m - 1]).square()
+    else:
+        unseen = _unseen_after_groups(cand, d64, following, out_i, k, groups)
     if radius2 is not None:
         unseen = torch.where(torch.isinf(unseen), radius2 * (1 + 4 * rel) + 4 * tiny, unseen)
     last = out_d[:, k - 1].double()

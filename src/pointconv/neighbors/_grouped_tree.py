@@ -72,13 +72,25 @@ class GroupedTree:
     def query(self, x: np.ndarray, k: int, distance_upper_bound: float = math.inf, workers: int = 1):
         """``(distances, indices)``, both ``(len(x), k)``: the k nearest points within the bound,
         padded with inf / ``n`` as cKDTree pads."""
+        return self.query_with_next(x, k, distance_upper_bound, workers)[:2]
+
+    def query_with_next(self, x: np.ndarray, k: int, distance_upper_bound: float = math.inf, workers: int = 1):
+        """``query``, and per slot a lower bound on the distance of every group after the slot's own
+        (the next group's, inf when no group is left within the bound): ``(distances, indices, next)``.
+
+        A slot's group is complete up to the k lowest of its points, so the points not returned
+        are the later members of the last group in a row and the groups after it: what
+        ``kdtree_search`` needs to certify an answer whose last points are copies of one point.
+        """
         x = np.asarray(x).reshape(-1, self.data.shape[1])
         dd, gg = self.tree.query(x, k=k, distance_upper_bound=distance_upper_bound, workers=workers)
         groups = torch.from_numpy(np.asarray(gg).reshape(len(x), k)).long()
         column, point = self.expand_rows(groups, k, k)
         dd = torch.from_numpy(np.asarray(dd, dtype=np.float64).reshape(len(x), k))
         dists = torch.where(point < self.n, dd.gather(1, column), math.inf)
-        return dists.numpy(), point.numpy()
+        # the last returned group stands for those after it: they are no nearer
+        following = torch.cat([dd[:, 1:], dd[:, -1:]], 1)
+        return dists.numpy(), point.numpy(), following.gather(1, column).numpy()
 
     def expand_rows(self, groups: torch.Tensor, keep: int, width: int | None = None):
         """``PointGroups.expand_rows``: the tree pads ``groups`` with ``tree.n``, the group count."""
