@@ -73,6 +73,17 @@ def test_trilinear_reproduces_linear_functions_and_renormalizes():
     torch.testing.assert_close(out, ref)  # only layer 2 contributes, at its own x
 
 
+def test_an_inactive_corner_reads_zero_whatever_the_first_voxel_holds():
+    """Inactive voxels read as zeros, not as 0 * (the first voxel's features): an inf there (a max
+    over no finite value, a user's feature) made NaN of every point next to an inactive voxel."""
+    pts = torch.tensor([[[0.1, 0.1, 0.1], [5.1, 5.1, 5.1], [5.9, 5.2, 5.3]]])
+    x, _ = pointconv.voxelize(pts, torch.tensor([[[float("inf")], [1.0], [3.0]]]), 1.0, reduce="max")
+    assert x.indices[0].tolist() == [0, 0, 0, 0] and x.features[0].item() == float("inf")
+    q = torch.tensor([[[5.5, 5.5, 5.5], [2.5, 2.5, 2.5], [5.2, 5.9, 5.7]]])  # (5,5,5), inactive, near (5,5,5)
+    assert pointconv.devoxelize(x, q, mode="nearest").tolist() == [[[3.0], [0.0], [3.0]]]
+    assert pointconv.devoxelize(x, q).tolist() == [[[3.0], [0.0], [3.0]]]  # only (5,5,5) is active nearby
+
+
 def test_devoxelize_gradients_wrt_features_and_points():
     pts, feats = _cloud(B=1, N=20, C=2, seed=3)
     x, _ = pointconv.voxelize(pts, feats, 0.4)

@@ -161,7 +161,8 @@ def devoxelize(x: SparseConvTensor, points, voxel_size=None, *, origin=None, len
 
         def read(rows):
             got = feats.index_select(0, rows.clamp(min=0).reshape(-1)).reshape(B, N, C)
-            return got * (rows >= 0)[..., None].to(got.dtype)
+            # filled, not multiplied: 0 * an inf / NaN in row 0 (the clamped stand-in) is NaN
+            return got.masked_fill((rows < 0)[..., None], 0)
 
         if mode == "nearest":
             # clamped before the cast (far points would wrap); -1 and 2^31 are outside every grid
