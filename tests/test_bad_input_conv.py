@@ -292,6 +292,10 @@ def test_radius_conv_bad_inputs():
         conv(pts, f, torch.rand(1, 2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="centers has batch size 2"):
         conv(pts, f, torch.rand(2, 2, 3))
+    with pytest.raises(ValueError, match="centers has coordinates beyond"):  # (the search named it query)
+        conv(pts, f, torch.full((1, 2, 3), 1e19))
+    with pytest.raises(TypeError, match="mlp_channels must be a list or tuple"):
+        pointconv.nn.RadiusConv(4, 8, radius=0.3, k=6)
     # the features take the layer's dtype, the coordinates stay float32 / float64 (the offsets
     # enter the MLP in the features' dtype): float64 points in a float32 layer, a float64 layer on
     # float32 points, and a half-precision layer on float32 points (it rejected every input)
@@ -315,6 +319,8 @@ def test_knn_and_edge_conv_feature_dtype(dtype):
         pointconv.nn.EdgeConv(4, 8, k=3)(f.to(dtype))
     with pytest.raises(TypeError, match="features must be a floating-point tensor, got dtype torch.int64"):
         pointconv.nn.EdgeConv(4, 8, k=3)(torch.ones(1, 9, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="features has coordinates beyond"):  # searched as coordinates
+        pointconv.nn.EdgeConv(4, 8, k=3)(torch.full((1, 9, 4), 1e19))
     conv = pointconv.nn.KNNConv(4, 8, k=3).double()
     ref = conv.linear(pointconv.aggregate(f.double(), pointconv.knn(pts, pts, 3, exclude_self=True).idx))
     torch.testing.assert_close(conv(pts, f.double()), ref)  # float32 points, float64 features

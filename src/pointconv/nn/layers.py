@@ -14,6 +14,7 @@ from .._graph_zeros import zeros_like_graph
 from ..conv.aggregate import aggregate
 from ..conv.pointwise import _dilation, pointwise_conv
 from ..neighbors import ball_query, gather, knn
+from ..neighbors._common import check_magnitude
 
 
 def _check_cloud(points, features, lengths, in_channels, dim=None):
@@ -79,6 +80,8 @@ class RadiusConv(nn.Module):
         if reduce not in ("mean", "max", "sum"):
             raise ValueError(f"reduce must be 'mean', 'max' or 'sum', got {reduce!r}")
         self.reduce = reduce
+        if not isinstance(mlp_channels, (list, tuple)):
+            raise TypeError(f"mlp_channels must be a list or tuple of layer widths, got {type(mlp_channels).__name__}")
         chans = [self.in_channels + 3] + [_checks.positive_int("mlp_channels", c) for c in mlp_channels]
         if len(chans) < 2:
             raise ValueError("mlp_channels must name at least one layer")
@@ -101,6 +104,7 @@ class RadiusConv(nn.Module):
             center_lengths = lengths if center_lengths is None else center_lengths
         else:
             _checks.coords("centers", centers, ndim=3, dim=3)
+            check_magnitude("centers", centers)
             _checks.same_device(points=points, centers=centers)
             _checks.same_dtype(points=points, centers=centers)
             if centers.shape[0] != points.shape[0]:
@@ -169,6 +173,7 @@ class EdgeConv(nn.Module):
         half = features.dtype in (torch.float16, torch.bfloat16)
         searched = features.detach().float() if half else features.detach()
         _checks.coords("features", searched, ndim=3)
+        check_magnitude("features", searched)  # searched as coordinates: their squared distances must be finite
         if features.shape[2] != self.in_channels:
             raise ValueError(f"features have {features.shape[2]} channels, this layer expects {self.in_channels}")
         layer_dtype("features", features, self.mlp[0].weight.dtype)
