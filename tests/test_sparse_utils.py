@@ -1,3 +1,6 @@
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +15,8 @@ def naive_voxelize(pc, vsize, lo, grid, max_voxels, max_points):
     voxels, order = {}, []
     ids = []
     for i, p in enumerate(pc.tolist()):
-        c = [int(torch.floor(torch.tensor((p[a] - lo[a]) / vsize[a])).item()) for a in range(D)]
+        # float32 arithmetic, as spconv's: (x - lo) / vsize, each step rounded to float32
+        c = [math.floor(np.float32(np.float32(p[a]) - np.float32(lo[a])) / np.float32(vsize[a])) for a in range(D)]
         if not all(0 <= c[a] < grid[a] for a in range(D)):
             ids.append(None)
             continue
@@ -120,6 +124,26 @@ def test_hash_table(key_dtype):
         table.insert(torch.arange(20, dtype=key_dtype))
     with pytest.raises(TypeError, match="keys must be a 1-D"):
         table.query(torch.tensor([1.0]))
+
+
+def test_hash_table_rows_keep_one_shape():
+    """Values are one row per key, every row shaped as the table's first ones: a 0-dim value, or
+    rows of another shape, are named (they raised IndexError / errors from inside torch.cat)."""
+    table = spconv.HashTable("cpu", torch.int64, torch.float32)
+    with pytest.raises(ValueError, match=r"values must have one row per key, shape \(1, ...\), got shape \(\)"):
+        table.insert(torch.tensor([1]), torch.tensor(1.0))
+    # a key absent from an empty table: nothing to update, whatever the rows' shape
+    assert table.insert_exist_keys(torch.tensor([4]), torch.ones(1, 3)).tolist() == [1]
+    table.insert(torch.tensor([1, 2]), torch.arange(6.0).view(2, 3))
+    table.insert(torch.tensor([3]))  # no values: zero rows of the table's shape
+    keys, values, _ = table.items()
+    assert keys.tolist() == [1, 2, 3] and values.tolist() == [[0, 1, 2], [3, 4, 5], [0, 0, 0]]
+    for call in (lambda: table.insert(torch.tensor([4]), torch.ones(1)),
+                 lambda: table.insert_exist_keys(torch.tensor([1]), torch.ones(1, 4))):
+        with pytest.raises(ValueError, match=r"values must have shape \(1, 3\): rows shaped as the table's"):
+            call()
+    assert table.insert_exist_keys(torch.tensor([2, 9]), torch.full((2, 3), 7.0)).tolist() == [0, 1]
+    assert table.query(torch.tensor([2]))[0].tolist() == [[7.0, 7.0, 7.0]]
 
 
 def test_voxels_feed_a_sparse_network():

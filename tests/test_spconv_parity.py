@@ -104,11 +104,17 @@ def test_utility_arguments_in_spconvs_order():
 
 
 @pytest.mark.parametrize("D", [1, 2, 3, 4])
-def test_point_to_voxel_parity_in_1_to_4_dimensions(D):
+@pytest.mark.parametrize("on_faces", [False, True])
+def test_point_to_voxel_parity_in_1_to_4_dimensions(D, on_faces):
+    """Random points, and points on voxel faces (multiples of 0.1 with 0.1 / 0.2 / 0.3 voxels:
+    spconv floors the float32 quotient, so the float64 one put most of them one voxel lower)."""
     from spconv.pytorch.utils import PointToVoxel as TheirVoxelizer
     g = torch.Generator().manual_seed(D)
     pc = torch.cat([torch.rand(400, D, generator=g) * 2.2 - 0.1, torch.randn(400, 2, generator=g)], 1)
     args = ([0.5, 0.25, 0.5, 1.0][:D], [0] * D + [2] * D, D + 2, 30, 3)
+    if on_faces:
+        pc[:, :D] = torch.round(pc[:, :D] * 10) / 10
+        args = ([0.1, 0.2, 0.3, 0.1][:D], [0] * D + [2.1] * D, D + 2, 400, 3)
     v_t, i_t, n_t, id_t = TheirVoxelizer(*args).generate_voxel_with_id(pc, True, False)
     v_m, i_m, n_m, id_m = ours.utils.PointToVoxel(*args).generate_voxel_with_id(pc, True, False)
     # the same voxels (spconv's come in hash order, ours sorted), points and per-point voxel ids

@@ -1,7 +1,9 @@
 """``PointToVoxel``: spconv's point-cloud voxelizer, vectorized in torch on any device.
 
-Points outside ``coors_range_xyz`` are dropped. A point's voxel is ``floor((xyz - lo) / vsize)``;
-the grid has ``round((hi - lo) / vsize)`` voxels per axis. As in spconv, the first
+Points outside ``coors_range_xyz`` are dropped. A point's voxel is ``floor((xyz - lo) / vsize)``
+and the grid has ``round((hi - lo) / vsize)`` voxels per axis, both computed in float32 as spconv
+computes them (float64 for float64 points): the float64 quotient of a float32 point at 0.7 and a
+0.1 voxel floors to 6, spconv's float32 one to 7, and every point on a voxel face would move. As in spconv, the first
 ``max_num_voxels`` voxels in order of first appearance are kept and each keeps its first
 ``max_num_points_per_voxel`` points (input order); unlike spconv's hash order, the kept voxels
 come out sorted by their (z, y, x) coordinates, so the output is deterministic. Coordinates are
@@ -48,7 +50,9 @@ class PointToVoxel:
         self.ndim = D
         self.vsize = vsize
         self.lo, self.hi = rng[:D], rng[D:]
-        grid = torch.round((self.hi - self.lo) / vsize).clamp(min=1)  # xyz, float64: no overflow yet
+        # spconv: std::round of the float32 quotient (halves away from zero); held in float64: no overflow yet
+        quotient = ((self.hi.float() - self.lo.float()) / vsize.float()).double()
+        grid = torch.floor(quotient + 0.5).clamp(min=1)
         # the voxel indices are int32 and a voxel's key, z * gy * gx + y * gx + x, int64
         cells = [int(g) for g in grid.tolist()]
         if max(cells) > INT32_MAX or math.prod(cells) > 2**63:
@@ -89,9 +93,9 @@ class PointToVoxel:
         N = pc.shape[0]
         P = self.max_num_points_per_voxel
         D = self.ndim
-        xyz = pc[:, :D].double()
-        lo, vsize, grid = self.lo.to(dev), self.vsize.to(dev), self.grid_size.to(dev)
-        c = torch.floor((xyz - lo) / vsize)
+        work = torch.float64 if pc.dtype == torch.float64 else torch.float32  # spconv's float32 arithmetic
+        lo, vsize, grid = self.lo.to(dev, work), self.vsize.to(dev, work), self.grid_size.to(dev)
+        c = torch.floor((pc[:, :D].to(work) - lo) / vsize).double()
         # in float64 first: casting a far (or NaN) point's cell to int64 is undefined
         inside = ((c >= 0) & (c < grid)).all(1)
         c = torch.where(inside[:, None], c, 0).long()
