@@ -35,11 +35,19 @@ class HashTable:
             raise ValueError(f"keys are on {keys.device}, the table on {self.device}")
 
     def _values_for(self, keys, values):
+        """``values`` for ``keys``: one row per key, rows shaped as the table's (once it holds any)."""
+        row = tuple(self._values.shape[1:]) if self._values.numel() or self._values.dim() > 1 else None
         if values is None:
-            return torch.zeros(keys.shape[0], dtype=self.value_dtype, device=self.device)
+            return torch.zeros((keys.shape[0], *(row or ())), dtype=self.value_dtype, device=self.device)
         _checks.tensor("values", values)
-        if values.shape[0] != keys.shape[0]:
-            raise ValueError(f"values must have {keys.shape[0]} rows, got {values.shape[0]}")
+        if values.dim() < 1 or values.shape[0] != keys.shape[0]:
+            raise ValueError(f"values must have one row per key, shape ({keys.shape[0]}, ...), got shape "
+                             f"{tuple(values.shape)}")
+        if row is not None and tuple(values.shape[1:]) != row:
+            raise ValueError(f"values must have shape {(keys.shape[0], *row)}: rows shaped as the table's, got "
+                             f"shape {tuple(values.shape)}")
+        if values.device != self.device:
+            raise ValueError(f"values are on {values.device}, the table on {self.device}")
         if values.is_floating_point() != self.value_dtype.is_floating_point:
             raise TypeError(f"values must be {self.value_dtype} (the table's value_dtype), got {values.dtype}")
         return values.to(self.value_dtype)
@@ -87,8 +95,9 @@ class HashTable:
         self._check_keys(keys)
         values = self._values_for(keys, values)
         pos, found = self._find(keys)
-        self._values = self._values.clone()
-        self._values[pos[found]] = values[found]
+        if bool(found.any()):  # (an empty table's values may be shaped (0,) whatever the rows)
+            self._values = self._values.clone()
+            self._values[pos[found]] = values[found]
         return (~found).to(torch.uint8)
 
     def assign_arange_(self) -> int:

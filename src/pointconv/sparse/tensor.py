@@ -44,9 +44,10 @@ class SparseConvTensor:
             raise ValueError(f"features must have shape (N, C), got shape {tuple(features.shape)}")
         if indices.dtype != torch.int32:
             raise TypeError(f"indices must be an int32 tensor, got dtype {indices.dtype}")
-        if any(isinstance(s, bool) or not hasattr(type(s), "__index__") for s in spatial_shape):
-            raise TypeError(f"spatial_shape must hold ints, got {list(spatial_shape)}")
-        spatial_shape = [int(s) for s in spatial_shape]
+        if isinstance(spatial_shape, (str, bytes)) or not hasattr(spatial_shape, "__iter__"):
+            raise TypeError(f"spatial_shape must be a list of ints, got {type(spatial_shape).__name__}")
+        # ints (a float tensor's elements have __index__ too: int() would truncate 4.9 to 4)
+        spatial_shape = [_checks.integer("spatial_shape", s) for s in spatial_shape]
         ndim = len(spatial_shape)
         if ndim < 1 or any(s < 1 for s in spatial_shape):
             raise ValueError(f"spatial_shape must hold >= 1 positive sizes, got {spatial_shape}")
