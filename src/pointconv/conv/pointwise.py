@@ -47,7 +47,7 @@ class PointwiseNeighbors:
     (padding zeroed), so ``pointwise_conv`` can tell that it is given the structure of other
     points (an O(N) comparison; the structure itself holds about 27 pairs per point).
 
-    ``groups``: None, or ``PointGroups`` when many points share their (snapped) coordinates: then
+    ``groups``: None, or ``SnappedGroups`` when many points share their (snapped) coordinates: then
     the matrices are over the groups (``gather.num_rows`` of them), each column standing for all
     the points of its group (entries ``1 / count`` with ``count`` the points in the cell, so that
     the group sums of the features give the means), and every point takes its group's output.
@@ -55,7 +55,7 @@ class PointwiseNeighbors:
 
     def __init__(self, gather: CellMeans, gather_rows: torch.Tensor, cell_size: float, dilation: int,
                  points: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
-                 groups: "PointGroups | None" = None):
+                 groups: "SnappedGroups | None" = None):
         self.gather = gather
         self.groups = groups
         self.num_rows = gather.num_rows if groups is None else groups.num_rows
@@ -99,7 +99,7 @@ class PointwiseNeighbors:
 _COSTLY_REPEATS = 32
 
 
-class PointGroups:
+class SnappedGroups:
     """The valid points grouped by (cloud, snapped coordinates): ``of_row (R,)`` each flattened
     padded point's group (0 for padding, which is masked), ``members`` the valid rows, ``of_member``
     their groups, ``size (G,)`` the points per group, ``num_rows`` R."""
@@ -119,7 +119,7 @@ class PointGroups:
         members = torch.arange(len(keyed), device=keyed.device) if rows is None else rows
         of_row = torch.zeros(num_rows, dtype=torch.int64, device=keyed.device)
         of_row[members] = of_member
-        return PointGroups(of_row, members, of_member, size, num_rows), unique[:, 1:].contiguous(), unique[:, 0]
+        return SnappedGroups(of_row, members, of_member, size, num_rows), unique[:, 1:].contiguous(), unique[:, 0]
 
     def sums(self, f: torch.Tensor) -> torch.Tensor:
         """``(G, C)``: each group's sum of the rows of ``f (R, C)`` (differentiable to any order)."""
@@ -219,7 +219,7 @@ def pointwise_neighbors(points, cell_size, dilation=1, *, lengths=None):
     batch = (torch.arange(R, device=points.device) if rows is None else rows) // max(N, 1)
     groups = None
     if quantized.shape[0]:
-        groups, quantized, batch = PointGroups.find(quantized, batch, rows, R)
+        groups, quantized, batch = SnappedGroups.find(quantized, batch, rows, R)
     windows = Windows(quantized, batch, max(dilations)) if quantized.shape[0] else None
     # int32 indices where they fit: less memory traffic, and their sorts are faster
     itype = torch.int32 if 27 * R < 1 << 31 else torch.int64
