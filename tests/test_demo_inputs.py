@@ -147,6 +147,10 @@ def test_clouds_far_from_the_origin_keep_their_detail(tmp_path):
     # values past float32's range are fine too: centered and scaled in float64
     np.save(path, local * 1e300)
     assert torch.isfinite(sdf.normalize_cloud(sdf.read_points(str(path))).float()).all()
+    # up to float64's largest: hi - lo and lo + hi overflowed (every point became 0, or -inf)
+    for huge in (local * 2.9e307, local * 1.4e307 + 9e307):
+        assert np.isfinite(huge).all()
+        torch.testing.assert_close(sdf.normalize_cloud(torch.from_numpy(huge)).float(), fitted, rtol=0, atol=1e-5)
 
 
 def test_ply_with_carriage_return_line_ends(tmp_path):

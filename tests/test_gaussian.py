@@ -240,6 +240,27 @@ def test_missing_neighbors_are_padded_not_garbage(device):
     assert_same((f_out, w, d, i), knn_aggregate_aniso_reference(q, p, f, sigma, R, 10, p_lengths=lengths))
 
 
+def check_overflowing_exponents_count_as_missing(backend):
+    """Points whose exponent overflows float32 (m = inf) count as missing, as padding does: their
+    weight exp(-m) is 0 either way; with select="euclidean" only their weight is 0."""
+    p = torch.tensor([[[0.0, 0, 0], [10, 0, 0], [20, 0, 0], [1, 0, 0]]])
+    f, R, q = torch.ones(1, 4, 1), torch.eye(3).expand(1, 4, 3, 3), torch.zeros(1, 2, 3)
+    sigma = torch.full((1, 4, 3), 1e37)  # m = 1e37 at distance 1, 1e39 (inf) at 10
+    for requires_grad in (False, True):  # (the forward-only kernel and the autograd paths)
+        with pointconv.use_backend(backend):
+            qq = q.clone().requires_grad_(requires_grad)
+            _, w, d, i = pointconv.knn_aggregate_aniso(qq, p, f, sigma, R, 3)
+            _, w_e, d_e, i_e = pointconv.knn_aggregate_aniso(qq, p, f, sigma, R, 3, select="euclidean")
+        assert i[0].tolist() == [[0, 3, -1]] * 2 and d[0, :, 2].isinf().all() and d[0, :, 1].eq(1e37).all()
+        assert w[0].tolist() == [[1.0, 0.0, 0.0]] * 2 and w_e[0].tolist() == [[1.0, 0.0, 0.0]] * 2
+        assert i_e[0].tolist() == [[0, 3, 1]] * 2 and d_e[0].tolist() == [[0.0, 1.0, 100.0]] * 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_overflowing_exponents_count_as_missing(backend):
+    check_overflowing_exponents_count_as_missing(backend)
+
+
 def test_iso_matches_reference_and_scalar_formula():
     q, p, f, sigma, _ = make()
     s1 = sigma[..., :1].contiguous()

@@ -6,7 +6,7 @@ import torch
 
 import pointconv
 from pointconv.gaussian import knn_aggregate_aniso_reference
-from test_gaussian import make
+from test_gaussian import check_overflowing_exponents_count_as_missing, make
 from needs_triton import require_triton
 
 require_triton()
@@ -166,3 +166,8 @@ def test_double_backward_kernels_match_the_torch_ops(present, dtype):
             assert a is None or not bool(a.any())
         else:
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's, in the interpreter
+def test_overflowing_exponents_count_as_missing():
+    check_overflowing_exponents_count_as_missing("triton")

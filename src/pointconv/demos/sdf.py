@@ -212,6 +212,9 @@ def _read_ply(path: pathlib.Path) -> np.ndarray:
 def normalize_cloud(x: torch.Tensor) -> torch.Tensor:
     """Center and scale into [-0.8, 0.8]^3 (the box the SDF is fitted in); ValueError for a single point."""
     x64 = x.double()
+    # by a power of two first (exact): coordinates near 1e308 would overflow hi - lo and lo + hi
+    largest = float(x64.abs().max()) if x64.numel() else 0.0
+    x64 = x64 * math.ldexp(1.0, -math.frexp(largest)[1])
     lo, hi = x64.min(0).values, x64.max(0).values
     extent = float((hi - lo).max())
     if not extent > 0:

@@ -5,7 +5,8 @@ Semantics (DESIGN.md 5.1): for query i and point j, ``d = q_i - p_j``, ``u = R_j
 Neighbors: the K smallest m (``select="aniso"``, the original's rule) or the K nearest points
 (``select="euclidean"``). Outputs ``f_out = sum_k w_k f_k`` (not normalized), per-neighbor weights,
 ascending ``dists`` and int64 indices; missing neighbors (K > P, or beyond ``p_lengths``) have
-``idx = -1``, weight 0 and ``dists = inf``.
+``idx = -1``, weight 0 and ``dists = inf``. With ``select="aniso"`` a point whose exponent
+overflows the coordinates' dtype (``m = inf``; its weight is 0 either way) counts as missing too.
 
 Neighbor selection is piecewise constant and not differentiated; everything after it is exact to
 any order, and ``(B, Q, K, F)`` never exists. The torch backend builds it from differentiable ops
@@ -147,7 +148,8 @@ def knn_aggregate_aniso(q, p, f, sigma, R, K, *, p_lengths=None, select="aniso")
         ``(f_out (B, Q, F), w_out (B, Q, K), dists (B, Q, K), idxs (B, Q, K) int64)``: the weighted
         sum ``sum_k w_k f_k`` (not normalized), the weights ``exp(-m)``, and per neighbor its ``m``
         (``select="aniso"``) or SQUARED Euclidean distance (``"euclidean"``), ascending (ties to the
-        lower index). Missing neighbors: ``idx = -1``, weight 0, ``dists = inf``. All of
+        lower index). Missing neighbors (and, with ``select="aniso"``, points whose exponent overflows
+        to inf): ``idx = -1``, weight 0, ``dists = inf``. All of
         ``f_out``, ``w_out`` and ``dists`` are differentiable w.r.t. q, p, f, sigma and R to any order.
     """
     _checks.tensor("R", R)  # None is the isotropic call's
