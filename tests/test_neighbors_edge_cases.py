@@ -202,6 +202,23 @@ def test_copies_at_the_kth_neighbor_are_certified_without_the_fallback(monkeypat
                 reference(pointconv.ball_query, p, p, 1.5 if lattice else 0.1, 40, exclude_self=True))
 
 
+def test_a_group_just_past_the_sampled_bound_is_still_seen():
+    """From 20,000 queries on, the tree is first queried within a sampled bound. Over groups of
+    copies the m candidate slots can all be copies of one group inside it while the next group
+    lies past it: such a row must be queried again, not certified. Here point 0 ties in float32
+    with the 100 copies (indices 1-100) nearer in float64, and must come first."""
+    p = torch.tensor([[6000.0, 1.0]] + [[6000.0, 0.0]] * 100)
+    q = torch.tensor([0.0, 0.5]).expand(20000, 2).clone()  # these set the sampled bound
+    q[::200] = 0.0  # 0.5% of the rows: 6000^2 and 6000.0000833^2 are one float32
+    for search in (lambda: pointconv.knn(q[None], p[None], 1), lambda: pointconv.knn(q[None], p[None], 3),
+                   lambda: pointconv.ball_query(q[None], p[None], 6001.0, 1),
+                   lambda: pointconv.NeighborIndex(p[None]).knn(q[None], 1),
+                   lambda: pointconv.knn(q.view(2, 10000, 2), torch.stack([p, p]), 1)):  # a lifted tree
+        got = search()
+        assert got.idx.flatten(0, 1)[0].tolist()[:1] == [0]
+        assert_same(got, reference(lambda *a: search()))
+
+
 def test_ties_at_the_kth_neighbor_on_a_lattice_match_the_reference():
     """Voxel centers of a sphere shell: integer coordinates, so the k-th neighbor ties with many
     points at the same distance and most queries go to the exact fallback (which asks the tree for

@@ -137,7 +137,10 @@ def _guess_bound(tree, q64, m, bound):
     nq = q64.shape[0]
     if nq < _GUESS_ROWS or m < 2:
         return bound
-    sample = tree.query(q64[:: nq // 200], k=m, distance_upper_bound=bound, workers=1)[0][:, -1]
+    if isinstance(tree, GroupedTree):  # past the group after the m-th slot's (see _query_chunk)
+        sample = tree.query_with_next(q64[:: nq // 200], m, bound)[2][:, -1]
+    else:
+        sample = tree.query(q64[:: nq // 200], k=m, distance_upper_bound=bound, workers=1)[0][:, -1]
     finite = sample[np.isfinite(sample)]
     return min(bound, float(np.quantile(finite, 0.95))) if finite.size else bound
 
@@ -178,7 +181,9 @@ def _query_chunk(tree, q64, m, guess, bound, workers=1):
 
     found = [np.asarray(a).reshape(len(q64), m) if a is not None else None for a in query(q64, guess)]
     if guess < bound:
-        short = np.nonzero(np.isinf(found[0][:, -1]))[0]
+        # rows that met nothing past the guess: no more points within it, or (over groups) no group
+        # after the last slot's, which the certificate needs to know within the search bound
+        short = np.nonzero(np.isinf(found[0][:, -1] if found[2] is None else found[2][:, -1]))[0]
         if short.size:
             for whole, again in zip(found, query(q64[short], bound)):
                 if whole is not None:
