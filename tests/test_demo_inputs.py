@@ -148,7 +148,8 @@ def test_clouds_far_from_the_origin_keep_their_detail(tmp_path):
     np.save(path, local * 1e300)
     assert torch.isfinite(sdf.normalize_cloud(sdf.read_points(str(path))).float()).all()
     # up to float64's largest: hi - lo and lo + hi overflowed (every point became 0, or -inf)
-    for huge in (local * 2.9e307, local * 1.4e307 + 9e307):
+    # and down to subnormal coordinates (2^-1074 has no float64 reciprocal)
+    for huge in (local * 2.9e307, local * 1.4e307 + 9e307, local * 2**-1050):
         assert np.isfinite(huge).all()
         torch.testing.assert_close(sdf.normalize_cloud(torch.from_numpy(huge)).float(), fitted, rtol=0, atol=1e-5)
 

@@ -216,7 +216,7 @@ def test_layer_input_errors():
     for shape in ([4.5, 4, 4], [True, 4, 4], torch.tensor([4.9, 4.0, 4.0])):
         with pytest.raises(TypeError, match="spatial_shape must be an int"):
             spconv.SparseConvTensor(torch.rand(2, 4), idx, shape, 1)
-    for shape in (4, None, "444"):
+    for shape in (4, None, "444", torch.tensor(4)):
         with pytest.raises(TypeError, match="spatial_shape must be a list of ints"):
             spconv.SparseConvTensor(torch.rand(2, 4), idx, shape, 1)
     assert spconv.SparseConvTensor(torch.rand(2, 4), idx, torch.tensor([4, 5, 6]), 1).spatial_shape == [4, 5, 6]

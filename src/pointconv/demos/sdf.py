@@ -214,7 +214,8 @@ def normalize_cloud(x: torch.Tensor) -> torch.Tensor:
     x64 = x.double()
     # by a power of two first (exact): coordinates near 1e308 would overflow hi - lo and lo + hi
     largest = float(x64.abs().max()) if x64.numel() else 0.0
-    x64 = x64 * math.ldexp(1.0, -math.frexp(largest)[1])
+    exponent = -math.frexp(largest)[1]  # -1024 to 1074: 2^exponent alone may not be a float64
+    x64 = x64 * math.ldexp(1.0, exponent // 2) * math.ldexp(1.0, exponent - exponent // 2)
     lo, hi = x64.min(0).values, x64.max(0).values
     extent = float((hi - lo).max())
     if not extent > 0:

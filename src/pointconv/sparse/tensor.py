@@ -44,7 +44,8 @@ class SparseConvTensor:
             raise ValueError(f"features must have shape (N, C), got shape {tuple(features.shape)}")
         if indices.dtype != torch.int32:
             raise TypeError(f"indices must be an int32 tensor, got dtype {indices.dtype}")
-        if isinstance(spatial_shape, (str, bytes)) or not hasattr(spatial_shape, "__iter__"):
+        if (isinstance(spatial_shape, (str, bytes)) or not hasattr(spatial_shape, "__iter__")
+                or isinstance(spatial_shape, torch.Tensor) and spatial_shape.dim() == 0):
             raise TypeError(f"spatial_shape must be a list of ints, got {type(spatial_shape).__name__}")
         # ints (a float tensor's elements have __index__ too: int() would truncate 4.9 to 4)
         spatial_shape = [_checks.integer("spatial_shape", s) for s in spatial_shape]
