@@ -171,11 +171,18 @@ def test_autocast_region_changes_nothing(dtype):
     q, p, f = torch.rand(1, 300, 3, generator=g), torch.rand(1, 2000, 3, generator=g), torch.randn(1, 2000, 4, generator=g)
     sigma = torch.rand(1, 2000, 3, generator=g) * 50 + 1
     R = rotations(1, 2000, g, torch.float32)
+    def eikonal_step(autocast):
+        """The outputs, the gradient w.r.t. q taken inside the region (its backward used to run in
+        fp16 / bf16 there: 2e-3 off), and the second order to p, f, sigma, R outside it."""
+        leaves = [t.clone().requires_grad_() for t in (q, p, f, sigma, R)]
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            out = pointconv.knn_aggregate_aniso(*leaves, 8)
+            (gq,) = torch.autograd.grad((out[0] * torch.arange(4.0)).sum(), leaves[0], create_graph=True)
+        return (*out, gq, *torch.autograd.grad(((gq.norm(dim=-1) - 1) ** 2).mean(), leaves[1:]))
+
     for backend in ("torch", "reference"):
         with pointconv.use_backend(backend):
-            expect = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 8)
-            with torch.autocast("cpu", dtype=dtype):
-                got = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 8)
+            expect, got = eikonal_step(False), eikonal_step(True)
         for a, b in zip(got, expect):
             assert a.dtype == b.dtype and torch.equal(a, b)
 

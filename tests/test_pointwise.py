@@ -124,6 +124,32 @@ def test_half_precision_features_are_computed_in_float32(dtype):
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=torch.finfo(dtype).eps, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_region_changes_nothing(dtype):
+    """float32 features are convolved in float32 inside an autocast region, forward and backward
+    (the forward's out= products escaped autocast, the weight gradient's did not: 3e-3 off), also
+    for gradients taken inside the region, to second order."""
+    g = torch.Generator().manual_seed(0)
+    pts, v0, w0 = torch.rand(2, 300, 3, generator=g), torch.randn(2, 300, 8, generator=g), torch.randn(4, 8, 3, 3, 3, generator=g)
+
+    def run(autocast, backward_inside):
+        v, w = v0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            y = pointconv.pointwise_conv(pts, v, w, 0.2)
+            if backward_inside:
+                gv, gw = torch.autograd.grad((y * y).sum(), [v, w], create_graph=True)
+        if not backward_inside:
+            gv, gw = torch.autograd.grad((y * y).sum(), [v, w], create_graph=True)
+        return y, gv, gw, torch.autograd.grad((gw * gw).sum() + (gv * gv).sum(), [v, w])
+
+    for backend, inside in (("torch", True), ("torch", False), ("reference", False)):
+        with pointconv.use_backend(backend):
+            expect, got = run(False, inside), run(True, inside)
+        for a, b in zip(got, expect):
+            for x, y in zip(a, b) if isinstance(a, tuple) else [(a, b)]:
+                assert x.dtype == y.dtype == torch.float32 and torch.equal(x, y)
+
+
 def test_module_shares_one_neighbor_structure():
     pts = cloud("uniform", N=60, seed=8).float()
     feats = torch.randn(1, 60, 9)

@@ -11,6 +11,8 @@ around the products that a bound covers.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -40,3 +42,28 @@ def ieee_float32_matmul(device: torch.device) -> bool:
 def no_autocast(device: torch.device):
     """A context without autocast on ``device``: float32 products inside stay float32."""
     return torch.autocast(device.type, enabled=False)
+
+
+def autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:
+    """The autocast state on ``device`` here: ``(device type, enabled, dtype)``; a custom Function's
+    ``setup_context`` records it as ``ctx.autocast`` for ``in_forward_autocast``."""
+    return device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+
+
+def in_forward_autocast(derivative):
+    """Runs a custom Function's ``backward`` / ``jvp`` in the autocast state of its forward
+    (``ctx.autocast``, from ``autocast_state``).
+
+    torch runs them in the state of whoever asks for the derivative (``torch.autograd.grad`` inside
+    an autocast region, say): their products would be cast to fp16 / bf16 although the forward ran
+    without autocast (the Gaussian op and the Pointwise convolution turn it off), or the other way
+    round. ``torch.amp.custom_fwd`` / ``custom_bwd`` do this for one device type, fixed when the
+    class is defined; this takes the device of the forward's inputs.
+    """
+    @functools.wraps(derivative)
+    def run(ctx, *args):
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, enabled=enabled, dtype=dtype):
+            return derivative(ctx, *args)
+
+    return run

@@ -22,6 +22,7 @@ import torch
 from ._backend import backend_for
 from ._row_sums import add_rows_
 from ._func_transforms import bilinear_tangent
+from ._matmul_precision import autocast_state, in_forward_autocast
 
 _CHUNK_ELEMENTS = 1 << 22  # rows x k x C per chunk
 
@@ -99,13 +100,16 @@ class _WeightedSum(torch.autograd.Function):
         ctx.save_for_backward(a, b, idx)
         ctx.save_for_forward(a, b, idx)
         ctx.name, ctx.num_rows = name, num_rows
+        ctx.autocast = autocast_state(a.device)
 
     @staticmethod
+    @in_forward_autocast
     def jvp(ctx, _, a_t, b_t, __, ___):
         a, b, idx = ctx.saved_tensors
         return bilinear_tangent(lambda u, v: _WeightedSum.apply(ctx.name, u, v, idx, ctx.num_rows), a, b, a_t, b_t)
 
     @staticmethod
+    @in_forward_autocast
     def backward(ctx, grad):
         a, b, idx = ctx.saved_tensors
         op = _WeightedSum.apply

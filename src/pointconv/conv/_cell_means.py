@@ -30,6 +30,7 @@ import torch
 
 from .._backend import backend_for
 from .._func_transforms import bilinear_tangent, has_tangent, outside_func_transforms
+from .._matmul_precision import autocast_state, in_forward_autocast
 from .._threads import map_ordered
 
 # torch warns once per process that CSR tensors are "beta"; the CSR x dense product used here is
@@ -227,13 +228,16 @@ class _Bilinear(torch.autograd.Function):
         ctx.save_for_backward(x, y)
         ctx.save_for_forward(x, y)
         ctx.mode, ctx.mats, ctx.adjoint = mode, mats, adjoint
+        ctx.autocast = autocast_state(x.device)
 
     @staticmethod
+    @in_forward_autocast
     def jvp(ctx, _, x_t, y_t, __, ___):
         x, y = ctx.saved_tensors
         return bilinear_tangent(lambda u, v: _Bilinear.apply(ctx.mode, u, v, ctx.mats, ctx.adjoint), x, y, x_t, y_t)
 
     @staticmethod
+    @in_forward_autocast
     def backward(ctx, grad):
         x, y = ctx.saved_tensors
         mats, same, other = ctx.mats, ctx.adjoint, not ctx.adjoint

@@ -30,6 +30,7 @@ from .._backend import backend_for
 from .._dtypes import accumulation_dtype
 from .._func_transforms import outside_func_transforms
 from .._index1d import flatnonzero, take
+from .._matmul_precision import no_autocast
 from .._threads import imap_ordered
 from ._cell_means import CellMeans, pointwise_linear, weight_matrix
 from .._graph_zeros import zeros_like_graph
@@ -279,8 +280,16 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
                              "cell_size, dilation, lengths=lengths) builds them for these)")
     if B * N == 0:  # no points, no output rows
         return zeros_like_graph((B, N, weight.shape[0]), features.dtype, features.device, features, weight, bias)
-    if backend_for(points.device) == "reference":
-        return pointwise_conv_reference(points, features, weight, cell_size, dilation, lengths=lengths, bias=bias)
+    # computed in the features' dtype (float32 for fp16 / bf16) inside autocast regions too, forward
+    # and backward (the Functions record this state), on every backend
+    with no_autocast(features.device):
+        if backend_for(points.device) == "reference":
+            return pointwise_conv_reference(points, features, weight, cell_size, dilation, lengths=lengths, bias=bias)
+        return _pointwise_conv(points, features, weight, cell_size, dilation, lengths, bias, neighbors)
+
+
+def _pointwise_conv(points, features, weight, cell_size, dilation, lengths, bias, neighbors):
+    B, N, cin = features.shape
     if neighbors is None:
         neighbors = pointwise_neighbors(points, cell_size, dilation, lengths=lengths)
     # the per-(point, cell) means times the weights as one (27 C_in, C_out) matrix, in row blocks;

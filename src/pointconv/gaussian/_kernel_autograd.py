@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from .._matmul_precision import autocast_state, in_forward_autocast
 from .._weighted_sum import gather_sum, pair_dot, scatter_sum
 
 
@@ -43,8 +44,10 @@ class GaussianSum(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # (apart from forward: torch.func.grad can transform it)
         ctx.save_for_backward(*inputs, output[1])
         ctx.set_materialize_grads(False)
+        ctx.autocast = autocast_state(inputs[0].device)
 
     @staticmethod
+    @in_forward_autocast
     def backward(ctx, g_fout, g_w, g_m):
         q, p, f, sigma, R, idx, w = ctx.saved_tensors
         if g_fout is None and g_w is None and g_m is None:
@@ -70,8 +73,10 @@ class GaussianSumGrad(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:10])
         ctx.set_materialize_grads(False)
+        ctx.autocast = autocast_state(inputs[0].device)
 
     @staticmethod
+    @in_forward_autocast
     def backward(ctx, a_q, a_p, a_f, a_s, a_R):
         a_f = a_f if a_f is not None and a_f.numel() else None
         grads = GaussianSumGradGrad.apply(*ctx.saved_tensors, a_q, a_p, a_f, a_s, a_R)
@@ -95,8 +100,10 @@ class GaussianSumGradGrad(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
         ctx.set_materialize_grads(False)
+        ctx.autocast = autocast_state(inputs[0].device)
 
     @staticmethod
+    @in_forward_autocast
     def backward(ctx, *cotangents):
         create_graph = torch.is_grad_enabled()
         saved = ctx.saved_tensors
