@@ -22,7 +22,7 @@ import torch
 from ._backend import backend_for
 from ._row_sums import add_rows_
 from ._func_transforms import bilinear_tangent
-from ._matmul_precision import autocast_state, in_forward_autocast
+from ._matmul_precision import autocast_state, in_forward_autocast, no_autocast
 
 _CHUNK_ELEMENTS = 1 << 22  # rows x k x C per chunk
 
@@ -78,12 +78,15 @@ _TORCH_OPS = {"gather_sum": _gather_sum, "scatter_sum": _scatter_sum, "pair_dot"
 
 
 def _dispatch(name, a, b, *rest):
-    """Run op ``name`` as a Triton kernel on the triton backend, else as chunked torch."""
+    """Run op ``name`` as a Triton kernel on the triton backend, else as chunked torch; in the
+    inputs' dtype inside autocast regions too (the einsums would run in fp16 / bf16 there and their
+    results be copied into the inputs' dtype: float32 tensors of bf16 precision)."""
     if _triton_ok(a, b):
         from .kernels import weighted_sum as kernels
 
         return getattr(kernels, name)(a, b, *rest)
-    return _TORCH_OPS[name](a, b, *rest)
+    with no_autocast(a.device):
+        return _TORCH_OPS[name](a, b, *rest)
 
 
 class _WeightedSum(torch.autograd.Function):
