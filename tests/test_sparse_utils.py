@@ -100,6 +100,13 @@ def test_point_to_voxel_bad_input():
         PointToVoxel([1, 1, 1], [0, 0, 0, -1, 1, 1], 3, 10, 2)
     with pytest.raises(ValueError, match="num_point_features counts the 3 coordinates"):
         PointToVoxel([1, 1, 1], [0, 0, 0, 1, 1, 1], 2, 10, 2)
+    # sizes and ranges outside float32 (its arithmetic, spconv's) are named, not an OverflowError
+    with pytest.raises(ValueError, match="vsize_xyz must be .* nonzero in float32"):
+        PointToVoxel([1e-50] * 3, [0, 0, 0, 1, 1, 1], 3, 10, 2)
+    with pytest.raises(ValueError, match="coors_range_xyz must be 6 numbers finite in float32"):
+        PointToVoxel([1, 1, 1], [0, 0, 0, 1e39, 1, 1], 3, 10, 2)
+    with pytest.raises(ValueError, match=r"too small .* \[inf, 1, 1\] voxels"):
+        PointToVoxel([1, 1, 1], [-3e38, 0, 0, 3e38, 1, 1], 3, 10, 2)
     gen = PointToVoxel([1, 1, 1], [0, 0, 0, 1, 1, 1], 3, 10, 2)
     with pytest.raises(ValueError, match=r"pc must have shape \(N, 3\)"):
         gen(torch.zeros(5, 4))

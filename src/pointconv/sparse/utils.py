@@ -42,10 +42,12 @@ class PointToVoxel:
         vsize = _floats("vsize_xyz", vsize_xyz)
         rng = _floats("coors_range_xyz", coors_range_xyz)
         D = vsize.shape[0]  # 3 for x, y, z; spconv takes 1 to 4 axes
-        if not 1 <= D <= 4 or not bool(torch.isfinite(vsize).all() and (vsize > 0).all()):
-            raise ValueError(f"vsize_xyz must be 1 to 4 finite positive sizes (x, y, z, ...), got {list(vsize_xyz)}")
-        if rng.shape != (2 * D,) or not bool(torch.isfinite(rng).all() and (rng[D:] > rng[:D]).all()):
-            raise ValueError(f"coors_range_xyz must be {2 * D} finite numbers, the low corner then the high one "
+        # finite in float32 too: spconv's float32 arithmetic (below) takes them as float32 numbers
+        if not 1 <= D <= 4 or not bool(torch.isfinite(vsize.float()).all() and (vsize.float() > 0).all()):
+            raise ValueError(f"vsize_xyz must be 1 to 4 positive sizes (x, y, z, ...), finite and nonzero in "
+                             f"float32, got {list(vsize_xyz)}")
+        if rng.shape != (2 * D,) or not bool(torch.isfinite(rng.float()).all() and (rng[D:] > rng[:D]).all()):
+            raise ValueError(f"coors_range_xyz must be {2 * D} numbers finite in float32, the low corner then the high one "
                              f"([x0, y0, z0, x1, y1, z1] in 3-D, x1 > x0 ...), got {list(coors_range_xyz)}")
         self.ndim = D
         self.vsize = vsize
@@ -54,7 +56,7 @@ class PointToVoxel:
         quotient = ((self.hi.float() - self.lo.float()) / vsize.float()).double()
         grid = torch.floor(quotient + 0.5).clamp(min=1)
         # the voxel indices are int32 and a voxel's key, z * gy * gx + y * gx + x, int64
-        cells = [int(g) for g in grid.tolist()]
+        cells = [int(g) if math.isfinite(g) else g for g in grid.tolist()]  # (hi - lo may pass float32's range)
         if max(cells) > INT32_MAX or math.prod(cells) > 2**63:
             raise ValueError(f"vsize_xyz {list(vsize_xyz)} is too small for coors_range_xyz {list(coors_range_xyz)}: "
                              f"the grid would have {cells} voxels (x, y, z), at most 2**31 - 1 per axis and 2**63 "
