@@ -277,3 +277,34 @@ def test_fused_activation_of_sparse_convolution(act, fn):
     except ImportError:
         return
     assert SparseConvolution(3, 4, 5, 3, act_type=getattr(tv.gemm.Activation, act)).act_type == act
+
+
+def test_a_kernel_map_built_in_inference_mode_leaves_no_inference_table_behind(monkeypatch):
+    """The dense site table kept for the next kernel map was an inference tensor when made inside
+    torch.inference_mode (a validation pass), and the next map outside it failed writing to it."""
+    from pointconv.sparse import kernel_map
+    monkeypatch.setattr(kernel_map, "_spare_tables", [])  # (no spare left by earlier tests)
+    idx = torch.tensor([[0, 1, 2, 3], [0, 2, 2, 3], [0, 4, 4, 4]], dtype=torch.int32)
+    x = spconv.SparseConvTensor(torch.randn(3, 4), idx, [9, 9, 9], 1)
+    conv = spconv.SubMConv3d(4, 4, 3)
+    with torch.inference_mode():
+        expect = conv(x).features
+    got = conv(x).features
+    assert torch.equal(got, expect) and got.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_average_pools_of_half_features_sum_in_float32(dtype):
+    """fp16 sums pass 65504 long before the means do (they were inf); the result keeps the dtype."""
+    n = 8000
+    coords = torch.stack(torch.unravel_index(torch.arange(n), (20, 20, 20)), 1)
+    idx = torch.cat([torch.zeros(n, 1, dtype=torch.long), coords], 1).int()
+    features = (torch.arange(2 * n, dtype=torch.float32).view(n, 2) % 7 + 10).to(dtype)
+    x = spconv.SparseConvTensor(features, idx, [20, 20, 20], 1)
+    got = spconv.SparseGlobalAvgPool()(x)
+    assert got.dtype == dtype and torch.equal(got, features.float().mean(0, keepdim=True).to(dtype))
+    corners = torch.stack(torch.unravel_index(torch.arange(8), (2, 2, 2)), 1)
+    block_idx = torch.cat([torch.zeros(8, 1, dtype=torch.long), corners], 1).int()
+    block = spconv.SparseConvTensor(torch.full((8, 2), 30000.0, dtype=dtype), block_idx, [2, 2, 2], 1)
+    pooled = spconv.SparseAvgPool3d(2, 2)(block).features
+    assert pooled.dtype == dtype and torch.equal(pooled, torch.full((1, 2), 30000.0, dtype=dtype))

@@ -131,7 +131,8 @@ def _blank_table(cells: int, device: torch.device) -> torch.Tensor:
         with _spare_lock:
             if _spare_tables and _spare_tables[0].numel() >= cells:
                 return _spare_tables.pop()[:cells]
-    return torch.full((cells,), -1, dtype=torch.int32, device=device)
+    with torch.inference_mode(False):  # a normal tensor: an inference one could not be reused outside
+        return torch.full((cells,), -1, dtype=torch.int32, device=device)
 
 
 def _keep_spare(table: torch.Tensor) -> None:

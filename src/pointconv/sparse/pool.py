@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import accumulation_dtype
 from .conv import _tuple, check_key_unused
 from .kernel_map import build_conv
 from .modules import SparseModule, VoxelCountRecorder
@@ -52,10 +53,11 @@ class _SparsePool(VoxelCountRecorder, SparseModule):
         rows = kmap.out_rows[:, None].expand(-1, C)
         if self.reduce == "amax":
             out = f.new_full((n_out, C), float("-inf")).scatter_reduce(0, rows, src, "amax", include_self=False)
-        else:
-            out = f.new_zeros((n_out, C)).scatter_add(0, rows, src)
-            count = torch.bincount(kmap.out_rows, minlength=n_out).to(f.dtype)
-            out = out / count[:, None]
+        else:  # summed in float32 for fp16 / bf16 (an fp16 sum passes 65504 where the mean does not)
+            acc = accumulation_dtype(f.dtype)
+            out = src.new_zeros((n_out, C), dtype=acc).scatter_add(0, rows, src.to(acc))
+            count = torch.bincount(kmap.out_rows, minlength=n_out).to(acc)
+            out = (out / count[:, None]).to(f.dtype)
         return SparseConvTensor(out, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
                                 indice_dict=indice_dict, benchmark=x.benchmark)
 
@@ -105,6 +107,7 @@ class SparseGlobalAvgPool(SparseModule):
         _check_unique_sites(x)
         C = x.features.shape[1]
         b = x.indices[:, 0].long()
-        out = x.features.new_zeros((x.batch_size, C)).index_add(0, b, x.features)
-        count = torch.bincount(b, minlength=x.batch_size).clamp(min=1).to(out.dtype)
-        return out / count[:, None]
+        acc = accumulation_dtype(x.features.dtype)  # as in SparseAvgPool: an fp16 sum overflows first
+        out = x.features.new_zeros((x.batch_size, C), dtype=acc).index_add(0, b, x.features.to(acc))
+        count = torch.bincount(b, minlength=x.batch_size).clamp(min=1).to(acc)
+        return (out / count[:, None]).to(x.features.dtype)
