@@ -90,6 +90,18 @@ def test_constructor_arguments_in_spconvs_order(name):
     assert mine[:len(theirs)] == theirs
 
 
+def test_sparse_conv_tensor_has_spconvs_public_attributes():
+    """Code that reads spconv's attributes (``benchmark_record`` after ``benchmark=True``, say)
+    finds each public one spconv's tensor has, apart from its kernel timer."""
+    idx = torch.tensor([[0, 1, 2], [0, 3, 1]], dtype=torch.int32)
+    theirs = spconv.SparseConvTensor(torch.ones(2, 3), idx, [4, 4], 1, benchmark=True)
+    mine = ours.SparseConvTensor(torch.ones(2, 3), idx, [4, 4], 1, benchmark=True)
+    public = {n for n in vars(theirs) if not n.startswith("_")}
+    assert public <= set(vars(mine)) | {"features"} and mine.benchmark_record == {}
+    assert _positional(ours.SparseConvTensor.__init__)[:len(_positional(spconv.SparseConvTensor.__init__))] == \
+        _positional(spconv.SparseConvTensor.__init__)
+
+
 def test_utility_arguments_in_spconvs_order():
     from spconv.pytorch import utils as their_utils
     from spconv.pytorch.hash import HashTable as TheirTable

@@ -81,6 +81,11 @@ class SparseConvTensor:
         self.grid = grid
         self.voxel_num = voxel_num
         self.benchmark = benchmark
+        # spconv's other public attributes, for code that reads them (nothing here uses them)
+        self.benchmark_record = {}
+        self.thrust_allocator = None
+        self.force_algo = force_algo
+        self.int8_scale = None
 
     @property
     def features(self) -> torch.Tensor:
