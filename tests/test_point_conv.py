@@ -232,3 +232,22 @@ def test_torch_func_grad_on_the_reference_backend():
             x = f.clone().requires_grad_()
             expect = torch.autograd.grad(loss(x), x)[0]
             torch.testing.assert_close(torch.func.grad(loss)(f), expect, rtol=0, atol=0)
+
+
+def test_a_compiled_model_around_the_ops_gives_the_same_values_and_gradients():
+    """Under torch.compile the ops run eagerly between graph breaks (they read values, call scipy
+    and threads): a compiled step gives the eager step's loss and gradients, again at a new size."""
+    lin = torch.nn.Linear(4, 4)
+
+    def step(p, f):
+        idx = pointconv.knn(p, p, 4, exclude_self=True).idx
+        return lin(pointconv.aggregate(f, idx, "max")).square().sum()
+
+    compiled = torch.compile(step, backend="eager")
+    g = torch.Generator().manual_seed(0)
+    for n in (12, 17):
+        p, f = torch.rand(2, n, 3, generator=g), torch.randn(2, n, 4, generator=g, requires_grad=True)
+        expect, got = step(p, f), compiled(p, f)
+        assert torch.equal(got, expect)
+        for a, b in zip(torch.autograd.grad(got, [f, lin.weight]), torch.autograd.grad(expect, [f, lin.weight])):
+            assert torch.equal(a, b)

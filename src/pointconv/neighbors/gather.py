@@ -13,7 +13,7 @@ def gather_reference(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     safe = idx.clamp(min=0).long()
     out = torch.stack([values[b][safe[b].reshape(-1)].reshape(Q, K, -1) for b in range(B)]) if B else \
         values.new_zeros((0, Q, K, values.shape[-1]))
-    return out * (idx >= 0)[..., None].to(values.dtype)
+    return out.masked_fill((idx < 0)[..., None], 0)  # (0 * an inf in row 0 would be NaN)
 
 
 def gather(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
