@@ -159,12 +159,13 @@ def main(argv=None):
     if args.selection:
         return selection_table(args)
 
-    base = baseline_rss(args) if args.device == "cpu" else 0
+    device_type = torch.device(args.device).type  # ("cpu:0" is a CPU too)
+    base = baseline_rss(args) if device_type == "cpu" else 0
     print(provenance("bench_gaussian", args.device))
     print(f"> B={args.B} Q={args.Q} P={args.P} F={args.F} K={args.K}, float32, median of {args.repeat} runs "
           f"(reference: {args.ref_repeat}); peak memory above the inputs")
     print()
-    methods = ["reference", "pointconv"] + (["torch-ops"] if args.device.startswith("cuda") else [])
+    methods = ["reference", "pointconv"] + (["torch-ops"] if device_type == "cuda" else [])
     extra = " torch-ops ms | kernels' gain |" if "torch-ops" in methods else ""
     print("| task | reference ms | pointconv ms | speed-up | reference peak MiB | pointconv peak MiB | memory ratio |"
           + extra)

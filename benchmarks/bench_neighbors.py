@@ -86,11 +86,12 @@ def main(argv=None):
         check_device(args.device)
     except ValueError as e:
         ap.error(str(e))
-    smallest = min([*args.sizes, *(int(s.split("x")[1]) for s in args.batches)], default=args.k)
+    smallest = min([*args.sizes, *(int(s.split("x")[1]) for s in [*args.batches, *args.dims, *args.dims_zeroed])],
+                   default=args.k)
     if args.k > smallest:  # (cdist + topk, the baseline, needs k points)
         ap.error(f"--k {args.k} is larger than the smallest cloud ({smallest} points)")
     device = torch.device(args.device)
-    max_pairs = args.max_pairs or (1e12 if device.type == "cuda" else 1e10)
+    max_pairs = args.max_pairs if args.max_pairs is not None else (1e12 if device.type == "cuda" else 1e10)
 
     print(provenance("bench_neighbors", device))
     gen = torch.Generator().manual_seed(0)

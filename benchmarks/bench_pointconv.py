@@ -86,7 +86,7 @@ def main(argv=None):
     pairs = sum(n.num_pairs for n in nbrs)
 
     # the reference on a few clouds, scaled to the batch; and the agreement of the outputs there
-    r = args.ref_clouds
+    r = min(args.ref_clouds, args.batch)  # (points[:r] holds at most the batch)
     with pointconv.use_backend("reference"):
         ref_fwd_ms, ref_logits = timed_ms(lambda: model(points[:r]), device, 1)
         ref_loss = torch.nn.functional.cross_entropy(ref_logits, labels[:r])

@@ -14,6 +14,17 @@ out=${OUT:-gpu_out}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 parts=${*:-tests neighbors gaussian sparse pointconv}
+for part in $parts; do  # a misspelled part stops the call before any work, not after the others ran
+  case $part in tests|neighbors|gaussian|sparse|pointconv) ;; *) echo "unknown part $part (tests neighbors gaussian sparse pointconv)"; exit 2 ;; esac
+done
+# run LIMIT LOG COMMAND...: the command's output to LOG (and the screen); a command stopped at its
+# limit says so at the end of its log, which would otherwise end in a cut-off table
+run() {
+  local limit=$1 log=$2
+  shift 2
+  timeout "$limit" "$@" 2>&1 | tee "$log"
+  if [ "${PIPESTATUS[0]}" -eq 124 ]; then echo "** stopped at the $limit s limit: cut off above" | tee -a "$log"; fi
+}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m pointconv info; } 2>&1 | tee "$out/info.txt"
 for part in $parts; do
   case $part in
@@ -22,19 +33,17 @@ for part in $parts; do
     # pytest-xdist workers (in its image), and a failure does not stop the others.
     tests)
       workers=$(python3 -c 'import xdist' 2>/dev/null && echo "-n 8")
-      timeout 500 python3 -m pytest -q -p no:cacheprovider --maxfail=25 $workers tests 2>&1 \
-        | tee "$out/tests.log" | tail -40 ;;
-    neighbors) timeout 150 python3 benchmarks/bench_neighbors.py --device cuda 2>&1 | tee "$out/bench_neighbors_cuda.md" ;;
-    gaussian) timeout 100 python3 benchmarks/bench_gaussian.py --device cuda 2>&1 | tee "$out/bench_gaussian_cuda.md" ;;
+      run 500 "$out/tests.log" python3 -m pytest -q -p no:cacheprovider --maxfail=25 $workers tests | tail -40 ;;
+    neighbors) run 150 "$out/bench_neighbors_cuda.md" python3 benchmarks/bench_neighbors.py --device cuda ;;
+    gaussian) run 100 "$out/bench_gaussian_cuda.md" python3 benchmarks/bench_gaussian.py --device cuda ;;
     sparse)  # spconv-cu126 only here (the parity tests with spconv run on CPU, in the CI)
       if [ -f .gpu_carry/spconv_site.tar.xz ]; then
         mkdir -p /tmp/spconv_site && tar -xJf .gpu_carry/spconv_site.tar.xz -C /tmp/spconv_site
       fi
       export PYTHONPATH=src:/tmp/spconv_site
       python3 -c 'import spconv, cumm; print("spconv", spconv.__version__, "cumm", cumm.__version__)' 2>&1 | tail -3
-      timeout 90 python3 benchmarks/bench_sparse.py --device cuda 2>&1 | tee "$out/bench_sparse_a_cuda.md"
-      timeout 240 python3 benchmarks/bench_sparse.py --device cuda --net 2>&1 | tee "$out/bench_sparse_b_cuda.md" ;;
-    pointconv) timeout 120 python3 benchmarks/bench_pointconv.py --device cuda 2>&1 | tee "$out/bench_pointconv_cuda.md" ;;
-    *) echo "unknown part $part (tests neighbors gaussian sparse pointconv)"; exit 2 ;;
+      run 90 "$out/bench_sparse_a_cuda.md" python3 benchmarks/bench_sparse.py --device cuda
+      run 240 "$out/bench_sparse_b_cuda.md" python3 benchmarks/bench_sparse.py --device cuda --net ;;
+    pointconv) run 120 "$out/bench_pointconv_cuda.md" python3 benchmarks/bench_pointconv.py --device cuda ;;
   esac
 done

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -35,6 +36,11 @@ def test_subcommand_help_lists_the_subcommand_options():
 def test_info_refuses_extra_arguments():
     out = subprocess.run([sys.executable, "-m", "pointconv", "info", "extra"], capture_output=True, text=True)
     assert out.returncode == 2 and "info takes no arguments" in out.stderr
+    assert "usage: python -m pointconv info" in _run("info", "--help")  # (it was refused as an argument)
+    # a bad POINTCONV_BACKEND is reported by the diagnostic command, not as a traceback
+    env = {**os.environ, "POINTCONV_BACKEND": "bogus"}
+    out = subprocess.run([sys.executable, "-m", "pointconv", "info"], capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "POINTCONV_BACKEND must be one of" in out.stderr
 
 
 def test_bench_refuses_bad_options_before_any_work():
@@ -42,7 +48,9 @@ def test_bench_refuses_bad_options_before_any_work():
     cases = [(["--k", "0"], "--k: expected an integer >= 1"), (["--repeat", "0"], "--repeat: expected"),
              (["--sizes", "-5"], "--sizes: expected"), (["--batches", "2x0"], "joined by x"),
              (["--k", "200", "--sizes", "100"], "larger than the smallest cloud"),
+             (["--sizes", "--batches", "--dims", "1x8x16"], "larger than the smallest cloud (8 points)"),
              (["--device", "foo"], "not a device name")]
     for args, message in cases:
         out = subprocess.run([sys.executable, "-m", "pointconv", "bench", *args], capture_output=True, text=True)
         assert out.returncode == 2 and "Traceback" not in out.stderr and message in out.stderr, (args, out.stderr)
+        assert "python -m pointconv bench: error:" in out.stderr  # (not the script's file name)

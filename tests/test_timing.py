@@ -22,3 +22,20 @@ def test_each_run_starts_with_the_previous_result_released():
     ms, out = timed_ms(run, "cpu", repeat=3, warmup=2)
     assert alive_at_start == [False] * 5
     assert results[-1]() is out and len(results) == 5 and ms >= 0
+
+
+def test_provenance_names_pointconvs_commit_from_any_directory(tmp_path, monkeypatch):
+    """The tables' commit is the checkout pointconv runs from, not the current directory's
+    (``python -m pointconv bench`` from another git repository recorded that repository's)."""
+    import pathlib
+    import subprocess
+
+    from pointconv._timing import provenance
+
+    source = pathlib.Path(__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=source)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)  # a repository without commits: git rev-parse fails here
+    line = provenance("test", "cpu")
+    if head.returncode == 0:  # (a source tree without git records "unknown" either way)
+        assert f"commit {head.stdout.strip()}," in line

@@ -84,8 +84,9 @@ def bench(argv) -> None:
     script = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_neighbors.py"
     if not script.exists():
         sys.exit("the benchmarks ship with the source tree: run from a git checkout of pointconv")
-    sys.argv = [str(script), *argv]
-    runpy.run_path(str(script), run_name="__main__")
+    module = runpy.run_path(str(script), run_name="pointconv_bench")  # (defines main, runs nothing)
+    sys.argv[0] = "python -m pointconv bench"  # argparse's prog, in usage and errors
+    module["main"](argv)
 
 
 def main(argv=None) -> None:
@@ -100,8 +101,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv[:1])
     rest = argv[1:]
     if args.command == "info":
+        if rest in (["-h"], ["--help"]):
+            print("usage: python -m pointconv info\n\nVersions, and the backend each op runs on per device.")
+            return
         if rest:
             ap.error(f"info takes no arguments, got {' '.join(rest)}")
+        try:
+            forced_backend()
+        except ValueError as e:  # a bad POINTCONV_BACKEND: the diagnostic command says so plainly
+            ap.error(str(e))
         info()
     elif args.command == "demo":
         if rest[:1] == ["neighbors"]:

@@ -1,6 +1,7 @@
 """Wall-clock timing for the demos and benchmarks: synchronizes CUDA around each run."""
 from __future__ import annotations
 
+import pathlib
 import statistics
 import time
 
@@ -57,8 +58,10 @@ def provenance(script: str, device) -> str:
 
     device = torch.device(device)
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+        # pointconv's own checkout, wherever the script runs from ("unknown" for an installed copy)
+        here = pathlib.Path(__file__).resolve().parent
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=here).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         rev = "unknown"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
