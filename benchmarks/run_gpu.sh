@@ -23,7 +23,9 @@ run() {
   local limit=$1 log=$2
   shift 2
   timeout "$limit" "$@" 2>&1 | tee "$log"
-  if [ "${PIPESTATUS[0]}" -eq 124 ]; then echo "** stopped at the $limit s limit: cut off above" | tee -a "$log"; fi
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 124 ]; then echo "** stopped at the $limit s limit: cut off above" | tee -a "$log"; fi
+  return "$rc"
 }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m pointconv info; } 2>&1 | tee "$out/info.txt"
 for part in $parts; do

@@ -53,6 +53,10 @@ def test_aggregate_in_an_autocast_region_keeps_the_values_dtype(reduce):
 
     for a, b in zip(run(True), run(False)):
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    # fp16 values in a bf16 region (autocast's cat refused the max's fp16 blocks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = pointconv.aggregate(values.half(), idx, reduce, weights.half() if reduce == "weighted" else None)
+    assert half.dtype == torch.float16
 
 
 def test_max_gradient_reaches_a_real_minus_infinity_after_padding():

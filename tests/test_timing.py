@@ -39,3 +39,16 @@ def test_provenance_names_pointconvs_commit_from_any_directory(tmp_path, monkeyp
     line = provenance("test", "cpu")
     if head.returncode == 0:  # (a source tree without git records "unknown" either way)
         assert f"commit {head.stdout.strip()}," in line
+    # a copy of the package inside another repository (a project's .venv) is no checkout of pointconv
+    import os
+    import shutil
+    import sys
+
+    site = tmp_path / ".venv" / "site-packages"
+    shutil.copytree(source.parent / "src" / "pointconv", site / "pointconv", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"user.email": "a@b", "user.name": "x"}
+    subprocess.run(["git", *sum((["-c", f"{k}={v}"] for k, v in env.items()), []), "commit", "-q", "--allow-empty",
+                    "-m", "other"], cwd=tmp_path, check=True)
+    out = subprocess.run([sys.executable, "-c", "import pointconv._timing as t; print(t.provenance('x', 'cpu'))"],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})
+    assert "commit unknown," in out.stdout, out.stderr

@@ -58,11 +58,14 @@ def provenance(script: str, device) -> str:
 
     device = torch.device(device)
     try:
-        # pointconv's own checkout, wherever the script runs from ("unknown" for an installed copy)
-        here = pathlib.Path(__file__).resolve().parent
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=here).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        # pointconv's own checkout, wherever the script runs from; "unknown" for an installed copy,
+        # also one inside another repository (a project's .venv)
+        root = pathlib.Path(__file__).resolve().parents[2]
+        top, rev = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], capture_output=True,
+                                  text=True, check=True, cwd=root).stdout.split()
+        if pathlib.Path(top).resolve() != root:
+            rev = "unknown"
+    except (OSError, subprocess.CalledProcessError, ValueError):
         rev = "unknown"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return (f"> {script}: device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "

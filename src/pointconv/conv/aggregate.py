@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
+from .._matmul_precision import no_autocast
 from .._weighted_sum import _chunk_rows, gather_sum
 from ..neighbors import gather
 from .._graph_zeros import zeros_like_graph
@@ -73,8 +74,9 @@ def aggregate(values: torch.Tensor, idx: torch.Tensor, reduce: str = "mean", wei
         # only its arg-max for the backward, so the block is freed before the next (one gather of
         # the whole (B, Q, k, C) peaked at k times the output)
         step = max(1, _chunk_rows(k, C) // max(B, 1))
-        out = torch.cat([gather(values, safe[:, s:s + step]).max(dim=2).values for s in range(0, max(Q, 1), step)],
-                        dim=1)
+        with no_autocast(values.device):  # (autocast's cat refused fp16 blocks in a bf16 region)
+            out = torch.cat([gather(values, safe[:, s:s + step]).max(dim=2).values
+                             for s in range(0, max(Q, 1), step)], dim=1)
         return torch.where(valid.any(-1, keepdim=True), out, torch.zeros_like(out))
     if reduce == "weighted":
         # where, not a product with the mask: a padded slot's NaN / Inf weight must add nothing

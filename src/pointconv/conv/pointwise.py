@@ -281,7 +281,8 @@ def pointwise_conv(points, features, weight, cell_size, dilation=1, *, lengths=N
     if B * N == 0:  # no points, no output rows
         return zeros_like_graph((B, N, weight.shape[0]), features.dtype, features.device, features, weight, bias)
     # computed in the features' dtype (float32 for fp16 / bf16) inside autocast regions too, forward
-    # and backward (the Functions record this state), on every backend
+    # and backward (the Functions record this state); the reference's plain ops differentiate in
+    # the state of whoever asks for the gradient, as torch's own do
     with no_autocast(features.device):
         if backend_for(points.device) == "reference":
             return pointwise_conv_reference(points, features, weight, cell_size, dilation, lengths=lengths, bias=bias)
