@@ -142,6 +142,27 @@ def test_gemm_near_ties_fall_back_to_dense_rows(monkeypatch):
     assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 9))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gemm_widens_its_candidates_before_the_dense_pass(monkeypatch, dtype):
+    """Precisions 1e6 times larger on one axis widen the GEMM's rounding margin past the spread of
+    the K + 4 best exponents: every row failed its certificate and took the dense Q x P pass (34 s
+    at 50K points, float64). Rounds of 4x more candidates certify them; the answer is exact."""
+    monkeypatch.setattr(select_module, "_TREE_CANDIDATE_COST", 1e9)  # the GEMM path, whatever the size
+    dense = _count(monkeypatch, "_select_dense")
+    g = torch.Generator().manual_seed(5)
+    P = 6000
+    p, q = torch.rand(1, P, 3, generator=g, dtype=dtype), torch.rand(1, 60, 3, generator=g, dtype=dtype)
+    f = torch.randn(1, P, 4, generator=g, dtype=dtype)
+    sigma = torch.tensor([100.0, 100.0, 1e8], dtype=dtype).expand(1, P, 3).contiguous()
+    R = torch.linalg.qr(torch.randn(1, P, 3, 3, generator=g, dtype=torch.float64))[0].to(dtype)
+    exponent_ranks = []
+    real_rank = select_module._rank
+    monkeypatch.setattr(select_module, "_rank", lambda m, cand, K: exponent_ranks.append(cand.shape[1]) or real_rank(m, cand, K))
+    out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 16)
+    assert not dense and max(exponent_ranks) > 20  # (K + 4 = 20 candidates did not suffice)
+    assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 16))
+
+
 def test_reduced_precision_matmul_ranks_in_float64(monkeypatch):
     """Under TF32 / bf16 matmul settings the float32 GEMM's error bound would not hold."""
     ranked = []
