@@ -15,6 +15,10 @@ anisotropy as K (1 + spread^1.5), the GEMM's work with the cloud).
 
     python benchmarks/bench_gaussian.py --device cpu
     python benchmarks/bench_gaussian.py --selection
+    python benchmarks/bench_gaussian.py --anisotropy --Q 1000
+
+``--anisotropy`` times the GEMM selection against the dense exact pass on precisions up to 1e6
+times larger on one axis (where the GEMM's certificate needs more candidates than K + 4).
 """
 from __future__ import annotations
 
@@ -125,6 +129,36 @@ def selection_table(args):
                   flush=True)
 
 
+ANISOTROPY_RATIOS = [1.0, 100.0, 1e3, 1e6]
+
+
+def anisotropy_table(args):
+    """The GEMM selection on very anisotropic precisions (100 on two axes, 100 x ratio on the
+    third, random rotations) against the exact dense pass, which it used to fall back to."""
+    from pointconv.gaussian import select
+
+    P, Q = args.anisotropy_points, args.Q
+    print(provenance("bench_gaussian --anisotropy", "cpu"))
+    print(f"> the CPU GEMM selection against the dense exact pass: P={P:,}, Q={Q:,} uniform points, K={args.K}, "
+          "one run each, in turns")
+    print()
+    print("| dtype | precision ratio | GEMM selection ms | dense pass ms | dense / GEMM | same indices |")
+    print("|---|---:|---:|---:|---:|---|")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.float32):
+        for ratio in ANISOTROPY_RATIOS:
+            q, p = torch.rand(Q, 3, generator=g, dtype=dtype), torch.rand(P, 3, generator=g, dtype=dtype)
+            sigma = torch.tensor([100.0, 100.0, 100.0 * ratio], dtype=dtype).expand(P, 3).contiguous()
+            R = torch.linalg.qr(torch.randn(P, 3, 3, generator=g, dtype=torch.float64))[0].to(dtype)
+            t0 = time.perf_counter()
+            by_gemm = select._select_gemm(q, p, sigma, R, args.K)
+            t1 = time.perf_counter()
+            by_dense = select._select_dense(q, p, sigma, R, args.K)
+            t2 = time.perf_counter()
+            print(f"| {str(dtype).split('.')[1]} | {ratio:g} | {(t1 - t0) * 1e3:.0f} | {(t2 - t1) * 1e3:.0f} | "
+                  f"{(t2 - t1) / (t1 - t0):.1f}x | {'yes' if torch.equal(by_gemm, by_dense) else 'NO'} |", flush=True)
+
+
 def baseline_rss(args):
     """Resident set of a process that made the inputs and did nothing else (bytes)."""
     code = (f"import resource, torch, pointconv, sys; sys.path.insert(0, {repr(sys.path[0])});"
@@ -146,6 +180,10 @@ def main(argv=None):
     ap.add_argument("--selection", action="store_true",
                     help="time the CPU selection's GEMM and kd-tree strategies instead (--selection-sizes, --Q, --K)")
     ap.add_argument("--selection-sizes", nargs="+", type=positive_int, default=[4096, 16384, 65536, 131072])
+    ap.add_argument("--anisotropy", action="store_true",
+                    help="time the CPU GEMM selection against the dense pass on very anisotropic precisions instead "
+                         "(--anisotropy-points, --Q, --K)")
+    ap.add_argument("--anisotropy-points", type=positive_int, default=20000)
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "TASK"), help=argparse.SUPPRESS)
     ap.add_argument("--base-rss", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -158,6 +196,8 @@ def main(argv=None):
         return worker(args)
     if args.selection:
         return selection_table(args)
+    if args.anisotropy:
+        return anisotropy_table(args)
 
     device_type = torch.device(args.device).type  # ("cpu:0" is a CPU too)
     base = baseline_rss(args) if device_type == "cpu" else 0
