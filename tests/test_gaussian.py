@@ -268,12 +268,12 @@ def test_missing_neighbors_are_padded_not_garbage(device):
     assert_same((f_out, w, d, i), knn_aggregate_aniso_reference(q, p, f, sigma, R, 10, p_lengths=lengths))
 
 
-def check_overflowing_exponents_count_as_missing(backend):
+def check_overflowing_exponents_count_as_missing(backend, device="cpu"):
     """Points whose exponent overflows float32 (m = inf) count as missing, as padding does: their
     weight exp(-m) is 0 either way; with select="euclidean" only their weight is 0."""
-    p = torch.tensor([[[0.0, 0, 0], [10, 0, 0], [20, 0, 0], [1, 0, 0]]])
-    f, R, q = torch.ones(1, 4, 1), torch.eye(3).expand(1, 4, 3, 3), torch.zeros(1, 2, 3)
-    sigma = torch.full((1, 4, 3), 1e37)  # m = 1e37 at distance 1, 1e39 (inf) at 10
+    p = torch.tensor([[[0.0, 0, 0], [10, 0, 0], [20, 0, 0], [1, 0, 0]]], device=device)
+    f, R, q = (t.to(device) for t in (torch.ones(1, 4, 1), torch.eye(3).expand(1, 4, 3, 3), torch.zeros(1, 2, 3)))
+    sigma = torch.full((1, 4, 3), 1e37, device=device)  # m = 1e37 at distance 1, 1e39 (inf) at 10
     for requires_grad in (False, True):  # (the forward-only kernel and the autograd paths)
         with pointconv.use_backend(backend):
             qq = q.clone().requires_grad_(requires_grad)

@@ -170,4 +170,4 @@ def test_double_backward_kernels_match_the_torch_ops(present, dtype):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's, in the interpreter
 def test_overflowing_exponents_count_as_missing():
-    check_overflowing_exponents_count_as_missing("triton")
+    check_overflowing_exponents_count_as_missing("triton", DEV)

@@ -32,6 +32,7 @@ from .._func_transforms import outside_func_transforms
 from .._index1d import flatnonzero, take
 from .._matmul_precision import no_autocast
 from .._threads import imap_ordered
+from .._weighted_sum import gather_sum, scatter_sum
 from ._cell_means import CellMeans, pointwise_linear, weight_matrix
 from .._graph_zeros import zeros_like_graph
 from ._pointwise_pairs import PairSearch, Windows, cell_of, quantize
@@ -122,9 +123,20 @@ class SnappedGroups:
         of_row[members] = of_member
         return SnappedGroups(of_row, members, of_member, size, num_rows), unique[:, 1:].contiguous(), unique[:, 0]
 
+    # sums and spread are each other's adjoints, written as _weighted_sum's ops (not index_add /
+    # index_select, whose CUDA sums over repeated rows are atomics: a different rounding each run)
+    # so that every order of derivative is deterministic on the triton backend too
+
     def sums(self, f: torch.Tensor) -> torch.Tensor:
         """``(G, C)``: each group's sum of the rows of ``f (R, C)`` (differentiable to any order)."""
-        return f.new_zeros((len(self.size), f.shape[1])).index_add(0, self.of_member, f.index_select(0, self.members))
+        members = f.index_select(0, self.members)  # distinct rows: its adjoint adds no two together
+        ones = torch.ones((len(members), 1), dtype=f.dtype, device=f.device)
+        return scatter_sum(ones, members, self.of_member[:, None], len(self.size))
+
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        """``(R, C)``: each row's group's row of ``x (G, C)`` (differentiable to any order)."""
+        ones = torch.ones((self.num_rows, 1), dtype=x.dtype, device=x.device)
+        return gather_sum(ones, x, self.of_row[:, None])
 
     def entry_counts(self, rows27: torch.Tensor, neighbor: torch.Tensor) -> torch.Tensor:
         """Per entry (row ``group * 27 + cell``, column ``neighbor`` group): its mean's denominator,
@@ -306,7 +318,7 @@ def _pointwise_conv(points, features, weight, cell_size, dilation, lengths, bias
     if groups is None:
         out = pointwise_linear(f, W, neighbors)
     else:  # the group sums in, each point's group out
-        out = pointwise_linear(groups.sums(f), W, neighbors).index_select(0, groups.of_row)
+        out = groups.spread(pointwise_linear(groups.sums(f), W, neighbors))
     if bias is not None:
         out = out + bias.to(dtype)
     return (out * valid.to(out.dtype)).to(features.dtype).reshape(B, N, -1)
