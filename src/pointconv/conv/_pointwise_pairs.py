@@ -64,6 +64,10 @@ _LOW = sum(1 << sh for sh in _SHIFTS)  # 1 in every field
 _GUARDS = _LOW << (FRAC_BITS + 1)  # the guard bit of every field
 _MAX_ABS_CELLS = float(1 << 40)  # |x| / cell_size: keeps every int64 below 2^61
 _CENTERS = 1 << 13  # centers per step of the window lookups
+# on CUDA a step is a dozen small launches whatever its size: 16x more centers per step built
+# PointwiseCNN's neighbors (128 clouds x 2,048 points) 2.6x faster on an H100
+# (benchmarks/sweep_gpu_configs.py, RESULTS.md), the lookups' temporaries still a few hundred MB
+_CENTERS_CUDA = 1 << 17
 _CHUNK = 1 << 20  # candidates per step
 _X_BINS = 8  # bins per grid cell along x (module docstring): 16 per window; a power of two
 _X_BIN_SHIFT = FRAC_BITS - (_X_BINS.bit_length() - 1)  # an offset's bin in its cell: f >> shift
@@ -203,7 +207,7 @@ def neighbor_entries(U: torch.Tensor, batch: torch.Tensor, dilation: int, window
 
 
 class PairSearch:
-    """The search of one dilation in independent steps of ``_CENTERS`` centers (``starts``):
+    """The search of one dilation in independent steps of ``centers`` centers (``starts``):
     ``finish([step(c0) for c0 in starts])`` is ``neighbor_entries``; the steps may run on
     several threads (``_threads``), even interleaved with other searches' steps."""
 
@@ -212,7 +216,8 @@ class PairSearch:
         dev = self.device = U.device
         M = self.M = U.shape[0]
         self.itype = torch.int32 if 27 * M < 1 << 31 else torch.int64
-        self.starts = range(0, M, _CENTERS)
+        self.centers = _CENTERS_CUDA if dev.type == "cuda" else _CENTERS
+        self.starts = range(0, M, self.centers)
         if M == 0:
             return
         if windows is None:
@@ -232,9 +237,9 @@ class PairSearch:
         self.slot_key = linearize(torch.zeros_like(offset[:, 0]), offset, windows.ext)
 
     def step(self, c0: int) -> list:
-        """The pairs of centers ``c0 .. c0 + _CENTERS``, as pieces of ``_pairs_of_rows``."""
+        """The pairs of centers ``c0 .. c0 + centers``, as pieces of ``_pairs_of_rows``."""
         s, w, dev, itype = self.dilation, self.windows, self.device, self.itype
-        c1 = min(self.M, c0 + _CENTERS)
+        c1 = min(self.M, c0 + self.centers)
         found = w.index.lookup((self.anchor_key[c0:c1, None] + self.slot_key).reshape(-1))
         rows = flatnonzero(found >= 0)  # (center, slot), centers ascending, slots in cell order
         win = take(found, rows)
