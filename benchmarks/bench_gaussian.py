@@ -19,6 +19,12 @@ anisotropy as K (1 + spread^1.5), the GEMM's work with the cloud).
 
 ``--anisotropy`` times the GEMM selection against the dense exact pass on precisions up to 1e6
 times larger on one axis (where the GEMM's certificate needs more candidates than K + 4).
+
+``--small-clouds`` times the forward on batches of many small ragged clouds (the CPU path ranks
+clouds of up to 64 points by every exponent, many clouds per pass) against the same op with
+that pass off (each cloud on its own GEMM selection, as before it) and the reference.
+
+    python benchmarks/bench_gaussian.py --small-clouds
 """
 from __future__ import annotations
 
@@ -159,6 +165,50 @@ def anisotropy_table(args):
                   f"{(t2 - t1) / (t1 - t0):.1f}x | {'yes' if torch.equal(by_gemm, by_dense) else 'NO'} |", flush=True)
 
 
+SMALL_CLOUDS = [(2000, 8, 8, 4), (500, 64, 48, 16), (200, 256, 64, 16)]  # (clouds, queries, points, K)
+
+
+def small_clouds_table(args):
+    """The forward on many small clouds of random lengths up to the given size (float32, F = 4)."""
+    from pointconv.gaussian import knn_aggregate_aniso_reference, select
+
+    def per_cloud(*a, **kw):
+        saved, select._SMALL_CLOUD = select._SMALL_CLOUD, 0
+        try:
+            return pointconv.knn_aggregate_aniso(*a, **kw)
+        finally:
+            select._SMALL_CLOUD = saved
+
+    print(provenance("bench_gaussian --small-clouds", "cpu"))
+    print("> the forward on batches of small clouds (lengths uniform in 0..points), float32, F=4, "
+          f"median of {args.repeat} runs, methods in turns")
+    print()
+    print("| clouds x queries x points | K | pointconv ms | per-cloud GEMM ms | reference ms | "
+          "per-cloud / pointconv | reference / pointconv | same idx, w, dists |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    g = torch.Generator().manual_seed(0)
+    methods = {"pointconv": pointconv.knn_aggregate_aniso, "per-cloud": per_cloud,
+               "reference": knn_aggregate_aniso_reference}
+    for B, Q, P, K in SMALL_CLOUDS:
+        q, p, f = torch.rand(B, Q, 3, generator=g), torch.rand(B, P, 3, generator=g), torch.randn(B, P, 4, generator=g)
+        sigma = 1 + 10 * torch.rand(B, P, 3, generator=g)
+        R = torch.linalg.qr(torch.randn(B, P, 3, 3, generator=g))[0]
+        lengths = torch.randint(0, P + 1, (B,), generator=g)
+        times = {m: [] for m in methods}
+        outs = {}
+        for _ in range(args.repeat):
+            for name, fn in methods.items():
+                t0 = time.perf_counter()
+                outs[name] = fn(q, p, f, sigma, R, K, p_lengths=lengths)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        ms = {m: statistics.median(t) for m, t in times.items()}
+        same = all(torch.equal(a, b) for a, b in zip(outs["pointconv"][1:], outs["per-cloud"][1:])) and all(
+            torch.equal(a, b) for a, b in zip(outs["pointconv"][1:], outs["reference"][1:]))
+        print(f"| {B:,} x {Q} x {P} | {K} | {ms['pointconv']:.0f} | {ms['per-cloud']:.0f} | {ms['reference']:.0f} | "
+              f"{ms['per-cloud'] / ms['pointconv']:.1f}x | {ms['reference'] / ms['pointconv']:.1f}x | "
+              f"{'yes' if same else 'NO'} |", flush=True)
+
+
 def baseline_rss(args):
     """Resident set of a process that made the inputs and did nothing else (bytes)."""
     code = (f"import resource, torch, pointconv, sys; sys.path.insert(0, {repr(sys.path[0])});"
@@ -184,6 +234,8 @@ def main(argv=None):
                     help="time the CPU GEMM selection against the dense pass on very anisotropic precisions instead "
                          "(--anisotropy-points, --Q, --K)")
     ap.add_argument("--anisotropy-points", type=positive_int, default=20000)
+    ap.add_argument("--small-clouds", action="store_true",
+                    help="time the CPU forward on batches of many small clouds instead (--repeat)")
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "TASK"), help=argparse.SUPPRESS)
     ap.add_argument("--base-rss", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -198,6 +250,8 @@ def main(argv=None):
         return selection_table(args)
     if args.anisotropy:
         return anisotropy_table(args)
+    if args.small_clouds:
+        return small_clouds_table(args)
 
     device_type = torch.device(args.device).type  # ("cpu:0" is a CPU too)
     base = baseline_rss(args) if device_type == "cpu" else 0

@@ -32,7 +32,9 @@ def assert_same(out, ref, exact_f=False):
 
 @pytest.mark.parametrize("select", ["aniso", "euclidean"])
 @pytest.mark.parametrize("aniso,rot", [(0.0, True), (10.0, True), (100.0, True), (5.0, False)])
-def test_matches_reference(select, aniso, rot, device):
+@pytest.mark.parametrize("small_cloud", [select_module._SMALL_CLOUD, 0])  # 0: the GEMM path ranks these clouds
+def test_matches_reference(select, aniso, rot, small_cloud, device, monkeypatch):
+    monkeypatch.setattr(select_module, "_SMALL_CLOUD", small_cloud)
     q, p, f, sigma, R = (t.to(device) for t in make(aniso=aniso, rot=rot))
     out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 8, select=select)
     assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 8, select=select))
@@ -129,7 +131,33 @@ def test_singular_R_has_no_tree_bound_and_uses_the_gemm(monkeypatch):
     assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 12))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_small_clouds_rank_every_exponent_in_one_pass(monkeypatch, dtype, device):
+    """A batch of small ragged clouds (empty ones, K past a cloud's length, repeated points whose
+    exponents tie, a point whose exponent overflows) next to a large one: the small clouds in
+    one pass of every exponent, the large one on the GEMM, each exact. (A call per small cloud
+    cost 16 ms: 500 clouds of 48 points took 8 s.)"""
+    gemm, small = _count(monkeypatch, "_select_gemm"), _count(monkeypatch, "_select_small_clouds")
+    B, P = 40, 100
+    q, p, f, sigma, R = make(B=B, Q=7, P=P, F=3, dtype=dtype, seed=11)
+    lengths = torch.randint(0, 20, (B,), generator=torch.Generator().manual_seed(1))
+    lengths[[0, 5]] = 0
+    lengths[3] = select_module._SMALL_CLOUD  # the largest small cloud
+    lengths[7] = P  # past _SMALL_CLOUD: the GEMM
+    lengths[2] = 9
+    p[1, 1:6] = p[1, :1]  # copies: equal exponents, ranked by index
+    sigma[1, 1:6] = sigma[1, :1]
+    R[1, 1:6] = R[1, :1]
+    sigma[2, 0] = 1e38  # this point's exponent overflows: missing, like padding
+    q, p, f, sigma, R = (t.to(device) for t in (q, p, f, sigma, R))
+    out = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 12, p_lengths=lengths)
+    assert len(small) == 1 and len(gemm) == 1
+    assert_same(out, knn_aggregate_aniso_reference(q, p, f, sigma, R, 12, p_lengths=lengths))
+    assert (out[3][lengths == 0] == -1).all() and (out[3][8:][lengths[8:] < 12] == -1).any()
+
+
 def test_gemm_near_ties_fall_back_to_dense_rows(monkeypatch):
+    monkeypatch.setattr(select_module, "_SMALL_CLOUD", 0)  # (64 points: else every exponent, no GEMM)
     dense = _count(monkeypatch, "_select_dense")
     _, _, f, _, _ = make(Q=80, P=64)
     g = torch.arange(4.0)

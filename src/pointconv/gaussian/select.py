@@ -34,6 +34,9 @@ _CHUNK_ELEMENTS = 1 << 22  # query x point pairs per dense chunk
 # path (each a 10-term product and its share of the top-k): about 150 ns against 2.5 ns
 # (benchmarks/bench_gaussian.py --selection).
 _TREE_CANDIDATE_COST = 60
+# Clouds of at most this many points are ranked by every exponent, many clouds per pass: below it
+# the GEMM path's fixed cost per cloud (features, a top-k, the re-ranking) outweighs n exponents
+_SMALL_CLOUD = 64
 
 
 def _tree_pays(n: int, K: int, spread: float) -> bool:
@@ -84,6 +87,25 @@ def _select_dense(q, p, sigma, R, K):
         m = gaussian_exponent(q[s:s + step, None, :] - p[None], sigma[None], R[None])
         out[s:s + step], _ = _rank(m, cand.expand_as(m), K)
     return out
+
+
+def _select_small_clouds(q, p, sigma, R, K, p_lengths, clouds, out):
+    """Exact, for many small clouds at once: every exponent of a chunk of clouds ``(c, Q, n_max)``
+    (the padding past each cloud's length made inf, which ranks as missing), written into
+    ``out[clouds]``. One pass over a batch where a call per cloud cost more than its work."""
+    Q = q.shape[1]
+    sel = torch.tensor(clouds, dtype=torch.int64, device=q.device)
+    n = p_lengths.to(q.device).index_select(0, sel)
+    T = int(n.max())
+    step = max(1, _CHUNK_ELEMENTS // (16 * Q * T))
+    cols = torch.arange(T, device=q.device)
+    for s in range(0, len(clouds), step):
+        b = sel[s:s + step]
+        m = gaussian_exponent(q.index_select(0, b)[:, :, None] - p.index_select(0, b)[:, None, :T],
+                              sigma.index_select(0, b)[:, None, :T], R.index_select(0, b)[:, None, :T])
+        m = m.masked_fill(cols >= n[s:s + step, None, None], float("inf"))
+        got, _ = _rank(m.flatten(0, 1), cols.expand(m.shape[0] * Q, T), K)
+        out[b] = got.view(-1, Q, K)
 
 
 def _quadratic_features(q, p, sigma, R):
@@ -232,9 +254,17 @@ def select_aniso(q, p, sigma, R, K, p_lengths):
 
             return select_triton(q, p, sigma, R, K, p_lengths)
         idx = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
+        if Q == 0:
+            return idx
         use_tree = backend == "torch" and q.device.type == "cpu"
-        for b, n in enumerate(p_lengths.tolist()):
-            if n == 0 or Q == 0:
+        lengths = p_lengths.tolist()
+        # (a chunk holds at least one cloud's Q x n exponents: with many queries, the loop below)
+        small_max = _SMALL_CLOUD if 16 * Q * _SMALL_CLOUD <= _CHUNK_ELEMENTS else 0
+        small = [b for b, n in enumerate(lengths) if 0 < n <= small_max]
+        if small:
+            _select_small_clouds(q, p, sigma, R, K, p_lengths, small, idx)
+        for b, n in enumerate(lengths):
+            if n <= small_max:  # (no points, or done above)
                 continue
             qb, pb, sb, Rb = q[b], p[b, :n], sigma[b, :n], R[b, :n]
             # (spread >= 1: no cloud this small pays for the bounds' eigenvalues)
