@@ -7,6 +7,10 @@
     between the pairs, no BatchNorm, on ~120K voxels of a generated street scene in an
     [80, 1600, 1600] grid, batch 1; forward and backward, fp32 (and fp16 on CUDA).
 
+(c) ``--dense-block``: a strided SparseConv3d (3, stride 2, padding 1, 16 -> 16 channels) and a
+    SparseMaxPool3d of the same geometry on a fully occupied 64^3 block (262,144 voxels), forward,
+    kernel-map build included: 27 candidate pairs per voxel, the kernel map's worst case.
+
 On CUDA pointconv runs its Triton implicit GEMM (the default backend there); the row "pointconv
 (torch ops)" is the same layer on the torch backend (gather, GEMM and ``index_put_`` scatter per
 kernel offset), for the kernels' gain in the same run. "tf32" rows let float32 products run in
@@ -22,6 +26,7 @@ The methods of a row group run in turns (one run of each per round, the median o
 machine whose load drifts during the run, all of them see the same drift.
 
     python benchmarks/bench_sparse.py --device cpu
+    python benchmarks/bench_sparse.py --dense-block
 """
 from __future__ import annotations
 
@@ -101,6 +106,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=positive_int, default=3)
     ap.add_argument("--net", action="store_true", help="(b) spconv's benchmark network instead of (a)")
+    ap.add_argument("--dense-block", action="store_true",
+                    help="(c) strided convolution and max pooling on a full 64^3 block instead of (a)")
     args = ap.parse_args(argv)
     try:  # before any work: a clear error, not a traceback from the first CUDA call
         check_device(args.device)
@@ -108,6 +115,8 @@ def main(argv=None):
         ap.error(str(e))
     if args.net:
         return main_net(args)
+    if args.dense_block:
+        return main_dense_block(args)
     device = torch.device(args.device)
     try:
         import spconv.pytorch as spconv
@@ -207,6 +216,53 @@ def main_net(args):
                 cell = f"{ms:.1f} | {ms / base:.2f}x" if isinstance(ms, float) else f"fails: {str(ms).splitlines()[0][:60]} | "
                 print(f"| {label} | {task} | {method} | {cell} |", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def main_dense_block(args, n=64, channels=16):
+    device = torch.device(args.device)
+    try:
+        import spconv.pytorch as spconv
+    except ImportError:
+        spconv = None
+    g = torch.arange(n, device=device)
+    cells = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    idx = torch.cat([torch.zeros_like(cells[:, :1]), cells], 1).int()
+    feats = torch.randn(len(idx), channels, generator=torch.Generator().manual_seed(2)).to(device)
+    print_header("(c)", device, f"a fully occupied {n}^3 block ({len(idx):,} voxels), {channels} channels, kernel 3, "
+                 f"stride 2, padding 1, forward, kernel-map build included, median of {args.repeat}, methods timed in turns")
+    print("| layer | method | threads | ms | ms / pointconv ms |")
+    print("|---|---|---:|---:|---:|")
+    threads0 = torch.get_num_threads()
+
+    def layer(cls, lib):
+        if cls == "SparseConv3d":
+            return getattr(lib, cls)(channels, channels, 3, stride=2, padding=1, bias=False).to(device)
+        return getattr(lib, cls)(3, stride=2, padding=1)
+
+    def step(module, lib, threads):
+        def run():
+            torch.set_num_threads(threads)
+            try:
+                with torch.no_grad():
+                    return module(lib.SparseConvTensor(feats, idx, [n] * 3, 1))
+            finally:
+                torch.set_num_threads(threads0)
+        return run
+
+    for cls in ("SparseConv3d", "SparseMaxPool3d"):
+        ours_layer = layer(cls, ours)
+        steps = {("pointconv.sparse", threads0): step(ours_layer, ours, threads0)}
+        if spconv is not None:
+            sp_layer = layer(cls, spconv)
+            if cls == "SparseConv3d":
+                sp_layer.load_state_dict(ours_layer.state_dict())
+            for threads in [threads0] + ([1] if device.type == "cpu" and threads0 > 1 else []):
+                steps[("spconv 2.3.8", threads)] = step(sp_layer, spconv, threads)
+        times = timed_ms_alternating(steps, device, args.repeat)
+        base = times[("pointconv.sparse", threads0)]
+        for (method, threads), ms in times.items():
+            cell = f"{ms:.1f} | {ms / base:.2f}x" if isinstance(ms, float) else f"fails: {str(ms).splitlines()[0][:60]} | "
+            print(f"| {cls} | {method} | {threads} | {cell} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 """SiteIndex: rows of sites by key, and the reuse of released dense tables on CPU."""
+import math
+
 import pytest
 import torch
 
@@ -87,3 +89,54 @@ def test_kernel_maps_in_a_row_are_exact_with_reused_tables():
         fresh = kernel_map.build_subm(idx, shape, (3, 3, 3), (1, 1, 1))
         assert torch.equal(fresh.in_rows, maps[2 * i].in_rows) and torch.equal(fresh.out_rows, maps[2 * i].out_rows)
         assert fresh.start == maps[2 * i].start
+
+
+def _literal_pairs(indices, kernel_size, stride, padding, dilation, out_shape, transposed):
+    """Per offset (row-major), the (input row, output site) pairs by the definition, site by site."""
+    import itertools
+
+    pairs = []
+    for o, tap in enumerate(itertools.product(*[range(k) for k in kernel_size])):
+        for row, (b, *x) in enumerate(indices.tolist()):
+            y = []
+            for xa, t, s, p, d in zip(x, tap, stride, padding, dilation):
+                if transposed:
+                    y.append(xa * s - p + t * d)
+                elif (xa + p - t * d) % s == 0:
+                    y.append((xa + p - t * d) // s)
+                else:
+                    break
+            if len(y) == len(x) and all(0 <= ya < n for ya, n in zip(y, out_shape)):
+                pairs.append((o, row, (b, *y)))
+    return sorted(pairs)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("ndim,kernel_size,stride,padding,dilation", [
+    (1, (3,), (2,), (1,), (1,)),
+    (2, (3, 2), (2, 1), (1, 0), (1, 2)),
+    (3, (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)),
+    (3, (2, 3, 1), (3, 1, 2), (0, 2, 0), (2, 1, 1)),
+    (4, (2, 1, 3, 2), (1, 2, 2, 1), (1, 0, 1, 0), (1, 1, 2, 1)),
+])
+def test_strided_and_transposed_maps_pair_exactly_the_literal_definition(ndim, kernel_size, stride, padding,
+                                                                       dilation, transposed):
+    # each output site's key is a sum of one term per axis (kernel_map._target_keys): checked here
+    # against the per-site, per-offset definition on ragged two-sample batches
+    g = torch.Generator().manual_seed(ndim)
+    shape = [7, 5, 6, 4][:ndim]
+    cells = torch.randperm(2 * math.prod(shape), generator=g)[:60]
+    coords = [cells // math.prod(shape)]
+    for a in range(ndim):
+        coords.append(cells // math.prod(shape[a + 1:]) % shape[a])
+    indices = torch.stack(coords, 1).int()
+    if transposed:
+        kmap = kernel_map.build_transposed(indices, shape, kernel_size, stride, padding, dilation, (0,) * ndim)
+    else:
+        kmap = kernel_map.build_conv(indices, shape, kernel_size, stride, padding, dilation)
+    out_sites = kmap.out_indices.tolist()
+    got = sorted((o, int(i), tuple(out_sites[int(r)]))
+                 for o in range(len(kmap.start) - 1)
+                 for i, r in zip(kmap.in_rows[kmap.start[o]:kmap.start[o + 1]], kmap.out_rows[kmap.start[o]:kmap.start[o + 1]]))
+    assert got == _literal_pairs(indices, kernel_size, stride, padding, dilation, kmap.out_spatial_shape, transposed)
+    assert out_sites == [list(s) for s in sorted(set(map(tuple, out_sites)))]  # distinct, in key order

@@ -292,12 +292,28 @@ def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
                      (1,) * len(shape), tuple(reach), tuple(dilation), True)
 
 
-def _map_to_targets(indices, shape, batch_size, y, valid, out_shape, kernel_size, stride, padding,
+def _target_keys(indices, out_shape, per_axis):
+    """``(keys, valid)``, each ``(kvol, N)``: the ``linearize`` key of the output site that input row
+    n writes through offset o (row-major over the kernel's axes), and whether it lies in the grid.
+
+    ``per_axis[a] = (y, ok)``, each ``(k_a, N)``: the site's coordinate along axis a for each of the
+    axis' kernel taps, and whether it is one. Keys are sums of one term per axis, so the work is
+    a few adds per pair instead of a (kvol, N, ndim) coordinate array's arithmetic (5x faster on a
+    dense 64^3 block); entries where ``valid`` is False hold garbage."""
+    keys = indices[:, 0].long()[None] * math.prod(out_shape)  # (the key space was checked)
+    valid = torch.ones_like(keys, dtype=torch.bool)
+    for a, (y, ok) in enumerate(per_axis):
+        term = y * math.prod(out_shape[a + 1:])
+        keys = (keys[:, None] + term[None]).flatten(0, 1)
+        valid = (valid[:, None] & ok[None]).flatten(0, 1)
+    return keys, valid
+
+
+def _map_to_targets(indices, shape, batch_size, keys, valid, out_shape, kernel_size, stride, padding,
                     dilation) -> KernelMap:
-    """Pairs from ``y (kvol, N, ndim)``: input row n writes output site y[o, n] through offset o."""
+    """Pairs from ``keys (kvol, N)`` of ``_target_keys``: input row n writes the output site of key
+    keys[o, n] through offset o where valid[o, n]."""
     n = indices.shape[0]
-    check_key_space(batch_size, out_shape, "the output sites")
-    keys = linearize(indices[:, 0][None].expand(y.shape[0], n), y, out_shape)
     out_keys, inverse = torch.unique(keys[valid], sorted=True, return_inverse=True)
     out_rows = torch.full_like(keys, -1)
     out_rows[valid] = inverse
@@ -313,13 +329,16 @@ def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> Kernel
     batch_size = _batch_size(indices)
     SiteIndex(indices, shape, batch_size).release()  # duplicate check
     out_shape = output_shape(shape, kernel_size, stride, padding, dilation)
-    dev = indices.device
-    off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
-    t = indices[:, 1:].long()[None] + torch.tensor(padding, device=dev) - off[:, None]  # = y * stride
-    st = torch.tensor(stride, device=dev)
-    y = torch.div(t, st, rounding_mode="floor")
-    valid = ((t % st == 0) & (y >= 0) & (y < torch.tensor(out_shape, device=dev))).all(-1)
-    return _map_to_targets(indices, shape, batch_size, y, valid, out_shape, kernel_size, stride, padding, dilation)
+    check_key_space(batch_size, out_shape, "the output sites")
+    per_axis = []
+    for a, (k, s, p, d, size) in enumerate(zip(kernel_size, stride, padding, dilation, out_shape)):
+        taps = torch.arange(k, device=indices.device)[:, None] * d
+        t = indices[:, 1 + a].long()[None] + p - taps  # = y * stride where a site is hit
+        y = torch.div(t, s, rounding_mode="floor")
+        per_axis.append((y, (t == y * s) & (y >= 0) & (y < size)))
+    keys, valid = _target_keys(indices, out_shape, per_axis)
+    return _map_to_targets(indices, shape, batch_size, keys, valid, out_shape, kernel_size, stride, padding,
+                           dilation)
 
 
 def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, output_padding):
@@ -336,11 +355,15 @@ def build_transposed(indices, shape, kernel_size, stride, padding, dilation, out
     batch_size = _batch_size(indices)
     SiteIndex(indices, shape, batch_size).release()  # duplicate check
     out_shape = transposed_output_shape(shape, kernel_size, stride, padding, dilation, output_padding)
-    dev = indices.device
-    off = kernel_offsets(kernel_size, dev) * torch.tensor(dilation, device=dev)
-    y = indices[:, 1:].long()[None] * torch.tensor(stride, device=dev) - torch.tensor(padding, device=dev) + off[:, None]
-    valid = ((y >= 0) & (y < torch.tensor(out_shape, device=dev))).all(-1)
-    return _map_to_targets(indices, shape, batch_size, y, valid, out_shape, kernel_size, stride, padding, dilation)
+    check_key_space(batch_size, out_shape, "the output sites")
+    per_axis = []
+    for a, (k, s, p, d, size) in enumerate(zip(kernel_size, stride, padding, dilation, out_shape)):
+        taps = torch.arange(k, device=indices.device)[:, None] * d
+        y = indices[:, 1 + a].long()[None] * s - p + taps
+        per_axis.append((y, (y >= 0) & (y < size)))
+    keys, valid = _target_keys(indices, out_shape, per_axis)
+    return _map_to_targets(indices, shape, batch_size, keys, valid, out_shape, kernel_size, stride, padding,
+                           dilation)
 
 
 def inverse_of(kmap: KernelMap) -> KernelMap:
