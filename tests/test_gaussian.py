@@ -317,6 +317,32 @@ def test_overflowing_exponents_count_as_missing(backend):
     check_overflowing_exponents_count_as_missing(backend)
 
 
+def check_nan_exponents_count_as_missing(backend, device="cpu"):
+    """Finite float32 inputs whose difference q - p overflows give m = NaN (0 * inf in R d): that
+    point counts as missing, as an overflowing one does (its float32 key, with the sign bit of
+    x86's NaN, ranked it first, ahead of the true nearest point)."""
+    P = 8
+    q = torch.tensor([[[3e38, 0.0, 0.0]]])
+    p = torch.zeros(1, P, 3)
+    p[0, :, 0] = q[0, 0, 0] - 2.0 ** 104 * torch.arange(P, dtype=torch.float64).float()  # float32 steps near 3e38
+    p[0, 5, 0] = -3e38  # q - p = 6e38: inf in float32
+    f, sigma = torch.ones(1, P, 1), torch.ones(1, P, 3)
+    R = (1e-20 * torch.eye(3)).expand(1, P, 3, 3).contiguous()  # u = 1e-20 d: finite m elsewhere
+    q, p, f, sigma, R = (t.to(device) for t in (q, p, f, sigma, R))
+    for K in (3, P):
+        with pointconv.use_backend(backend):
+            _, w, d, i = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, K)
+        want = [0, 1, 2] if K == 3 else [0, 1, 2, 3, 4, 6, 7, -1]
+        assert i[0, 0].tolist() == want and torch.isfinite(w).all()
+        assert d[0, 0, :7 if K == P else 3].isfinite().all() and (K == 3 or d[0, 0, 7].isinf())
+
+
+@pytest.mark.parametrize("backend,small_cloud", [("torch", 64), ("torch", 0), ("reference", 64)])
+def test_nan_exponents_count_as_missing(backend, small_cloud, monkeypatch):
+    monkeypatch.setattr(select_module, "_SMALL_CLOUD", small_cloud)  # 0: the GEMM path
+    check_nan_exponents_count_as_missing(backend)
+
+
 def test_iso_matches_reference_and_scalar_formula():
     q, p, f, sigma, _ = make()
     s1 = sigma[..., :1].contiguous()

@@ -6,7 +6,7 @@ import torch
 
 import pointconv
 from pointconv.gaussian import knn_aggregate_aniso_reference
-from test_gaussian import check_overflowing_exponents_count_as_missing, make
+from test_gaussian import check_nan_exponents_count_as_missing, check_overflowing_exponents_count_as_missing, make
 from needs_triton import require_triton
 
 require_triton()
@@ -171,3 +171,8 @@ def test_double_backward_kernels_match_the_torch_ops(present, dtype):
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's, in the interpreter
 def test_overflowing_exponents_count_as_missing():
     check_overflowing_exponents_count_as_missing("triton", DEV)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+def test_nan_exponents_count_as_missing():  # (the warnings: NumPy's, in Triton's interpreter)
+    check_nan_exponents_count_as_missing("triton", DEV)

@@ -20,7 +20,9 @@ def knn_aggregate_aniso_reference(q, p, f, sigma, R, K, *, p_lengths=None, selec
     invalid = torch.zeros((B, 1, P), dtype=torch.bool, device=q.device)
     if p_lengths is not None:
         invalid = torch.arange(P, device=q.device)[None, None, :] >= p_lengths[:, None, None]
-    key = key.detach().masked_fill(invalid, float("inf"))
+    # an exponent past the dtype's range counts as missing: inf, or NaN where q - p itself overflowed
+    # (0 * inf in R d); torch.sort would put NaN last, but as a neighbor it would be garbage
+    key = key.detach().masked_fill(invalid | key.isnan(), float("inf"))
     key_sorted, order = torch.sort(key, dim=-1, stable=True)  # ties: lower index first
     c = min(K, P)
     idx = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)

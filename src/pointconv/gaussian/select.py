@@ -53,6 +53,7 @@ def _rank(m: torch.Tensor, cand: torch.Tensor, K: int):
     """
     n, c = m.shape
     kk = min(K, c)
+    m = torch.where(m.isnan(), float("inf"), m)  # missing, as in the reference (a NaN key's sign bit ranked it first)
     if m.dtype == torch.float32 and c:
         key = (m.view(torch.int32).to(torch.int64) << 32) | cand
         key = torch.topk(key, kk, dim=1, largest=False, sorted=True).values

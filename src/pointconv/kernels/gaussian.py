@@ -49,7 +49,7 @@ def _select(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, b, rows, row_mask, Q, P,
                 m = t
             else:
                 m = m + t
-        m = tl.where(pm[None, :] & row_mask[:, None], m, float("inf"))
+        m = tl.where(pm[None, :] & row_mask[:, None] & (m == m), m, float("inf"))  # NaN (q - p overflowed): missing
         best = _merge(best, _pack(m, offs[None, :]), K, KP, BQ)
     return best
 
