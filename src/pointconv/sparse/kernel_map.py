@@ -228,16 +228,6 @@ def _batch_size(indices: torch.Tensor) -> int:
     return int(indices[:, 0].max()) + 1 if indices.shape[0] else 1
 
 
-def _group_by_offset(in_rows_2d: torch.Tensor, out_rows_2d: torch.Tensor):
-    """(kvol, N) candidate pairs with -1 holes -> flat pairs grouped by offset."""
-    keep = in_rows_2d >= 0
-    counts = keep.sum(1).tolist()
-    start = [0]
-    for c in counts:
-        start.append(start[-1] + c)
-    return in_rows_2d[keep], out_rows_2d[keep], start
-
-
 def _check_int32_shape(out, what):
     # output indices are int32 (as in spconv): a larger axis would wrap its coordinates
     if any(o > INT32_MAX for o in out):
@@ -292,35 +282,39 @@ def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
                      (1,) * len(shape), tuple(reach), tuple(dilation), True)
 
 
-def _target_keys(indices, out_shape, per_axis):
-    """``(keys, valid)``, each ``(kvol, N)``: the ``linearize`` key of the output site that input row
-    n writes through offset o (row-major over the kernel's axes), and whether it lies in the grid.
+def _target_pairs(indices, out_shape, per_axis):
+    """``(in_rows, keys, start)``: every (offset, input row) pair whose output site lies in the
+    grid, in (offset, row) order (offsets row-major over the kernel's axes): its input row, the
+    output site's ``linearize`` key, and per offset the position of its first pair (kvol + 1).
 
-    ``per_axis[a] = (y, ok)``, each ``(k_a, N)``: the site's coordinate along axis a for each of the
-    axis' kernel taps, and whether it is one. Keys are sums of one term per axis, so the work is
-    a few adds per pair instead of a (kvol, N, ndim) coordinate array's arithmetic (5x faster on a
-    dense 64^3 block); entries where ``valid`` is False hold garbage."""
-    keys = indices[:, 0].long()[None] * math.prod(out_shape)  # (the key space was checked)
-    valid = torch.ones_like(keys, dtype=torch.bool)
-    for a, (y, ok) in enumerate(per_axis):
-        term = y * math.prod(out_shape[a + 1:])
-        keys = (keys[:, None] + term[None]).flatten(0, 1)
-        valid = (valid[:, None] & ok[None]).flatten(0, 1)
-    return keys, valid
-
-
-def _map_to_targets(indices, shape, batch_size, keys, valid, out_shape, kernel_size, stride, padding,
-                    dilation) -> KernelMap:
-    """Pairs from ``keys (kvol, N)`` of ``_target_keys``: input row n writes the output site of key
-    keys[o, n] through offset o where valid[o, n]."""
+    ``per_axis[a] = (y, ok)``, each ``(k_a, N)``: a site's coordinate along axis a for each of the
+    axis' kernel taps, and whether it is one. Only a bool (kvol, N) array is formed; the keys,
+    sums of one term per axis, are computed for the valid pairs alone (a strided 3^3 kernel pairs
+    about 1 in 8 candidates): a fully occupied 64^3 block's map in about a third of the time that
+    a (kvol, N, ndim) coordinate array took."""
     n = indices.shape[0]
-    out_keys, inverse = torch.unique(keys[valid], sorted=True, return_inverse=True)
-    out_rows = torch.full_like(keys, -1)
-    out_rows[valid] = inverse
-    in_rows = torch.where(valid, torch.arange(n, device=indices.device)[None].expand_as(keys), -1)
-    ir, orow, start = _group_by_offset(in_rows, out_rows)
+    valid = None
+    for _, ok in per_axis:
+        valid = ok if valid is None else (valid[:, None] & ok[None]).flatten(0, 1)
+    kvol = valid.shape[0]
+    pos = flatnonzero(valid.reshape(-1))
+    rows, offset = (pos % n, pos // n) if n else (pos, pos)
+    keys = indices[:, 0].long().index_select(0, rows) * math.prod(out_shape)  # (the key space was checked)
+    rest = offset
+    for a in reversed(range(len(per_axis))):  # the offset's digits, last axis fastest
+        y = per_axis[a][0]
+        tap, rest = rest % y.shape[0], rest // y.shape[0]
+        keys += y.reshape(-1).index_select(0, tap * n + rows) * math.prod(out_shape[a + 1:])
+    start = torch.searchsorted(offset, torch.arange(kvol + 1, device=offset.device))
+    return rows, keys, start.tolist()
+
+
+def _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation) -> KernelMap:
+    """The map whose pairs are ``_target_pairs``: input row n writes an output site through offset o."""
+    in_rows, keys, start = _target_pairs(indices, out_shape, per_axis)
+    out_keys, out_rows = torch.unique(keys, sorted=True, return_inverse=True)
     out_indices = delinearize(out_keys, out_shape) if out_keys.numel() else indices.new_zeros((0, 1 + len(shape)))
-    return KernelMap(ir, orow, start, out_indices, list(out_shape), indices, list(shape), tuple(kernel_size),
+    return KernelMap(in_rows, out_rows, start, out_indices, list(out_shape), indices, list(shape), tuple(kernel_size),
                      tuple(stride), tuple(padding), tuple(dilation), False)
 
 
@@ -336,9 +330,7 @@ def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> Kernel
         t = indices[:, 1 + a].long()[None] + p - taps  # = y * stride where a site is hit
         y = torch.div(t, s, rounding_mode="floor")
         per_axis.append((y, (t == y * s) & (y >= 0) & (y < size)))
-    keys, valid = _target_keys(indices, out_shape, per_axis)
-    return _map_to_targets(indices, shape, batch_size, keys, valid, out_shape, kernel_size, stride, padding,
-                           dilation)
+    return _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation)
 
 
 def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, output_padding):
@@ -361,9 +353,7 @@ def build_transposed(indices, shape, kernel_size, stride, padding, dilation, out
         taps = torch.arange(k, device=indices.device)[:, None] * d
         y = indices[:, 1 + a].long()[None] * s - p + taps
         per_axis.append((y, (y >= 0) & (y < size)))
-    keys, valid = _target_keys(indices, out_shape, per_axis)
-    return _map_to_targets(indices, shape, batch_size, keys, valid, out_shape, kernel_size, stride, padding,
-                           dilation)
+    return _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation)
 
 
 def inverse_of(kmap: KernelMap) -> KernelMap:
