@@ -3,7 +3,8 @@ one run (CUDA only; for a GPU session, to choose defaults from measurements):
 
   gaussian   the fused forward kernel and the selection kernel of knn_aggregate_aniso
              (bench_gaussian's forward sizes: B = 2, Q = 12,288, P = 4,096, F = 64, K = 16):
-             queries per program (BQ) x warps
+             queries per program (BQ) x warps of the brute-force kernels, and the grid selection
+             (kernels/gaussian_grid.py, which these sizes take) against them
   sparse     the implicit-GEMM kernel of SubMConv3d 64 -> 64 on bench_sparse (a)'s sphere shell
              (its kernel map captured from one convolution): BLOCK_M x BLOCK_K x warps x stages
   pointwise  PointwiseCNN.neighbors on bench_pointconv's batch (128 clouds x 2,048 points): the
@@ -47,6 +48,23 @@ def sweep_gaussian(dev):
     q, p, f, s, R = (t.contiguous() for t in make_inputs(B, Q, P, F, dev))
     plen = torch.full((B,), P, dtype=torch.int64, device=dev)
     KP = _kp(K)
+    # the grid selection (what clouds past G._BRUTE_MAX_POINTS take) against the brute-force
+    # kernels below, whole calls (the grid's build and the bound's eigenvalues included)
+    brute_max = G._BRUTE_MAX_POINTS
+    calls = {}
+    for name, limit in (("brute force", P), ("grid", brute_max)):
+        G._BRUTE_MAX_POINTS = limit
+        try:
+            calls[name] = (_bench(lambda: G.aggregate_aniso(q, p, f, s, R, K, plen)),
+                           _bench(lambda: G.select_aniso(q, p, s, R, K, plen)), G.aggregate_aniso(q, p, f, s, R, K, plen))
+        finally:
+            G._BRUTE_MAX_POINTS = brute_max
+    for name, (fused_ms, select_ms, out) in calls.items():
+        base_fused, base_select, want = calls["brute force"]
+        ok = torch.equal(out[3], want[3]) and torch.equal(out[2], want[2])
+        _row("aggregate_aniso (no grad)", name + (" (now)" if name == "grid" else ""), fused_ms, base_fused, ok)
+        _row("select_aniso", name + (" (now)" if name == "grid" else ""), select_ms, base_select, ok)
+    G._BRUTE_MAX_POINTS = P  # the launch settings below are the brute-force kernels'
     want_f, _, _, want_i = G.aggregate_aniso(q, p, f, s, R, K, plen)
     out_m = torch.empty((B, Q, K), device=dev)
     out_i = torch.empty((B, Q, K), dtype=torch.int64, device=dev)
@@ -71,6 +89,7 @@ def sweep_gaussian(dev):
             ms = _bench(go)
             base = base or ms  # the first setting is the current one
             _row(name, f"BQ {BQ}, {warps} warps{' (now)' if ms is base else ''}", ms, base, ok)
+    G._BRUTE_MAX_POINTS = brute_max
 
 
 def sweep_sparse(dev):

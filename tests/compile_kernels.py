@@ -16,7 +16,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pointconv.kernels import fps, gaussian, gaussian_sum, gaussian_sum_double, knn, pointwise, sparse_conv, weighted_sum  # noqa: E402
+from pointconv.kernels import fps, gaussian, gaussian_grid, gaussian_sum, gaussian_sum_double, knn, pointwise, sparse_conv, weighted_sum  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -42,6 +42,10 @@ GRID = {"q_ptr": "*fp32", "qbatch_ptr": "*i64", "qrow_ptr": "*i64", "nq_total": 
         "base_ptr": "*i64", "out_d_ptr": "*fp32", "out_i_ptr": "*i64", "Q": "i32", "radius2": "fp32"}
 GAUSS = {"q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32", "plen_ptr": "*i64",
          "out_m_ptr": "*fp32", "out_i_ptr": "*i64", "Q": "i32", "P": "i32"}
+GAUSS_GRID = {"q_ptr": "*fp32", "qbatch_ptr": "*i64", "qrow_ptr": "*i64", "nq_total": "i32", "xyz_ptr": "*fp32",
+              "pid_ptr": "*i64", "start_ptr": "*i64", "lo_ptr": "*fp32", "h_ptr": "*fp32", "dims_ptr": "*i64",
+              "base_ptr": "*i64", "c_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32", "out_m_ptr": "*fp32",
+              "out_i_ptr": "*i64", "Q": "i32", "P": "i32"}
 GAUSS_FUSED = {"q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32", "plen_ptr": "*i64",
                "f_ptr": "*fp32", "out_m_ptr": "*fp32", "out_i_ptr": "*i64", "out_f_ptr": "*fp32", "Q": "i32", "P": "i32",
                "F": "i32"}
@@ -90,6 +94,8 @@ def variants():
     for k in (8, 16, 40):
         kp = knn._kp(k)
         yield "aniso_select", gaussian._aniso_select_kernel, GAUSS, dict(K=k, KP=kp, BQ=32 if kp <= 32 else 16)
+        yield "aniso_grid_select", gaussian_grid._aniso_grid_select_kernel, GAUSS_GRID, dict(
+            K=k, KP=kp, BQ=32 if kp <= 32 else 16)
     for k, f_type in [(16, "fp32"), (40, "bf16")]:
         kp = knn._kp(k)
         sig = dict(GAUSS_FUSED, f_ptr=f"*{f_type}")

@@ -1,6 +1,8 @@
 """knn_aggregate_aniso on the Triton backend (GaussianSum: kernel forward, kernel backward, double
 backward in torch ops) against the torch backend and the reference: on CUDA when there is one, else
 in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py) at small sizes."""
+import warnings
+
 import pytest
 import torch
 
@@ -176,3 +178,62 @@ def test_overflowing_exponents_count_as_missing():
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
 def test_nan_exponents_count_as_missing():  # (the warnings: NumPy's, in Triton's interpreter)
     check_nan_exponents_count_as_missing("triton", DEV)
+
+
+def _grid_case(seed):
+    """Ragged clouds for the grid selection: a uniform isotropic one, one
+    with many copies of a few points (ties), one clustered with queries outside its box, one whose
+    singular R gives no bound (scanned whole), one of 2 points (K past its length), an empty one."""
+    B, Q, P, F = 6, 9, 42, 5
+    q, p, f, sigma, R = make(B=B, Q=Q, P=P, F=F, seed=seed, aniso=50.0)
+    sigma[0] = 40.0  # isotropic (R are rotations): m = 40 |q - p|^2, the bound is tight, stopping early fails
+    p[1] = p[1, torch.arange(P) % 6]  # 6 distinct points, 7 copies each
+    sigma[1], R[1] = sigma[1, torch.arange(P) % 6], R[1, torch.arange(P) % 6]
+    p[2] = 0.5 + 0.05 * p[2]
+    q[2] = 3 * q[2] - 1
+    R[3, 11] = 0
+    lengths = torch.tensor([P, P, P, 30, 2, 0])
+    return q, p, f, sigma, R, lengths
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # NumPy's, in the interpreter: bounds of inf
+@pytest.mark.parametrize("K", [1, 9])
+def test_grid_selection_matches_the_torch_backend(monkeypatch, K):
+    # clouds past _BRUTE_MAX_POINTS are searched on a grid, rings of cells until c |q - p|^2 bounds
+    # the unscanned points' exponents; made 0 here so that small clouds take that path
+    from pointconv.kernels import gaussian as kernels
+
+    monkeypatch.setattr(kernels, "_BRUTE_MAX_POINTS", 0)
+    grid_calls = []
+    real = kernels._select_on_grid
+    monkeypatch.setattr(kernels, "_select_on_grid", lambda *a: grid_calls.append(1) or real(*a))
+    q, p, f, sigma, R, lengths = (t.to(DEV) for t in _grid_case(K))
+    with pointconv.use_backend("torch"):
+        want = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, K, p_lengths=lengths)
+    with pointconv.use_backend("triton"):
+        fused = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, K, p_lengths=lengths)  # no gradient: one pass
+        leaves = _leaves(q, p, f, sigma, R)
+        recorded = pointconv.knn_aggregate_aniso(*leaves, K, p_lengths=lengths)
+    assert len(grid_calls) == 2
+    for got in (fused, recorded):
+        assert torch.equal(got[3], want[3]) and torch.equal(got[2], want[2]) and torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert (fused[3][5] == -1).all() and (fused[3][4][:, 2:] == -1).all()
+
+
+def test_grid_selection_counts_nan_exponents_as_missing(monkeypatch):
+    # a rotation row (1e38, -1e38, 0) makes u = inf - inf = NaN for that point at ordinary coordinates
+    from pointconv.kernels import gaussian as kernels
+
+    monkeypatch.setattr(kernels, "_BRUTE_MAX_POINTS", 0)
+    q, p, f, sigma, R = make(B=1, Q=5, P=30, F=2, seed=4)
+    p[0, 7] = q[0, 0] - 10.0  # q - p = (10, 10, 10) for the first query
+    R[0, 7] = torch.tensor([[1e38, -1e38, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    q, p, f, sigma, R = (t.to(DEV) for t in (q, p, f, sigma, R))
+    with pointconv.use_backend("reference"):
+        want = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 30)
+    with warnings.catch_warnings(), pointconv.use_backend("triton"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's overflow warnings, in Triton's interpreter
+        got = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 30)
+    assert 7 not in want[3][0, 0].tolist() and want[3][0, 0, -1] == -1  # the NaN point: missing
+    assert torch.equal(got[3], want[3]) and torch.equal(got[2], want[2])

@@ -39,3 +39,25 @@ def exponent_bounds(sigma: torch.Tensor, R: torch.Tensor) -> tuple[float, float]
     scale = (s * Rd.abs().sum(-1).square()).sum(-1).max()
     c = float(eig[..., 0].min() * (1 - 1e-9) - 8 * torch.finfo(sigma.dtype).eps * scale)
     return c, float(eig[..., -1].max()) / c if c > 0 else float("inf")
+
+
+def cloud_lower_bounds(sigma: torch.Tensor, R: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` float64: for each cloud of a padded batch (``sigma (B, P, 3)``, ``R (B, P, 3, 3)``,
+    ``lengths (B,)``) the ``c`` of ``exponent_bounds`` over its first ``lengths[b]`` points, on the
+    inputs' device with no host round trip; 0 where there is no bound (c <= 0, an R^T diag(sigma) R
+    past float64's range, or no points)."""
+    B, P = sigma.shape[:2]
+    s = sigma.double()
+    Rd = R.double()
+    M = Rd.transpose(-1, -2) @ (s.unsqueeze(-1) * Rd)
+    valid = torch.arange(P, device=sigma.device)[None, :] < lengths[:, None]
+    finite = torch.isfinite(M).all(-1).all(-1)
+    bad = (valid & ~finite).any(1)
+    eye = torch.eye(3, dtype=M.dtype, device=M.device)
+    eig = torch.linalg.eigvalsh(torch.where((valid & finite)[..., None, None], M, eye))[..., 0]
+    scale = (s * Rd.abs().sum(-1).square()).sum(-1)
+    lam = torch.where(valid, eig, torch.inf).amin(1) if P else torch.full((B,), torch.inf, dtype=M.dtype,
+                                                                          device=M.device)
+    top = torch.where(valid & finite, scale, 0).amax(1) if P else torch.zeros_like(lam)
+    c = lam * (1 - 1e-9) - 8 * torch.finfo(sigma.dtype).eps * top
+    return torch.where(bad | ~torch.isfinite(c), 0.0, c.clamp(min=0))

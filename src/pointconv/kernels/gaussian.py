@@ -1,5 +1,6 @@
 """Triton kernels: the K points with the smallest Gaussian exponent m of each query (brute force),
-and the whole forward of ``knn_aggregate_aniso`` fused with that selection.
+and the whole forward of ``knn_aggregate_aniso`` fused with that selection. Clouds of more than
+``_BRUTE_MAX_POINTS`` points are searched on a grid instead (``kernels/gaussian_grid.py``).
 
 A program per block of queries scans its cloud in tiles of KP points, evaluates
 ``m = sum_a sigma_a (sum_b R_ab d_b)^2`` in the order of ``gaussian/_exponent.py`` without FMA
@@ -99,11 +100,38 @@ def _launch(KP: int):
     return (32 if KP <= 32 else 16), 4
 
 
+# Clouds of more points than this are searched on a grid (kernels/gaussian_grid.py), as the kNN
+# kernels do past knn._BRUTE_MAX_POINTS. Not yet timed on a GPU: benchmarks/sweep_gpu_configs.py
+# compares the two selections at bench_gaussian's sizes.
+_BRUTE_MAX_POINTS = 2048
+
+
+# The grid's cells and distance bounds are float32 arithmetic on the coordinates: past the kNN
+# inputs' limit (squared distances finite, |x| <= ~5e18) a cloud's extent can overflow, which the
+# Gaussian op's inputs may (a tiny R keeps m finite); such clouds take the brute-force kernel.
+_GRID_MAX_COORD = (torch.finfo(torch.float32).max / 12) ** 0.5
+
+
+def _grid_pays(q, p, K) -> bool:
+    if p.shape[1] <= _BRUTE_MAX_POINTS or q.shape[0] == 0 or q.shape[1] == 0:
+        return False
+    return float(torch.maximum(q.abs().amax(), p.abs().amax())) <= _GRID_MAX_COORD
+
+
+def _select_on_grid(q, p, sigma, R, K, p_lengths):
+    from ..gaussian._exponent import cloud_lower_bounds
+    from .gaussian_grid import select_aniso_grid
+
+    return select_aniso_grid(q, p, sigma, R, K, p_lengths, cloud_lower_bounds(sigma, R, p_lengths))
+
+
 @on_tensor_device
 def select_aniso(q, p, sigma, R, K, p_lengths):
     """``(B, Q, K)`` int64 indices of the K smallest exponents (ties to the lower index), -1 padded."""
     B, Q, _ = q.shape
     P = p.shape[1]
+    if _grid_pays(q, p, K):
+        return _select_on_grid(q, p, sigma, R, K, p_lengths)[1]
     out_m = torch.full((B, Q, K), float("inf"), dtype=torch.float32, device=q.device)
     out_i = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
     if B == 0 or Q == 0 or P == 0:
@@ -127,6 +155,14 @@ def aggregate_aniso(q, p, f, sigma, R, K, p_lengths):
     out_f = torch.zeros((B, Q, F), dtype=torch.float32, device=q.device)
     if B == 0 or Q == 0 or P == 0:
         return out_f, torch.zeros_like(out_m), out_m, out_i
+    if _grid_pays(q, p, K):  # the grid's selection, then the weighted-sum kernel (neighbors in ascending m)
+        from .weighted_sum import gather_sum
+
+        out_m, out_i = _select_on_grid(q, p, sigma, R, K, p_lengths)
+        w = torch.where(out_i >= 0, torch.exp(-out_m), 0.0)
+        flat = torch.where(out_i >= 0, out_i + (torch.arange(B, device=q.device) * P)[:, None, None], -1)
+        out_f = gather_sum(w.reshape(B * Q, K), f.reshape(B * P, F), flat.reshape(B * Q, K))
+        return out_f.float().reshape(B, Q, F), w, out_m, out_i
     KP = _kp(K)
     BQ, warps = _launch(KP)
     _aniso_aggregate_kernel[(triton.cdiv(Q, BQ), B)](

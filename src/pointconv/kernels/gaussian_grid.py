@@ -1,0 +1,171 @@
+"""Triton kernel: the K points with the smallest Gaussian exponent m of each query, found by
+scanning a uniform grid of the cloud in rings of cells (float32, D = 3).
+
+The brute-force selection of ``kernels/gaussian.py`` evaluates every point of the cloud for every
+query. Here the points are sorted into ``knn.Grid``'s cells and each block of queries (sorted by
+cell) scans rings of cells around its queries, as the grid kNN kernel does, keeping the K best
+``(m, index)`` keys with the same packed-key top-k. The stopping rule is the exponent's Euclidean
+lower bound: every computed ``m`` of a cloud is at least ``c |q - p|^2`` (``c`` from
+``gaussian._exponent.cloud_lower_bounds``: the smallest eigenvalue of any ``R^T diag(sigma) R``
+less a rounding margin), so once ``c`` times the squared distance to the unscanned cells exceeds a
+query's K-th m, no unscanned point can enter. A cloud with ``c = 0`` (no bound) is scanned whole.
+
+The exponent is evaluated in ``gaussian/_exponent.py``'s order without FMA, so the keys are
+bitwise those of the brute-force kernel and of the torch paths: the same indices, ties to the
+lower index. NaN exponents (``q - p`` past float32's range) count as missing, as elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import on_tensor_device
+from .knn import INF_KEY, Grid, _kp, _kth_key, _merge, _pack, _store
+
+
+@triton.jit
+def _scan_cells(best, qx, qy, qz, qb, lo_cell, hi_cell, ok, active, start_ptr, xyz_ptr, pid_ptr, s_ptr, r_ptr, P,
+                K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr):
+    """Merge the exponents of the points of the contiguous cell range [lo_cell, hi_cell] of each
+    active query into its best keys."""
+    use = ok & active
+    seg_start = tl.load(start_ptr + lo_cell, mask=use, other=0)
+    seg_end = tl.load(start_ptr + hi_cell + 1, mask=use, other=0)
+    n_max = tl.max(seg_end - seg_start)
+    cols = tl.arange(0, KP)
+    for j in range(0, n_max, KP):
+        pos = seg_start[:, None] + j + cols[None, :]
+        m_ok = pos < seg_end[:, None]
+        dx = qx[:, None] - tl.load(xyz_ptr + pos * 3, mask=m_ok, other=0.0)
+        dy = qy[:, None] - tl.load(xyz_ptr + pos * 3 + 1, mask=m_ok, other=0.0)
+        dz = qz[:, None] - tl.load(xyz_ptr + pos * 3 + 2, mask=m_ok, other=0.0)
+        pidx = tl.load(pid_ptr + pos, mask=m_ok, other=0)
+        o64 = qb[:, None] * P + pidx  # the point's row of the padded sigma and R
+        for a in tl.static_range(3):
+            r0 = tl.load(r_ptr + o64 * 9 + 3 * a, mask=m_ok, other=0.0)
+            r1 = tl.load(r_ptr + o64 * 9 + 3 * a + 1, mask=m_ok, other=0.0)
+            r2 = tl.load(r_ptr + o64 * 9 + 3 * a + 2, mask=m_ok, other=0.0)
+            sa = tl.load(s_ptr + o64 * 3 + a, mask=m_ok, other=0.0)
+            u = r0 * dx + r1 * dy + r2 * dz
+            t = sa * (u * u)
+            if a == 0:
+                m = t
+            else:
+                m = m + t
+        m = tl.where(m_ok & (m == m), m, float("inf"))  # NaN (q - p overflowed): missing
+        best = _merge(best, _pack(m, pidx), K, KP, BQ)
+    return best
+
+
+@triton.jit
+def _aniso_grid_select_kernel(
+    q_ptr, qbatch_ptr, qrow_ptr, nq_total,
+    xyz_ptr, pid_ptr, start_ptr, lo_ptr, h_ptr, dims_ptr, base_ptr, c_ptr,
+    s_ptr, r_ptr, out_m_ptr, out_i_ptr, Q, P,
+    K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    slots = pid * BQ + tl.arange(0, BQ)
+    qmask = slots < nq_total
+    slots64 = slots.to(tl.int64)
+    qx = tl.load(q_ptr + slots64 * 3, mask=qmask, other=0.0)
+    qy = tl.load(q_ptr + slots64 * 3 + 1, mask=qmask, other=0.0)
+    qz = tl.load(q_ptr + slots64 * 3 + 2, mask=qmask, other=0.0)
+    qb = tl.load(qbatch_ptr + slots64, mask=qmask, other=0)
+    qrow = tl.load(qrow_ptr + slots64, mask=qmask, other=0)
+    lox = tl.load(lo_ptr + qb * 3, mask=qmask, other=0.0)
+    loy = tl.load(lo_ptr + qb * 3 + 1, mask=qmask, other=0.0)
+    loz = tl.load(lo_ptr + qb * 3 + 2, mask=qmask, other=0.0)
+    h = tl.load(h_ptr + qb, mask=qmask, other=1.0)
+    gx = tl.load(dims_ptr + qb * 3, mask=qmask, other=1)
+    gy = tl.load(dims_ptr + qb * 3 + 1, mask=qmask, other=1)
+    gz = tl.load(dims_ptr + qb * 3 + 2, mask=qmask, other=1)
+    base = tl.load(base_ptr + qb, mask=qmask, other=0)
+    c = tl.load(c_ptr + qb, mask=qmask, other=0.0)
+    # the query's cell, clamped into the grid (queries may lie outside the points' box)
+    cx = tl.minimum(tl.maximum(tl.floor((qx - lox) / h), 0.0), (gx - 1).to(tl.float32)).to(tl.int64)
+    cy = tl.minimum(tl.maximum(tl.floor((qy - loy) / h), 0.0), (gy - 1).to(tl.float32)).to(tl.int64)
+    cz = tl.minimum(tl.maximum(tl.floor((qz - loz) / h), 0.0), (gz - 1).to(tl.float32)).to(tl.int64)
+    # rounding slack for "every unscanned point is farther than bd" (as in the grid kNN kernel)
+    slack = 1e-4 * h + 1e-6 * (tl.abs(qx) + tl.abs(qy) + tl.abs(qz) + tl.abs(lox) + tl.abs(loy)
+                                + tl.abs(loz) + h * (gx + gy + gz).to(tl.float32))
+
+    best = tl.full((BQ, KP), INF_KEY, tl.int64)
+    active = qmask
+    r = 0
+    while tl.sum(active.to(tl.int32)) > 0:
+        for oz in range(-r, r + 1):
+            for oy in range(-r, r + 1):
+                y = cy + oy
+                z = cz + oz
+                ok = (y >= 0) & (y < gy) & (z >= 0) & (z < gz)
+                row = base + (z * gy + y) * gx
+                if (oy == r) | (oy == -r) | (oz == r) | (oz == -r):  # a whole row of the ring's faces
+                    xl = tl.maximum(cx - r, 0)
+                    xh = tl.minimum(cx + r, gx - 1)
+                    best = _scan_cells(best, qx, qy, qz, qb, row + xl, row + xh, ok, active, start_ptr, xyz_ptr,
+                                       pid_ptr, s_ptr, r_ptr, P, K, KP, BQ)
+                else:  # inside the faces only the row's two end cells are new
+                    xl = cx - r
+                    best = _scan_cells(best, qx, qy, qz, qb, row + xl, row + xl, ok & (xl >= 0), active, start_ptr,
+                                       xyz_ptr, pid_ptr, s_ptr, r_ptr, P, K, KP, BQ)
+                    xh = cx + r
+                    best = _scan_cells(best, qx, qy, qz, qb, row + xh, row + xh, ok & (xh < gx), active, start_ptr,
+                                       xyz_ptr, pid_ptr, s_ptr, r_ptr, P, K, KP, BQ)
+        # distance from the query to the outside of the scanned block; sides at the grid's edge hide nothing
+        inf = float("inf")
+        bd = tl.full((BQ,), inf, tl.float32)
+        bd = tl.minimum(bd, tl.where(cx - r > 0, qx - (lox + (cx - r).to(tl.float32) * h), inf))
+        bd = tl.minimum(bd, tl.where(cy - r > 0, qy - (loy + (cy - r).to(tl.float32) * h), inf))
+        bd = tl.minimum(bd, tl.where(cz - r > 0, qz - (loz + (cz - r).to(tl.float32) * h), inf))
+        bd = tl.minimum(bd, tl.where(cx + r < gx - 1, lox + (cx + r + 1).to(tl.float32) * h - qx, inf))
+        bd = tl.minimum(bd, tl.where(cy + r < gy - 1, loy + (cy + r + 1).to(tl.float32) * h - qy, inf))
+        bd = tl.minimum(bd, tl.where(cz + r < gz - 1, loz + (cz + r + 1).to(tl.float32) * h - qz, inf))
+        bd = tl.maximum(bd - slack, 0.0)
+        kth = (_kth_key(best, K, KP) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        # done: every unscanned point's m >= c bd^2 > the K-th m (strictly: a tie could be a lower index)
+        bound = c * tl.minimum(bd * bd, 3.0e38)  # (capped: 0 * inf would be NaN; a lower bound still)
+        active = active & ~(kth < bound) & (bd < inf)
+        r += 1
+    _store(best, out_m_ptr, out_i_ptr, qb * Q + qrow, qmask, K, KP)
+
+
+def _stop_factor(lower: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``c``: ``lower`` bounds m over the float32 difference the kernel computes, whose
+    length is within a float32 rounding of the exact one that ``bd`` bounds, and ``c * bd * bd``
+    rounds too; 1e-5 (about 80 float32 roundings) covers those few roundings with room to spare."""
+    return (lower.double() * (1 - 1e-5)).float().contiguous()
+
+
+@on_tensor_device
+def select_aniso_grid(q, p, sigma, R, K, p_lengths, lower):
+    """``(m (B, Q, K) float32, idx (B, Q, K) int64)``: the K smallest exponents of each query (ties
+    to the lower index; -1 / inf padded) for float32 ``q (B, Q, 3)``, ``p (B, P, 3)``, ``sigma``,
+    ``R``, with ``lower (B,)`` float32 each cloud's bound ``c`` (0: none)."""
+    B, Q, _ = q.shape
+    P = p.shape[1]
+    out_m = torch.full((B, Q, K), float("inf"), dtype=torch.float32, device=q.device)
+    out_i = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
+    if B == 0 or Q == 0 or P == 0:
+        return out_m, out_i
+    grid = Grid(p, p_lengths, k_hint=K)
+    if grid.xyz.shape[0] == 0:
+        return out_m, out_i
+    qb = torch.arange(B, device=q.device).repeat_interleave(Q)
+    qrow = torch.arange(Q, device=q.device).repeat(B)
+    qq = q.reshape(B * Q, 3)
+    # queries sorted by cell: a block's queries scan the same cells
+    h = grid.h[qb, None]
+    cell = torch.minimum(((qq - grid.lo[qb]) / h).floor().clamp(min=0).long(), grid.dims[qb] - 1)
+    dims = grid.dims[qb]
+    lin = grid.base[qb] + (cell[:, 2] * dims[:, 1] + cell[:, 1]) * dims[:, 0] + cell[:, 0]
+    order = torch.argsort(lin, stable=True)
+    qq, qb, qrow = qq[order].contiguous(), qb[order].contiguous(), qrow[order].contiguous()
+    KP = _kp(K)
+    BQ = 32 if KP <= 32 else 16
+    _aniso_grid_select_kernel[(triton.cdiv(B * Q, BQ),)](
+        qq, qb, qrow, B * Q, grid.xyz, grid.point_idx, grid.cell_start, grid.lo, grid.h,
+        grid.dims.contiguous(), grid.base.contiguous(), _stop_factor(lower),
+        sigma.contiguous(), R.contiguous(), out_m, out_i, Q, P, K=K, KP=KP, BQ=BQ, enable_fp_fusion=False)
+    return out_m, out_i
