@@ -22,6 +22,25 @@ from .knn import INF_KEY, _column, _kp, _merge, _pack, _store
 
 
 @triton.jit
+def _exponent(dx, dy, dz, s_ptr, r_ptr, rows, mask):
+    """``m = sum_a sigma_a (sum_b R_ab d_b)^2`` for differences ``d`` and the points at ``rows`` of
+    sigma ``(n, 3)`` and R ``(n, 3, 3)`` (shapes broadcast against d's), in the order of
+    ``gaussian/_exponent.py``: with FMA off at launch, bitwise the torch value."""
+    for a in tl.static_range(3):
+        r0 = tl.load(r_ptr + rows * 9 + 3 * a, mask=mask, other=0.0)
+        r1 = tl.load(r_ptr + rows * 9 + 3 * a + 1, mask=mask, other=0.0)
+        r2 = tl.load(r_ptr + rows * 9 + 3 * a + 2, mask=mask, other=0.0)
+        sa = tl.load(s_ptr + rows * 3 + a, mask=mask, other=0.0)
+        u = r0 * dx + r1 * dy + r2 * dz
+        t = sa * (u * u)
+        if a == 0:
+            m = t
+        else:
+            m = m + t
+    return m
+
+
+@triton.jit
 def _select(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, b, rows, row_mask, Q, P,
             K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr):
     """The sorted (BQ, KP) packed (m, index) keys of queries ``rows`` of cloud ``b``."""
@@ -39,17 +58,7 @@ def _select(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, b, rows, row_mask, Q, P,
         dx = qx[:, None] - tl.load(p_ptr + o64 * 3, mask=pm, other=0.0)[None, :]
         dy = qy[:, None] - tl.load(p_ptr + o64 * 3 + 1, mask=pm, other=0.0)[None, :]
         dz = qz[:, None] - tl.load(p_ptr + o64 * 3 + 2, mask=pm, other=0.0)[None, :]
-        for a in tl.static_range(3):
-            r0 = tl.load(r_ptr + o64 * 9 + 3 * a, mask=pm, other=0.0)[None, :]
-            r1 = tl.load(r_ptr + o64 * 9 + 3 * a + 1, mask=pm, other=0.0)[None, :]
-            r2 = tl.load(r_ptr + o64 * 9 + 3 * a + 2, mask=pm, other=0.0)[None, :]
-            sa = tl.load(s_ptr + o64 * 3 + a, mask=pm, other=0.0)[None, :]
-            u = r0 * dx + r1 * dy + r2 * dz
-            t = sa * (u * u)
-            if a == 0:
-                m = t
-            else:
-                m = m + t
+        m = _exponent(dx, dy, dz, s_ptr, r_ptr, o64[None, :], pm[None, :])  # a tile's points shared by its rows
         m = tl.where(pm[None, :] & row_mask[:, None] & (m == m), m, float("inf"))  # NaN (q - p overflowed): missing
         best = _merge(best, _pack(m, offs[None, :]), K, KP, BQ)
     return best

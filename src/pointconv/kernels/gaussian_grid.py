@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from . import on_tensor_device
-from .knn import INF_KEY, Grid, _kp, _kth_key, _merge, _pack, _store
+from .gaussian import _exponent
+from .knn import INF_KEY, Grid, _grid_queries, _kp, _kth_key, _merge, _pack, _store, _unscanned_distance
 
 
 @triton.jit
@@ -41,18 +42,7 @@ def _scan_cells(best, qx, qy, qz, qb, lo_cell, hi_cell, ok, active, start_ptr, x
         dy = qy[:, None] - tl.load(xyz_ptr + pos * 3 + 1, mask=m_ok, other=0.0)
         dz = qz[:, None] - tl.load(xyz_ptr + pos * 3 + 2, mask=m_ok, other=0.0)
         pidx = tl.load(pid_ptr + pos, mask=m_ok, other=0)
-        o64 = qb[:, None] * P + pidx  # the point's row of the padded sigma and R
-        for a in tl.static_range(3):
-            r0 = tl.load(r_ptr + o64 * 9 + 3 * a, mask=m_ok, other=0.0)
-            r1 = tl.load(r_ptr + o64 * 9 + 3 * a + 1, mask=m_ok, other=0.0)
-            r2 = tl.load(r_ptr + o64 * 9 + 3 * a + 2, mask=m_ok, other=0.0)
-            sa = tl.load(s_ptr + o64 * 3 + a, mask=m_ok, other=0.0)
-            u = r0 * dx + r1 * dy + r2 * dz
-            t = sa * (u * u)
-            if a == 0:
-                m = t
-            else:
-                m = m + t
+        m = _exponent(dx, dy, dz, s_ptr, r_ptr, qb[:, None] * P + pidx, m_ok)  # (its row of sigma and R)
         m = tl.where(m_ok & (m == m), m, float("inf"))  # NaN (q - p overflowed): missing
         best = _merge(best, _pack(m, pidx), K, KP, BQ)
     return best
@@ -65,31 +55,11 @@ def _aniso_grid_select_kernel(
     s_ptr, r_ptr, out_m_ptr, out_i_ptr, Q, P,
     K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    slots = pid * BQ + tl.arange(0, BQ)
+    slots = tl.program_id(0) * BQ + tl.arange(0, BQ)
     qmask = slots < nq_total
-    slots64 = slots.to(tl.int64)
-    qx = tl.load(q_ptr + slots64 * 3, mask=qmask, other=0.0)
-    qy = tl.load(q_ptr + slots64 * 3 + 1, mask=qmask, other=0.0)
-    qz = tl.load(q_ptr + slots64 * 3 + 2, mask=qmask, other=0.0)
-    qb = tl.load(qbatch_ptr + slots64, mask=qmask, other=0)
-    qrow = tl.load(qrow_ptr + slots64, mask=qmask, other=0)
-    lox = tl.load(lo_ptr + qb * 3, mask=qmask, other=0.0)
-    loy = tl.load(lo_ptr + qb * 3 + 1, mask=qmask, other=0.0)
-    loz = tl.load(lo_ptr + qb * 3 + 2, mask=qmask, other=0.0)
-    h = tl.load(h_ptr + qb, mask=qmask, other=1.0)
-    gx = tl.load(dims_ptr + qb * 3, mask=qmask, other=1)
-    gy = tl.load(dims_ptr + qb * 3 + 1, mask=qmask, other=1)
-    gz = tl.load(dims_ptr + qb * 3 + 2, mask=qmask, other=1)
-    base = tl.load(base_ptr + qb, mask=qmask, other=0)
+    qx, qy, qz, qb, qrow, lox, loy, loz, h, gx, gy, gz, base, cx, cy, cz, slack = _grid_queries(
+        q_ptr, qbatch_ptr, qrow_ptr, lo_ptr, h_ptr, dims_ptr, base_ptr, slots.to(tl.int64), qmask)
     c = tl.load(c_ptr + qb, mask=qmask, other=0.0)
-    # the query's cell, clamped into the grid (queries may lie outside the points' box)
-    cx = tl.minimum(tl.maximum(tl.floor((qx - lox) / h), 0.0), (gx - 1).to(tl.float32)).to(tl.int64)
-    cy = tl.minimum(tl.maximum(tl.floor((qy - loy) / h), 0.0), (gy - 1).to(tl.float32)).to(tl.int64)
-    cz = tl.minimum(tl.maximum(tl.floor((qz - loz) / h), 0.0), (gz - 1).to(tl.float32)).to(tl.int64)
-    # rounding slack for "every unscanned point is farther than bd" (as in the grid kNN kernel)
-    slack = 1e-4 * h + 1e-6 * (tl.abs(qx) + tl.abs(qy) + tl.abs(qz) + tl.abs(lox) + tl.abs(loy)
-                                + tl.abs(loz) + h * (gx + gy + gz).to(tl.float32))
 
     best = tl.full((BQ, KP), INF_KEY, tl.int64)
     active = qmask
@@ -113,20 +83,11 @@ def _aniso_grid_select_kernel(
                     xh = cx + r
                     best = _scan_cells(best, qx, qy, qz, qb, row + xh, row + xh, ok & (xh < gx), active, start_ptr,
                                        xyz_ptr, pid_ptr, s_ptr, r_ptr, P, K, KP, BQ)
-        # distance from the query to the outside of the scanned block; sides at the grid's edge hide nothing
-        inf = float("inf")
-        bd = tl.full((BQ,), inf, tl.float32)
-        bd = tl.minimum(bd, tl.where(cx - r > 0, qx - (lox + (cx - r).to(tl.float32) * h), inf))
-        bd = tl.minimum(bd, tl.where(cy - r > 0, qy - (loy + (cy - r).to(tl.float32) * h), inf))
-        bd = tl.minimum(bd, tl.where(cz - r > 0, qz - (loz + (cz - r).to(tl.float32) * h), inf))
-        bd = tl.minimum(bd, tl.where(cx + r < gx - 1, lox + (cx + r + 1).to(tl.float32) * h - qx, inf))
-        bd = tl.minimum(bd, tl.where(cy + r < gy - 1, loy + (cy + r + 1).to(tl.float32) * h - qy, inf))
-        bd = tl.minimum(bd, tl.where(cz + r < gz - 1, loz + (cz + r + 1).to(tl.float32) * h - qz, inf))
-        bd = tl.maximum(bd - slack, 0.0)
+        bd = _unscanned_distance(qx, qy, qz, cx, cy, cz, r, lox, loy, loz, h, gx, gy, gz, slack, BQ)
         kth = (_kth_key(best, K, KP) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         # done: every unscanned point's m >= c bd^2 > the K-th m (strictly: a tie could be a lower index)
         bound = c * tl.minimum(bd * bd, 3.0e38)  # (capped: 0 * inf would be NaN; a lower bound still)
-        active = active & ~(kth < bound) & (bd < inf)
+        active = active & ~(kth < bound) & (bd < float("inf"))
         r += 1
     _store(best, out_m_ptr, out_i_ptr, qb * Q + qrow, qmask, K, KP)
 

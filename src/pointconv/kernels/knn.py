@@ -150,18 +150,10 @@ def _scan_cells(
 
 
 @triton.jit
-def _knn_grid_kernel(
-    q_ptr, qbatch_ptr, qrow_ptr, nq_total,
-    xyz_ptr, pid_ptr, start_ptr,
-    lo_ptr, h_ptr, dims_ptr, base_ptr,
-    out_d_ptr, out_i_ptr, Q, radius2,
-    K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr, USE_RADIUS: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    slots = pid * BQ + tl.arange(0, BQ)
-    qmask = slots < nq_total
-    slots64 = slots.to(tl.int64)
+def _grid_queries(q_ptr, qbatch_ptr, qrow_ptr, lo_ptr, h_ptr, dims_ptr, base_ptr, slots64, qmask):
+    """A block of cell-sorted queries: coordinates, cloud and row; their cloud's grid (origin, cell
+    size, cells per axis, first cell); the query's cell, clamped into the grid (queries may lie
+    outside the points' box); and the rounding slack of ``_unscanned_distance``."""
     qx = tl.load(q_ptr + slots64 * 3, mask=qmask, other=0.0)
     qy = tl.load(q_ptr + slots64 * 3 + 1, mask=qmask, other=0.0)
     qz = tl.load(q_ptr + slots64 * 3 + 2, mask=qmask, other=0.0)
@@ -175,13 +167,43 @@ def _knn_grid_kernel(
     gy = tl.load(dims_ptr + qb * 3 + 1, mask=qmask, other=1)
     gz = tl.load(dims_ptr + qb * 3 + 2, mask=qmask, other=1)
     base = tl.load(base_ptr + qb, mask=qmask, other=0)
-    # The query's cell, clamped into the grid (queries may lie outside the points' box).
     cx = tl.minimum(tl.maximum(tl.floor((qx - lox) / h), 0.0), (gx - 1).to(tl.float32)).to(tl.int64)
     cy = tl.minimum(tl.maximum(tl.floor((qy - loy) / h), 0.0), (gy - 1).to(tl.float32)).to(tl.int64)
     cz = tl.minimum(tl.maximum(tl.floor((qz - loz) / h), 0.0), (gz - 1).to(tl.float32)).to(tl.int64)
-    # Rounding slack for the "every unscanned point is farther than" bound.
     slack = 1e-4 * h + 1e-6 * (tl.abs(qx) + tl.abs(qy) + tl.abs(qz) + tl.abs(lox) + tl.abs(loy)
                                 + tl.abs(loz) + h * (gx + gy + gz).to(tl.float32))
+    return qx, qy, qz, qb, qrow, lox, loy, loz, h, gx, gy, gz, base, cx, cy, cz, slack
+
+
+@triton.jit
+def _unscanned_distance(qx, qy, qz, cx, cy, cz, r, lox, loy, loz, h, gx, gy, gz, slack, BQ: tl.constexpr):
+    """A lower bound (less the rounding ``slack``) on the distance from each query to any point
+    outside the block of cells within ``r`` of its cell; sides that reach the grid's edge hide
+    nothing, so a block covering the grid gives inf."""
+    inf = float("inf")
+    bd = tl.full((BQ,), inf, tl.float32)
+    bd = tl.minimum(bd, tl.where(cx - r > 0, qx - (lox + (cx - r).to(tl.float32) * h), inf))
+    bd = tl.minimum(bd, tl.where(cy - r > 0, qy - (loy + (cy - r).to(tl.float32) * h), inf))
+    bd = tl.minimum(bd, tl.where(cz - r > 0, qz - (loz + (cz - r).to(tl.float32) * h), inf))
+    bd = tl.minimum(bd, tl.where(cx + r < gx - 1, lox + (cx + r + 1).to(tl.float32) * h - qx, inf))
+    bd = tl.minimum(bd, tl.where(cy + r < gy - 1, loy + (cy + r + 1).to(tl.float32) * h - qy, inf))
+    bd = tl.minimum(bd, tl.where(cz + r < gz - 1, loz + (cz + r + 1).to(tl.float32) * h - qz, inf))
+    return tl.maximum(bd - slack, 0.0)
+
+
+@triton.jit
+def _knn_grid_kernel(
+    q_ptr, qbatch_ptr, qrow_ptr, nq_total,
+    xyz_ptr, pid_ptr, start_ptr,
+    lo_ptr, h_ptr, dims_ptr, base_ptr,
+    out_d_ptr, out_i_ptr, Q, radius2,
+    K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, USE_RADIUS: tl.constexpr,
+):
+    slots = tl.program_id(0) * BQ + tl.arange(0, BQ)
+    qmask = slots < nq_total
+    qx, qy, qz, qb, qrow, lox, loy, loz, h, gx, gy, gz, base, cx, cy, cz, slack = _grid_queries(
+        q_ptr, qbatch_ptr, qrow_ptr, lo_ptr, h_ptr, dims_ptr, base_ptr, slots.to(tl.int64), qmask)
 
     best = tl.full((BQ, KP), INF_KEY, tl.int64)
     active = qmask
@@ -210,21 +232,11 @@ def _knn_grid_kernel(
                     best = _scan_cells(best, qx, qy, qz, qrow, row + xh, row + xh, ok & (xh < gx),
                                        active, start_ptr, xyz_ptr, pid_ptr, radius2,
                                        K, KP, BQ, EXCLUDE_SELF, USE_RADIUS)
-        # Distance from the query to the outside of the scanned block of cells; sides that reach
-        # the grid's edge hide nothing.
-        inf = float("inf")
-        bd = tl.full((BQ,), inf, tl.float32)
-        bd = tl.minimum(bd, tl.where(cx - r > 0, qx - (lox + (cx - r).to(tl.float32) * h), inf))
-        bd = tl.minimum(bd, tl.where(cy - r > 0, qy - (loy + (cy - r).to(tl.float32) * h), inf))
-        bd = tl.minimum(bd, tl.where(cz - r > 0, qz - (loz + (cz - r).to(tl.float32) * h), inf))
-        bd = tl.minimum(bd, tl.where(cx + r < gx - 1, lox + (cx + r + 1).to(tl.float32) * h - qx, inf))
-        bd = tl.minimum(bd, tl.where(cy + r < gy - 1, loy + (cy + r + 1).to(tl.float32) * h - qy, inf))
-        bd = tl.minimum(bd, tl.where(cz + r < gz - 1, loz + (cz + r + 1).to(tl.float32) * h - qz, inf))
-        bd = tl.maximum(bd - slack, 0.0)
+        bd = _unscanned_distance(qx, qy, qz, cx, cy, cz, r, lox, loy, loz, h, gx, gy, gz, slack, BQ)
         kth = (_kth_key(best, K, KP) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         if USE_RADIUS:
             kth = tl.minimum(kth, radius2)
-        active = active & ~(kth < bd * bd) & (bd < inf)
+        active = active & ~(kth < bd * bd) & (bd < float("inf"))
         r += 1
     out_rows = qb * Q + qrow
     _store(best, out_d_ptr, out_i_ptr, out_rows, qmask, K, KP)
