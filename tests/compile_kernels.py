@@ -44,8 +44,8 @@ GAUSS = {"q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32",
          "out_m_ptr": "*fp32", "out_i_ptr": "*i64", "Q": "i32", "P": "i32"}
 GAUSS_GRID = {"q_ptr": "*fp32", "qbatch_ptr": "*i64", "qrow_ptr": "*i64", "nq_total": "i32", "xyz_ptr": "*fp32",
               "pid_ptr": "*i64", "start_ptr": "*i64", "lo_ptr": "*fp32", "h_ptr": "*fp32", "dims_ptr": "*i64",
-              "base_ptr": "*i64", "c_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32", "out_m_ptr": "*fp32",
-              "out_i_ptr": "*i64", "Q": "i32", "P": "i32"}
+              "base_ptr": "*i64", "c_ptr": "*fp32", "margin_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32",
+              "out_m_ptr": "*fp32", "out_i_ptr": "*i64", "Q": "i32", "P": "i32"}
 GAUSS_FUSED = {"q_ptr": "*fp32", "p_ptr": "*fp32", "s_ptr": "*fp32", "r_ptr": "*fp32", "plen_ptr": "*i64",
                "f_ptr": "*fp32", "out_m_ptr": "*fp32", "out_i_ptr": "*i64", "out_f_ptr": "*fp32", "Q": "i32", "P": "i32",
                "F": "i32"}

@@ -237,3 +237,40 @@ def test_grid_selection_counts_nan_exponents_as_missing(monkeypatch):
         got = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 30)
     assert 7 not in want[3][0, 0].tolist() and want[3][0, 0, -1] == -1  # the NaN point: missing
     assert torch.equal(got[3], want[3]) and torch.equal(got[2], want[2])
+
+
+def _rotations(B, P, g):
+    return torch.linalg.qr(torch.randn(B, P, 3, 3, generator=g, dtype=torch.float64))[0].float()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's over- and underflow warnings, in the interpreter
+@pytest.mark.parametrize("case", ["bound past float32", "subnormal sigma", "subnormal u * u", "extent 1e13"])
+def test_grid_selection_on_extreme_scales(monkeypatch, case):
+    """Found by a review of the grid selection (each wrong or hung before its fix):
+    a bound c past float32's range became inf and stopped every scan after one ring; subnormal
+    terms (sigma of 3 * 2^-149, or u = 1e-22 d under sigma 1e38) put computed m below c |d|^2 by
+    more than c's relative margin; a 1e13-wide cloud overflowed the grid's float32 cell size to inf,
+    and inf - inf = NaN in the distance bound kept every ring going."""
+    from pointconv.kernels import gaussian as kernels
+
+    monkeypatch.setattr(kernels, "_BRUTE_MAX_POINTS", 0)
+    g = torch.Generator().manual_seed(0)
+    B, Q, P, K = 1, 16, 60, 4  # (the review's cases: smaller draws missed the subnormal ones)
+    q, p, f = torch.rand(B, Q, 3, generator=g), torch.rand(B, P, 3, generator=g), torch.randn(B, P, 2, generator=g)
+    R = _rotations(B, P, g)
+    sigma = torch.full((B, P, 3), 1.0)
+    if case == "bound past float32":
+        q, p, K = 0.4 * q, 0.4 * p, 1
+        sigma, R = torch.full((B, P, 3), 1e37), 10 * torch.eye(3).expand(B, P, 3, 3).contiguous()  # m = 1e39 |d|^2
+    elif case == "subnormal sigma":
+        sigma = torch.full((B, P, 3), 3 * 2.0 ** -149)
+    elif case == "subnormal u * u":
+        sigma, R = torch.full((B, P, 3), 1e38), 1e-22 * R
+    else:
+        q, p, sigma, K = 1e13 * q, 1e13 * p, torch.full((B, P, 3), 4e-25), 1
+    q, p, f, sigma, R = (t.to(DEV) for t in (q, p, f, sigma, R))
+    with pointconv.use_backend("torch"):
+        want = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, K)
+    with pointconv.use_backend("triton"):
+        got = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, K)
+    assert torch.equal(got[3], want[3]) and torch.equal(got[2], want[2])

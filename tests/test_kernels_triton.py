@@ -70,6 +70,20 @@ def test_grid_kernel_exclude_self_and_far_queries():
     assert torch.equal(i, ri) and torch.equal(d, rd)
 
 
+def test_grid_kernel_on_a_cloud_wider_than_float32_volumes():
+    # a 1e13-wide cloud (coordinates well inside the kNN's 5e18 limit): its box's volume overflowed
+    # float32 in Grid, the cell size became inf, and inf - inf = NaN in the distance bound kept every
+    # ring of the kernel going (a hang)
+    g = torch.Generator().manual_seed(2)
+    p = (1e13 * torch.rand(1, 40, 3, generator=g)).to(DEV)
+    pl = torch.tensor([40], device=DEV)
+    grid = knn_kernels.Grid(p, pl, k_hint=3)
+    assert bool(torch.isfinite(grid.h).all())
+    d, i = knn_kernels.search_grid(p[:, :5], grid, 3, None, torch.tensor([5], device=DEV), False)
+    rd, ri = _ref(p[:, :5], p, 3, None, torch.tensor([5], device=DEV), pl)
+    assert torch.equal(i, ri) and torch.equal(d, rd)
+
+
 def test_public_api_on_the_triton_backend():
     q = make_cloud("uniform", 1, 20, seed=7, device=DEV)
     p = make_cloud("uniform", 1, 30, seed=8, device=DEV)

@@ -7,8 +7,9 @@ cell) scans rings of cells around its queries, as the grid kNN kernel does, keep
 ``(m, index)`` keys with the same packed-key top-k. The stopping rule is the exponent's Euclidean
 lower bound: every computed ``m`` of a cloud is at least ``c |q - p|^2`` (``c`` from
 ``gaussian._exponent.cloud_lower_bounds``: the smallest eigenvalue of any ``R^T diag(sigma) R``
-less a rounding margin), so once ``c`` times the squared distance to the unscanned cells exceeds a
-query's K-th m, no unscanned point can enter. A cloud with ``c = 0`` (no bound) is scanned whole.
+less a relative rounding margin) less an absolute margin for subnormal terms, so once that
+bound at the distance to the unscanned cells exceeds a query's K-th m, no unscanned point can
+enter. A cloud with ``c = 0`` (no bound) is scanned whole.
 
 The exponent is evaluated in ``gaussian/_exponent.py``'s order without FMA, so the keys are
 bitwise those of the brute-force kernel and of the torch paths: the same indices, ties to the
@@ -51,7 +52,7 @@ def _scan_cells(best, qx, qy, qz, qb, lo_cell, hi_cell, ok, active, start_ptr, x
 @triton.jit
 def _aniso_grid_select_kernel(
     q_ptr, qbatch_ptr, qrow_ptr, nq_total,
-    xyz_ptr, pid_ptr, start_ptr, lo_ptr, h_ptr, dims_ptr, base_ptr, c_ptr,
+    xyz_ptr, pid_ptr, start_ptr, lo_ptr, h_ptr, dims_ptr, base_ptr, c_ptr, margin_ptr,
     s_ptr, r_ptr, out_m_ptr, out_i_ptr, Q, P,
     K: tl.constexpr, KP: tl.constexpr, BQ: tl.constexpr,
 ):
@@ -60,6 +61,7 @@ def _aniso_grid_select_kernel(
     qx, qy, qz, qb, qrow, lox, loy, loz, h, gx, gy, gz, base, cx, cy, cz, slack = _grid_queries(
         q_ptr, qbatch_ptr, qrow_ptr, lo_ptr, h_ptr, dims_ptr, base_ptr, slots.to(tl.int64), qmask)
     c = tl.load(c_ptr + qb, mask=qmask, other=0.0)
+    margin = tl.load(margin_ptr + qb, mask=qmask, other=0.0)
 
     best = tl.full((BQ, KP), INF_KEY, tl.int64)
     active = qmask
@@ -86,7 +88,8 @@ def _aniso_grid_select_kernel(
         bd = _unscanned_distance(qx, qy, qz, cx, cy, cz, r, lox, loy, loz, h, gx, gy, gz, slack, BQ)
         kth = (_kth_key(best, K, KP) >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         # done: every unscanned point's m >= c bd^2 > the K-th m (strictly: a tie could be a lower index)
-        bound = c * tl.minimum(bd * bd, 3.0e38)  # (capped: 0 * inf would be NaN; a lower bound still)
+        # (bd^2 capped: 0 * inf would be NaN; a lower bound still)
+        bound = c * tl.minimum(bd * bd, 3.0e38) - margin
         active = active & ~(kth < bound) & (bd < float("inf"))
         r += 1
     _store(best, out_m_ptr, out_i_ptr, qb * Q + qrow, qmask, K, KP)
@@ -95,8 +98,20 @@ def _aniso_grid_select_kernel(
 def _stop_factor(lower: torch.Tensor) -> torch.Tensor:
     """The kernel's ``c``: ``lower`` bounds m over the float32 difference the kernel computes, whose
     length is within a float32 rounding of the exact one that ``bd`` bounds, and ``c * bd * bd``
-    rounds too; 1e-5 (about 80 float32 roundings) covers those few roundings with room to spare."""
-    return (lower.double() * (1 - 1e-5)).float().contiguous()
+    rounds too; 1e-5 (about 80 float32 roundings) covers those few roundings with room to spare.
+    Capped at float32's largest value (a bound past it would become inf and stop every scan)."""
+    return (lower.double() * (1 - 1e-5)).clamp(max=torch.finfo(torch.float32).max).float().contiguous()
+
+
+def _subnormal_margin(sigma: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: how far below ``c |d|^2`` a computed m may fall where its terms are subnormal, an
+    absolute error that ``c``'s relative margin misses: each axis' ``u * u`` and ``sigma * (u * u)``
+    round to a multiple of 2^-149 there, so m may lose about ``3 (sigma_max + 1) 2^-150``; 2^-144
+    leaves a wide margin (e.g. sigma 1e38 with R 1e-22 I: m steps of 1.4e-7 at m ~1e-8)."""
+    P = sigma.shape[1]
+    valid = torch.arange(P, device=sigma.device)[None, :] < lengths[:, None]
+    top = torch.where(valid[..., None], sigma.double(), 0).amax((1, 2)) if P else sigma.new_zeros(len(lengths)).double()
+    return (2.0 ** -144 * (1 + top)).float().contiguous()
 
 
 @on_tensor_device
@@ -127,6 +142,6 @@ def select_aniso_grid(q, p, sigma, R, K, p_lengths, lower):
     BQ = 32 if KP <= 32 else 16
     _aniso_grid_select_kernel[(triton.cdiv(B * Q, BQ),)](
         qq, qb, qrow, B * Q, grid.xyz, grid.point_idx, grid.cell_start, grid.lo, grid.h,
-        grid.dims.contiguous(), grid.base.contiguous(), _stop_factor(lower),
+        grid.dims.contiguous(), grid.base.contiguous(), _stop_factor(lower), _subnormal_margin(sigma, p_lengths),
         sigma.contiguous(), R.contiguous(), out_m, out_i, Q, P, K=K, KP=KP, BQ=BQ, enable_fp_fusion=False)
     return out_m, out_i

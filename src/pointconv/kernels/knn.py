@@ -188,7 +188,8 @@ def _unscanned_distance(qx, qy, qz, cx, cy, cz, r, lox, loy, loz, h, gx, gy, gz,
     bd = tl.minimum(bd, tl.where(cx + r < gx - 1, lox + (cx + r + 1).to(tl.float32) * h - qx, inf))
     bd = tl.minimum(bd, tl.where(cy + r < gy - 1, loy + (cy + r + 1).to(tl.float32) * h - qy, inf))
     bd = tl.minimum(bd, tl.where(cz + r < gz - 1, loz + (cz + r + 1).to(tl.float32) * h - qz, inf))
-    return tl.maximum(bd - slack, 0.0)
+    # (inf stays inf: were the slack inf too, inf - inf = NaN would read as 0 and no ring would end)
+    return tl.where(bd < inf, tl.maximum(bd - slack, 0.0), inf)
 
 
 @triton.jit
@@ -273,7 +274,8 @@ class Grid:
         # correct for clouds that fill little of their box (surfaces, clusters).
         target = max(2.0, k_hint / 4.0)
         ext = torch.maximum(extent, extent.amax(1, keepdim=True) * 1e-3)
-        h = (ext.prod(1) / lens * target).pow(1.0 / 3.0)
+        # (the box's volume in float64: in float32 it overflows past extents of ~7e12, h = inf)
+        h = (ext.double().prod(1) / lens * target).pow(1.0 / 3.0).float()
         for _ in range(2):
             h = self._cap_cells(h, extent, lens)
             lin, _, _ = self._cells(xyz, bid, lo, h, extent)
