@@ -59,7 +59,7 @@ def _select(q_ptr, p_ptr, s_ptr, r_ptr, plen_ptr, b, rows, row_mask, Q, P,
         dy = qy[:, None] - tl.load(p_ptr + o64 * 3 + 1, mask=pm, other=0.0)[None, :]
         dz = qz[:, None] - tl.load(p_ptr + o64 * 3 + 2, mask=pm, other=0.0)[None, :]
         m = _exponent(dx, dy, dz, s_ptr, r_ptr, o64[None, :], pm[None, :])  # a tile's points shared by its rows
-        m = tl.where(pm[None, :] & row_mask[:, None] & (m == m), m, float("inf"))  # NaN (q - p overflowed): missing
+        m = tl.where(pm[None, :] & row_mask[:, None] & (m == m), m, float("inf"))  # NaN (an overflow inside R d): missing
         best = _merge(best, _pack(m, offs[None, :]), K, KP, BQ)
     return best
 

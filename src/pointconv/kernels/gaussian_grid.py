@@ -13,7 +13,7 @@ enter. A cloud with ``c = 0`` (no bound) is scanned whole.
 
 The exponent is evaluated in ``gaussian/_exponent.py``'s order without FMA, so the keys are
 bitwise those of the brute-force kernel and of the torch paths: the same indices, ties to the
-lower index. NaN exponents (``q - p`` past float32's range) count as missing, as elsewhere.
+lower index. NaN exponents (an overflow inside ``R d``) count as missing, as elsewhere.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _scan_cells(best, qx, qy, qz, qb, lo_cell, hi_cell, ok, active, start_ptr, x
         dz = qz[:, None] - tl.load(xyz_ptr + pos * 3 + 2, mask=m_ok, other=0.0)
         pidx = tl.load(pid_ptr + pos, mask=m_ok, other=0)
         m = _exponent(dx, dy, dz, s_ptr, r_ptr, qb[:, None] * P + pidx, m_ok)  # (its row of sigma and R)
-        m = tl.where(m_ok & (m == m), m, float("inf"))  # NaN (q - p overflowed): missing
+        m = tl.where(m_ok & (m == m), m, float("inf"))  # NaN (an overflow inside R d): missing
         best = _merge(best, _pack(m, pidx), K, KP, BQ)
     return best
 
@@ -118,7 +118,7 @@ def _subnormal_margin(sigma: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
 def select_aniso_grid(q, p, sigma, R, K, p_lengths, lower):
     """``(m (B, Q, K) float32, idx (B, Q, K) int64)``: the K smallest exponents of each query (ties
     to the lower index; -1 / inf padded) for float32 ``q (B, Q, 3)``, ``p (B, P, 3)``, ``sigma``,
-    ``R``, with ``lower (B,)`` float32 each cloud's bound ``c`` (0: none)."""
+    ``R``, with ``lower (B,)`` each cloud's bound ``c`` (``cloud_lower_bounds``; 0: none)."""
     B, Q, _ = q.shape
     P = p.shape[1]
     out_m = torch.full((B, Q, K), float("inf"), dtype=torch.float32, device=q.device)
