@@ -98,9 +98,11 @@ def test_weight_gradient_in_many_chunks_summed_in_order(monkeypatch):
 
 def test_chunks_cover_each_offset_once():
     start = [0, 0, 70, 71, 200]
-    lo, hi, table = _implicit_gemm._chunks(start, "cpu")
+    lo, hi, flat = _implicit_gemm._chunks(start)
+    width = len(flat) // (len(start) - 1)
+    assert width * (len(start) - 1) == len(flat)
     for o, (a, b) in enumerate(zip(start[:-1], start[1:])):
-        ids = [int(c) for c in table[o] if c >= 0]
+        ids = [c for c in flat[o * width:(o + 1) * width] if c >= 0]
         covered = [t for c in ids for t in range(int(lo[c]), int(hi[c]))]
         assert covered == list(range(a, b))  # in order, no gap, no overlap
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _device_transfers as transfers
 from .._backend import backend_for
 from ._bilinear import bilinear_conv
 
@@ -57,8 +58,9 @@ def _table(dst_rows, src_rows, offset_of_pair, V, n_dst):
     return table
 
 
-def _chunks(start: list[int], device):
-    """Each offset's pairs cut into about ``_TARGET_CHUNKS`` chunks of whole pair blocks."""
+def _chunks(start: list[int]):
+    """Each offset's pairs cut into about ``_TARGET_CHUNKS`` chunks of whole pair blocks: the host
+    lists ``(chunk_start, chunk_end, chunk_table)``, the table flattened ``(V, width)``."""
     counts = [b - a for a, b in zip(start[:-1], start[1:])]
     blocks = -(-max(counts + [1]) // _PAIR_BLOCK)
     size = _PAIR_BLOCK * -(-blocks // _TARGET_CHUNKS)
@@ -70,23 +72,34 @@ def _chunks(start: list[int], device):
             hi.append(min(s + size, b))
         per_offset.append(list(range(first, len(lo))))
     width = max([len(c) for c in per_offset] + [1])
-    table = [c + [-1] * (width - len(c)) for c in per_offset]
-    as_t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-    return as_t(lo, torch.int64), as_t(hi, torch.int64), as_t(table, torch.int64).view(len(per_offset), width)
+    table = [i for c in per_offset for i in c + [-1] * (width - len(c))]
+    return lo, hi, table
 
 
-def conv_tables(in_rows, out_rows, start: list[int], n_in: int, n_out: int) -> ConvTables:
-    """The tables of a kernel map (pairs ``in_rows -> out_rows`` grouped by offset) and its transpose."""
+def conv_tables(in_rows, out_rows, start: list[int], n_in: int, n_out: int, gather=None,
+                gather_transposed=None) -> ConvTables:
+    """The tables of a kernel map (pairs ``in_rows -> out_rows`` grouped by offset) and its transpose.
+    ``gather`` / ``gather_transposed``: the two ``(V, M)`` gather tables when the map's build has
+    them (else they are scattered from the pairs)."""
     if max(n_in, n_out) >= 1 << 31:
         raise ValueError(f"sparse tensors of {max(n_in, n_out)} sites exceed the Triton kernels' int32 rows")
     V = len(start) - 1
     dev = in_rows.device
-    counts = torch.tensor([b - a for a, b in zip(start[:-1], start[1:])], device=dev)
-    offset_of_pair = torch.repeat_interleave(torch.arange(V, device=dev), counts)
+    counts = [b - a for a, b in zip(start[:-1], start[1:])]
+    lo, hi, table = _chunks(start)
+    # the host's numbers in one copy that does not wait for the device
+    sent = transfers.to_device(counts + lo + hi + table, torch.int64, dev)
+    counts, lo, hi, table = sent.split([V, len(lo), len(hi), len(table)])
+    table = table.view(V, -1)
     ir, orow = in_rows.to(torch.int32), out_rows.to(torch.int32)
-    lo, hi, table = _chunks(start, dev)
-    fwd = ConvTables(_table(out_rows, ir, offset_of_pair, V, n_out), ir, orow, lo, hi, table)
-    fwd.transposed = ConvTables(_table(in_rows, orow, offset_of_pair, V, n_in), orow, ir, lo, hi, table, fwd)
+    if gather is None or gather_transposed is None:
+        offset_of_pair = torch.repeat_interleave(torch.arange(V, device=dev), counts, output_size=start[-1])
+        if gather is None:
+            gather = _table(out_rows, ir, offset_of_pair, V, n_out)
+        if gather_transposed is None:
+            gather_transposed = _table(in_rows, orow, offset_of_pair, V, n_in)
+    fwd = ConvTables(gather.to(torch.int32).contiguous(), ir, orow, lo, hi, table)
+    fwd.transposed = ConvTables(gather_transposed.to(torch.int32).contiguous(), orow, ir, lo, hi, table, fwd)
     return fwd
 
 

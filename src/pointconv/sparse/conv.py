@@ -196,7 +196,9 @@ class SparseConvolution(VoxelCountRecorder, SparseModule):
             if cached.kernel_size != self.kernel_size:
                 raise ValueError(f"the convolution with indice_key {self.indice_key!r} has kernel "
                                  f"{list(cached.kernel_size)}, this inverse convolution {list(self.kernel_size)}")
-            if cached.out_indices.shape != x.indices.shape or not torch.equal(cached.out_indices, x.indices):
+            same_sites = cached.out_indices is x.indices or (  # (torch.equal reads the device)
+                cached.out_indices.shape == x.indices.shape and torch.equal(cached.out_indices, x.indices))
+            if not same_sites:
                 raise ValueError(f"the input sites are not the outputs of the convolution with indice_key "
                                  f"{self.indice_key!r}")
             return inverse_of(cached)
@@ -237,8 +239,8 @@ class SparseConvolution(VoxelCountRecorder, SparseModule):
             return out
         if not self.inverse:
             self._record_voxel_count(kmap.out_indices.shape[0])
-        return SparseConvTensor(feats, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
-                                indice_dict=indice_dict, benchmark=x.benchmark)
+        return SparseConvTensor._from_layer(feats, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
+                                            indice_dict, x.benchmark)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={list(self.kernel_size)}, "

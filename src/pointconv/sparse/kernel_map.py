@@ -14,6 +14,12 @@ of a 45 ms submanifold map), so an index that is released hands its table back, 
 next index: one spare table, of the largest grid seen (at most 128 MiB), stays allocated between
 kernel maps.
 
+Compaction (the pairs of each offset out of a (kernel volume, N) mask): on CPU per offset, through
+numpy (faster there than one pass with a division of every pair's position); on an accelerator
+in one pass over all offsets, after a single read of the counts per offset (with the duplicate
+check's answer): each read of a device value stalls the stream (``_device_transfers``), and a map
+read per offset spent more time waiting than computing.
+
 Index semantics (dense math, torch's formulas):
   regular / strided conv: output y reads input ``x = y * stride - padding + o * dilation``; the
       output sites are every y whose window holds >= 1 active input, sorted by (batch, coords).
@@ -33,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _device_transfers as transfers
 from .._func_transforms import outside_func_transforms
 from .._index1d import flatnonzero, take
 from ._implicit_gemm import conv_tables
@@ -55,6 +62,8 @@ class KernelMap:
     padding: tuple
     dilation: tuple
     subm: bool
+    # a submanifold map built in one pass: its (V, N) lookup, which is the Triton kernels' table
+    _gather: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _tables: object = field(default=None, repr=False, compare=False)
     _pair_tables: object = field(default=None, repr=False, compare=False)
 
@@ -62,8 +71,13 @@ class KernelMap:
     def tables(self):
         """The map as the Triton kernels read it (``_implicit_gemm.ConvTables``), built once."""
         if self._tables is None:
+            gather = gather_t = None
+            if self._gather is not None:
+                gather = self._gather
+                if self.identity_offset() is not None:  # point-symmetric offsets: o's transpose is V - 1 - o
+                    gather_t = gather.flip(0)
             self._tables = conv_tables(self.in_rows, self.out_rows, self.start, self.in_indices.shape[0],
-                                       self.out_indices.shape[0])
+                                       self.out_indices.shape[0], gather, gather_t)
         return self._tables
 
     @outside_func_transforms
@@ -95,6 +109,15 @@ def check_key_space(batch_size: int, shape, what: str = "the sites") -> None:
                          f"more than the 2**63 that int64 site keys can number: use a smaller spatial_shape")
 
 
+def _linear_offset(coords, shape) -> int:
+    """``linearize`` of the host ints ``coords`` in batch 0: keys are linear, so the key of a site
+    moved by ``coords`` is its key plus this (inside the grid)."""
+    key = 0
+    for c, s in zip(coords, shape):
+        key = key * s + c
+    return key
+
+
 def linearize(batch: torch.Tensor, coords: torch.Tensor, shape) -> torch.Tensor:
     """int64 key ``batch * prod(shape) + row-major(coords)``; callers check the key space with
     ``check_key_space`` (the keys of a larger grid wrap)."""
@@ -113,10 +136,15 @@ def delinearize(keys: torch.Tensor, shape) -> torch.Tensor:
     return torch.stack(cols[::-1], 1).to(torch.int32)
 
 
-def kernel_offsets(kernel_size, device) -> torch.Tensor:
-    """``(prod(kernel_size), ndim)`` int64 offsets in row-major order."""
-    return torch.tensor(list(itertools.product(*[range(k) for k in kernel_size])), dtype=torch.int64,
-                        device=device).reshape(-1, len(kernel_size))
+def kernel_offsets(kernel_size) -> list[tuple]:
+    """The ``prod(kernel_size)`` offsets of a kernel window (tuples of ints), in row-major order."""
+    return list(itertools.product(*[range(k) for k in kernel_size]))
+
+
+def _compacts_in_one_pass(device: torch.device) -> bool:
+    """Whether kernel maps on ``device`` compact all offsets' pairs in one pass (see the module's
+    docstring): everywhere but on CPU."""
+    return device.type != "cpu"
 
 
 _DENSE_TABLE_MAX_CELLS = 1 << 25  # up to 32M sites (128 MiB of int32): look rows up in a dense table
@@ -154,16 +182,19 @@ class SiteIndex:
     ``margin`` (cells per axis, default 0) widens the grid on both sides: keys are then linear in
     the padded grid (``self.shape``), and any site plus an offset of at most ``margin`` per axis
     has a key of its own (a cell of the margin, which holds no site), so neighbor lookups need no
-    bounds test. ``self.keys``: the key of every site, in row order."""
+    bounds test. ``self.keys``: the key of every site, in row order.
+
+    ``defer_duplicate_check``: do not read whether sites repeat (a device read); the caller reads
+    ``self.has_duplicates`` (a 0-dim bool tensor) with its other values, and raises."""
 
     @outside_func_transforms  # (it writes the sites into a kept table)
-    def __init__(self, indices: torch.Tensor, shape, batch_size: int, margin=None):
+    def __init__(self, indices: torch.Tensor, shape, batch_size: int, margin=None, defer_duplicate_check=False):
         margin = [0] * len(shape) if margin is None else list(margin)
         self.shape = [n + 2 * m for n, m in zip(shape, margin)]
-        coords = indices[:, 1:].long()
+        keys = linearize(indices[:, 0], indices[:, 1:], self.shape)
         if any(margin):
-            coords = coords + torch.tensor(margin, device=indices.device)
-        self._index(linearize(indices[:, 0], coords, self.shape), batch_size)
+            keys = keys + _linear_offset(margin, self.shape)
+        self._index(keys, batch_size, defer_duplicate_check)
 
     @classmethod
     def from_keys(cls, keys: torch.Tensor, shape, batch_size: int) -> "SiteIndex":
@@ -173,7 +204,7 @@ class SiteIndex:
         index._index(keys.long(), batch_size)
         return index
 
-    def _index(self, keys: torch.Tensor, batch_size: int):
+    def _index(self, keys: torch.Tensor, batch_size: int, defer_duplicate_check=False):
         check_key_space(batch_size, self.shape)
         self.keys = keys
         self.cells = batch_size * math.prod(self.shape)
@@ -182,13 +213,14 @@ class SiteIndex:
             self.table = _blank_table(self.cells, keys.device)
             rows = torch.arange(keys.shape[0], dtype=torch.int32, device=keys.device)
             self.table[keys] = rows
-            if not torch.equal(self.table.index_select(0, keys), rows):  # a duplicate overwrote a row
-                raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
-            return
-        self.table = None
-        self.sorted_keys, self.order = torch.sort(keys)
-        if keys.numel() > 1 and bool((self.sorted_keys[1:] == self.sorted_keys[:-1]).any()):
-            raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
+            # a duplicate overwrote a row
+            self.has_duplicates = (self.table.index_select(0, keys) != rows).any()
+        else:
+            self.table = None
+            self.sorted_keys, self.order = torch.sort(keys)
+            self.has_duplicates = (self.sorted_keys[1:] == self.sorted_keys[:-1]).any()
+        if not defer_duplicate_check:
+            raise_on_duplicates(bool(self.has_duplicates))
 
     def __enter__(self) -> "SiteIndex":
         return self
@@ -198,10 +230,11 @@ class SiteIndex:
 
     @outside_func_transforms  # (it clears the kept table in place)
     def release(self) -> None:
-        """Clear this index's entries of its dense table and keep the table for the next index."""
+        """Clear this index's entries of its dense CPU table and keep the table for the next index."""
         if not self.released and self.table is not None:
-            self.table.index_fill_(0, self.keys, -1)
-            _keep_spare(self.table)
+            if self.table.device.type == "cpu":  # (no spare elsewhere: the caching allocator reuses memory)
+                self.table.index_fill_(0, self.keys, -1)
+                _keep_spare(self.table)
             self.table = None
         self.released = True
 
@@ -224,8 +257,18 @@ class SiteIndex:
         return torch.where(found, self.order[pos], -1)
 
 
+def raise_on_duplicates(has_duplicates: bool) -> None:
+    if has_duplicates:
+        raise ValueError("indices has duplicate sites (the same batch and coordinates twice)")
+
+
 def _batch_size(indices: torch.Tensor) -> int:
-    return int(indices[:, 0].max()) + 1 if indices.shape[0] else 1
+    return transfers.host_ints(indices[:, 0].max())[0] + 1 if indices.shape[0] else 1
+
+
+def _starts(counts) -> list[int]:
+    """Where each offset's pairs start, from the counts per offset (and the end: len + 1)."""
+    return list(itertools.accumulate(counts, initial=0))
 
 
 def _check_int32_shape(out, what):
@@ -248,44 +291,69 @@ def output_shape(in_shape, kernel_size, stride, padding, dilation):
 
 @outside_func_transforms
 def build_subm(indices, shape, kernel_size, dilation) -> KernelMap:
-    n = indices.shape[0]
-    dev = indices.device
     reach = [k // 2 * d for k, d in zip(kernel_size, dilation)]
-    off = (kernel_offsets(kernel_size, dev) - torch.tensor([k // 2 for k in kernel_size], device=dev)) \
-        * torch.tensor(dilation, device=dev)
-    V = off.shape[0]
+    # offsets from the window's center, row-major
+    offsets = [[(t - k // 2) * d for t, k, d in zip(taps, kernel_size, dilation)] for taps in kernel_offsets(kernel_size)]
+    one_pass = _compacts_in_one_pass(indices.device)
+    # a margin as wide as the kernel's reach: every neighbor key is a cell of the padded grid
+    with SiteIndex(indices, shape, _batch_size(indices), margin=reach, defer_duplicate_check=one_pass) as sites:
+        build = _subm_pairs_one_pass if one_pass else _subm_pairs_per_offset
+        in_rows, out_rows, start, gather = build(sites, offsets, all(k % 2 for k in kernel_size))
+    return KernelMap(in_rows, out_rows, start, indices, list(shape), indices, list(shape), tuple(kernel_size),
+                     (1,) * len(shape), tuple(reach), tuple(dilation), True, gather)
+
+
+def _neighbor_rows(sites: SiteIndex, offsets) -> torch.Tensor:
+    """``(len(offsets), N)``: the row of each site's neighbor at each offset, or -1."""
+    # linear keys are additive: key(site + off) = key(site) + key(off) inside the padded grid
+    off_keys = [_linear_offset(off, sites.shape) for off in offsets]
+    # keys of a dense table fit in int32: half the bytes to move
+    dtype = torch.int32 if sites.table is not None else torch.int64
+    keys = sites.keys.to(dtype)
+    return sites.lookup(keys[None] + transfers.to_device(off_keys, dtype, keys.device)[:, None])
+
+
+def _subm_pairs_per_offset(sites: SiteIndex, offsets, odd: bool):
+    """The CPU build: ``(in_rows, out_rows, start, None)``."""
+    n = sites.keys.shape[0]
+    V = len(offsets)
     # an odd kernel is point-symmetric: offset V - 1 - o is -off[o], whose pairs are those of o read
     # the other way, and the center V // 2 pairs every site with itself; look up the first half only
-    odd = all(k % 2 for k in kernel_size)
     looked = V // 2 if odd else V
-    # a margin as wide as the kernel's reach: every neighbor key is a cell of the padded grid
-    with SiteIndex(indices, shape, _batch_size(indices), margin=reach) as sites:
-        # linear keys are additive: key(site + off) = key(site) + key(off) inside the padded grid
-        off_keys = linearize(torch.zeros_like(off[:looked, 0]), off[:looked], sites.shape)
-        keys = sites.keys
-        if sites.table is not None:  # keys of a dense table fit in int32: half the bytes to move
-            keys, off_keys = keys.int(), off_keys.int()
-        found = sites.lookup(keys[None] + off_keys[:, None])  # (looked, n) rows or -1
+    found = _neighbor_rows(sites, offsets[:looked])  # (looked, n) rows or -1
     # per looked-up offset: its sites with a neighbor (the output rows, ascending) and the neighbors
     hit = found >= 0
     out_rows = [flatnonzero(hit[o]) for o in range(looked)]
     in_rows = [take(found[o], rows).long() for o, rows in enumerate(out_rows)]
     if odd:
         # the mirrored offsets V // 2 + 1, ..., V - 1 are offsets V // 2 - 1, ..., 0 swapped
-        ident = torch.arange(n, device=dev)
+        ident = torch.arange(n, device=sites.keys.device)
         in_rows, out_rows = in_rows + [ident] + out_rows[::-1], out_rows + [ident] + in_rows[::-1]
-    start = [0]
-    for rows in out_rows:
-        start.append(start[-1] + rows.numel())
-    in_rows, out_rows = torch.cat(in_rows), torch.cat(out_rows)
-    return KernelMap(in_rows, out_rows, start, indices, list(shape), indices, list(shape), tuple(kernel_size),
-                     (1,) * len(shape), tuple(reach), tuple(dilation), True)
+    start = _starts(rows.numel() for rows in out_rows)
+    return torch.cat(in_rows), torch.cat(out_rows), start, None
 
 
-def _target_pairs(indices, out_shape, per_axis):
+def _subm_pairs_one_pass(sites: SiteIndex, offsets, odd: bool):
+    """The accelerators' build: every offset looked up (no mirroring: lookups are cheap there, and
+    the lookup table is then the Triton kernels' gather table) and compacted in one pass, after one
+    read of the counts and the duplicate check. ``(in_rows, out_rows, start, (V, N) lookup)``."""
+    n = sites.keys.shape[0]
+    found = _neighbor_rows(sites, offsets)  # (V, n)
+    hit = found >= 0
+    *counts, duplicates = transfers.host_ints(torch.cat([hit.sum(1), sites.has_duplicates.long().view(1)]))
+    raise_on_duplicates(duplicates)
+    start = _starts(counts)
+    pos = flatnonzero(hit.view(-1), start[-1])  # (offset, output row) order
+    offset = pos // max(n, 1)
+    out_rows = pos - offset * n
+    return found.view(-1).index_select(0, pos).long(), out_rows, start, found
+
+
+def _target_pairs(indices, out_shape, per_axis, duplicates):
     """``(in_rows, keys, start)``: every (offset, input row) pair whose output site lies in the
     grid, in (offset, row) order (offsets row-major over the kernel's axes): its input row, the
     output site's ``linearize`` key, and per offset the position of its first pair (kvol + 1).
+    ``duplicates``: the input's deferred duplicate check (``_input_duplicates``), or None.
 
     ``per_axis[a] = (y, ok)``, each ``(k_a, N)``: a site's coordinate along axis a for each of the
     axis' kernel taps, and whether it is one. Only a bool (kvol, N) array is formed; the keys,
@@ -297,7 +365,13 @@ def _target_pairs(indices, out_shape, per_axis):
     for _, ok in per_axis:
         valid = ok if valid is None else (valid[:, None] & ok[None]).flatten(0, 1)
     kvol = valid.shape[0]
-    pos = flatnonzero(valid.reshape(-1))
+    if duplicates is not None:  # one pass: the counts per offset and the check in one read
+        *counts, duplicated = transfers.host_ints(torch.cat([valid.sum(1), duplicates.long().view(1)]))
+        raise_on_duplicates(duplicated)
+        start = _starts(counts)
+        pos = flatnonzero(valid.reshape(-1), start[-1])
+    else:
+        pos = flatnonzero(valid.reshape(-1))
     rows, offset = (pos % n, pos // n) if n else (pos, pos)
     keys = indices[:, 0].long().index_select(0, rows) * math.prod(out_shape)  # (the key space was checked)
     rest = offset
@@ -305,13 +379,23 @@ def _target_pairs(indices, out_shape, per_axis):
         y = per_axis[a][0]
         tap, rest = rest % y.shape[0], rest // y.shape[0]
         keys += y.reshape(-1).index_select(0, tap * n + rows) * math.prod(out_shape[a + 1:])
-    start = torch.searchsorted(offset, torch.arange(kvol + 1, device=offset.device))
-    return rows, keys, start.tolist()
+    if duplicates is None:
+        start = transfers.host_ints(torch.searchsorted(offset, torch.arange(kvol + 1, device=offset.device)))
+    return rows, keys, start
 
 
-def _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation) -> KernelMap:
+def _input_duplicates(indices, shape, batch_size):
+    """Check the input sites of a strided or transposed map for duplicates: raise here (CPU), or
+    return the check's 0-dim bool tensor for ``_target_pairs`` to read with its counts."""
+    one_pass = _compacts_in_one_pass(indices.device)
+    with SiteIndex(indices, shape, batch_size, defer_duplicate_check=one_pass) as sites:
+        return sites.has_duplicates if one_pass else None
+
+
+def _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation,
+                    duplicates) -> KernelMap:
     """The map whose pairs are ``_target_pairs``: input row n writes an output site through offset o."""
-    in_rows, keys, start = _target_pairs(indices, out_shape, per_axis)
+    in_rows, keys, start = _target_pairs(indices, out_shape, per_axis, duplicates)
     out_keys, out_rows = torch.unique(keys, sorted=True, return_inverse=True)
     out_indices = delinearize(out_keys, out_shape) if out_keys.numel() else indices.new_zeros((0, 1 + len(shape)))
     return KernelMap(in_rows, out_rows, start, out_indices, list(out_shape), indices, list(shape), tuple(kernel_size),
@@ -321,7 +405,7 @@ def _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, pa
 @outside_func_transforms
 def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> KernelMap:
     batch_size = _batch_size(indices)
-    SiteIndex(indices, shape, batch_size).release()  # duplicate check
+    duplicates = _input_duplicates(indices, shape, batch_size)
     out_shape = output_shape(shape, kernel_size, stride, padding, dilation)
     check_key_space(batch_size, out_shape, "the output sites")
     per_axis = []
@@ -330,7 +414,7 @@ def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> Kernel
         t = indices[:, 1 + a].long()[None] + p - taps  # = y * stride where a site is hit
         y = torch.div(t, s, rounding_mode="floor")
         per_axis.append((y, (t == y * s) & (y >= 0) & (y < size)))
-    return _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation)
+    return _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation, duplicates)
 
 
 def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, output_padding):
@@ -345,7 +429,7 @@ def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, ou
 @outside_func_transforms
 def build_transposed(indices, shape, kernel_size, stride, padding, dilation, output_padding) -> KernelMap:
     batch_size = _batch_size(indices)
-    SiteIndex(indices, shape, batch_size).release()  # duplicate check
+    duplicates = _input_duplicates(indices, shape, batch_size)
     out_shape = transposed_output_shape(shape, kernel_size, stride, padding, dilation, output_padding)
     check_key_space(batch_size, out_shape, "the output sites")
     per_axis = []
@@ -353,7 +437,7 @@ def build_transposed(indices, shape, kernel_size, stride, padding, dilation, out
         taps = torch.arange(k, device=indices.device)[:, None] * d
         y = indices[:, 1 + a].long()[None] * s - p + taps
         per_axis.append((y, (y >= 0) & (y < size)))
-    return _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation)
+    return _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation, duplicates)
 
 
 def inverse_of(kmap: KernelMap) -> KernelMap:

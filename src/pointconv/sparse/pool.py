@@ -58,8 +58,8 @@ class _SparsePool(VoxelCountRecorder, SparseModule):
             out = src.new_zeros((n_out, C), dtype=acc).scatter_add(0, rows, src.to(acc))
             count = torch.bincount(kmap.out_rows, minlength=n_out).to(acc)
             out = (out / count[:, None]).to(f.dtype)
-        return SparseConvTensor(out, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
-                                indice_dict=indice_dict, benchmark=x.benchmark)
+        return SparseConvTensor._from_layer(out, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
+                                            indice_dict, x.benchmark)
 
 
 class _SparseAvgPool(_SparsePool):

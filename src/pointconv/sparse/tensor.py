@@ -12,6 +12,7 @@ import math
 import torch
 
 from .. import _checks
+from .. import _device_transfers as transfers
 from .kernel_map import INT32_MAX, linearize
 
 
@@ -63,28 +64,41 @@ class SparseConvTensor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if indices.shape[0]:
-            lo = indices.amin(0)
-            hi = indices.amax(0)
-            if bool((lo < 0).any()):
+            # the bounds of every column in one read (each read waits for the device)
+            bounds = transfers.host_ints(torch.stack([indices.amin(0), indices.amax(0)]))
+            lo, hi = bounds[:1 + ndim], bounds[1 + ndim:]
+            if min(lo) < 0:
                 raise ValueError("indices must be non-negative (batch and coordinates)")
-            if int(hi[0]) >= batch_size:
-                raise ValueError(f"indices has batch id {int(hi[0])} but batch_size is {batch_size}")
+            if hi[0] >= batch_size:
+                raise ValueError(f"indices has batch id {hi[0]} but batch_size is {batch_size}")
             for d, s in enumerate(spatial_shape):
-                if int(hi[1 + d]) >= s:
-                    raise ValueError(f"indices has coordinate {int(hi[1 + d])} on axis {d}, outside "
+                if hi[1 + d] >= s:
+                    raise ValueError(f"indices has coordinate {hi[1 + d]} on axis {d}, outside "
                                      f"spatial_shape {spatial_shape}")
+        self._set(features, indices, spatial_shape, batch_size, indice_dict, benchmark)
+        self.grid = grid
+        self.voxel_num = voxel_num
+        self.force_algo = force_algo
+
+    @classmethod
+    def _from_layer(cls, features, indices, spatial_shape, batch_size, indice_dict, benchmark) -> "SparseConvTensor":
+        """A layer's output on sites its kernel map made: in the grid, unique, sorted, of the input's
+        batches by construction, so not checked again (the checks read the device)."""
+        out = cls.__new__(cls)
+        out._set(features, indices, list(spatial_shape), batch_size, indice_dict, benchmark)
+        return out
+
+    def _set(self, features, indices, spatial_shape, batch_size, indice_dict, benchmark):
         self._features = features
         self.indices = indices
         self.spatial_shape = spatial_shape
         self.batch_size = batch_size
         self.indice_dict = {} if indice_dict is None else indice_dict
-        self.grid = grid
-        self.voxel_num = voxel_num
         self.benchmark = benchmark
         # spconv's other public attributes, for code that reads them (nothing here uses them)
+        self.grid = self.voxel_num = self.force_algo = None
         self.benchmark_record = {}
         self.thrust_allocator = None
-        self.force_algo = force_algo
         self.int8_scale = None
 
     @property
