@@ -48,6 +48,10 @@ def test_key_space_beyond_int64_raises_instead_of_merging_sites():
     for layer in (spconv.SparseConv3d(1, 1, 1), spconv.SparseMaxPool3d(1), spconv.SubMConv3d(1, 1, 3)):
         with pytest.raises(ValueError, match="int64 site keys"):
             layer(x)
+    # a submanifold map pads the grid by its reach: the padded grid alone passes 2**63 cells
+    x = sct([[1.0], [2.0]], [[0, 5, 5, 5], [0, 7, 7, 7]], [2**31 - 1] * 3)
+    with pytest.raises(ValueError, match="int64 site keys"):
+        spconv.SubMConv3d(1, 1, 3, dilation=4)(x)
 
 
 def test_large_grid_within_int64_keys_is_exact():

@@ -62,6 +62,16 @@ def test_inverse_conv_errors():
     with pytest.raises(ValueError, match="not the outputs"):
         spconv.SparseInverseConv3d(3, 3, 3, indice_key="k").double()(other_sites)
 
+    # a batch whose sites have no strided output (kernel 1, stride 2, odd coordinates): a tensor of
+    # those outputs may say batch_size 1, but the inverse conv's outputs are the inputs' 2 batches
+    sites = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.int32)
+    down = spconv.SparseConv3d(3, 3, 1, 2, indice_key="d")(spconv.SparseConvTensor(torch.randn(2, 3), sites, [4] * 3, 2))
+    assert down.indices.tolist() == [[0, 0, 0, 0]]
+    one_batch = spconv.SparseConvTensor(down.features, down.indices, down.spatial_shape, 1, indice_dict=down.indice_dict)
+    with pytest.raises(ValueError, match="inputs in 2 batches, this inverse convolution's input has batch_size 1"):
+        spconv.SparseInverseConv3d(3, 3, 1, indice_key="d")(one_batch)
+    assert spconv.SparseInverseConv3d(3, 3, 1, indice_key="d")(down).indices.tolist() == sites.tolist()
+
 
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("k,s,p,d", [(2, 2, 0, 1), (3, 2, 1, 1), (3, 1, 1, 2), (2, None, 1, 1)])

@@ -201,6 +201,11 @@ class SparseConvolution(VoxelCountRecorder, SparseModule):
             if not same_sites:
                 raise ValueError(f"the input sites are not the outputs of the convolution with indice_key "
                                  f"{self.indice_key!r}")
+            if cached.in_batches is not None and cached.in_batches > x.batch_size:
+                # (its output sites, that conv's inputs, would hold batch ids past x.batch_size)
+                raise ValueError(f"the convolution with indice_key {self.indice_key!r} had inputs in "
+                                 f"{cached.in_batches} batches, this inverse convolution's input has batch_size "
+                                 f"{x.batch_size}")
             return inverse_of(cached)
         check_key_unused(self.indice_key, cached, self.subm, self.kernel_size, self.dilation)
         if self.subm:

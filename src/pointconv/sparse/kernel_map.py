@@ -62,8 +62,11 @@ class KernelMap:
     padding: tuple
     dilation: tuple
     subm: bool
-    # a submanifold map built in one pass: its (V, N) lookup, which is the Triton kernels' table
+    # a submanifold map built in one pass: its (V, N) int32 lookup, which is the Triton kernels'
+    # table (dropped once they have their own sorted copy)
     _gather: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # a strided or transposed map: the batches of its input sites (an inverse conv's output sites)
+    in_batches: int | None = field(default=None, compare=False)
     _tables: object = field(default=None, repr=False, compare=False)
     _pair_tables: object = field(default=None, repr=False, compare=False)
 
@@ -78,6 +81,7 @@ class KernelMap:
                     gather_t = gather.flip(0)
             self._tables = conv_tables(self.in_rows, self.out_rows, self.start, self.in_indices.shape[0],
                                        self.out_indices.shape[0], gather, gather_t)
+            self._gather = None
         return self._tables
 
     @outside_func_transforms
@@ -191,6 +195,7 @@ class SiteIndex:
     def __init__(self, indices: torch.Tensor, shape, batch_size: int, margin=None, defer_duplicate_check=False):
         margin = [0] * len(shape) if margin is None else list(margin)
         self.shape = [n + 2 * m for n, m in zip(shape, margin)]
+        check_key_space(batch_size, self.shape)  # (before the margin's key, which may pass int64 itself)
         keys = linearize(indices[:, 0], indices[:, 1:], self.shape)
         if any(margin):
             keys = keys + _linear_offset(margin, self.shape)
@@ -346,7 +351,8 @@ def _subm_pairs_one_pass(sites: SiteIndex, offsets, odd: bool):
     pos = flatnonzero(hit.view(-1), start[-1])  # (offset, output row) order
     offset = pos // max(n, 1)
     out_rows = pos - offset * n
-    return found.view(-1).index_select(0, pos).long(), out_rows, start, found
+    gather = found.to(torch.int32) if n <= INT32_MAX else None  # (the kernels refuse more rows anyway)
+    return found.view(-1).index_select(0, pos).long(), out_rows, start, gather
 
 
 def _target_pairs(indices, out_shape, per_axis, duplicates):
@@ -393,13 +399,13 @@ def _input_duplicates(indices, shape, batch_size):
 
 
 def _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation,
-                    duplicates) -> KernelMap:
+                    duplicates, batch_size) -> KernelMap:
     """The map whose pairs are ``_target_pairs``: input row n writes an output site through offset o."""
     in_rows, keys, start = _target_pairs(indices, out_shape, per_axis, duplicates)
     out_keys, out_rows = torch.unique(keys, sorted=True, return_inverse=True)
     out_indices = delinearize(out_keys, out_shape) if out_keys.numel() else indices.new_zeros((0, 1 + len(shape)))
     return KernelMap(in_rows, out_rows, start, out_indices, list(out_shape), indices, list(shape), tuple(kernel_size),
-                     tuple(stride), tuple(padding), tuple(dilation), False)
+                     tuple(stride), tuple(padding), tuple(dilation), False, in_batches=batch_size)
 
 
 @outside_func_transforms
@@ -414,7 +420,8 @@ def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> Kernel
         t = indices[:, 1 + a].long()[None] + p - taps  # = y * stride where a site is hit
         y = torch.div(t, s, rounding_mode="floor")
         per_axis.append((y, (t == y * s) & (y >= 0) & (y < size)))
-    return _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation, duplicates)
+    return _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation, duplicates,
+                           batch_size)
 
 
 def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, output_padding):
@@ -437,7 +444,8 @@ def build_transposed(indices, shape, kernel_size, stride, padding, dilation, out
         taps = torch.arange(k, device=indices.device)[:, None] * d
         y = indices[:, 1 + a].long()[None] * s - p + taps
         per_axis.append((y, (y >= 0) & (y < size)))
-    return _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation, duplicates)
+    return _map_to_targets(indices, shape, per_axis, out_shape, kernel_size, stride, padding, dilation, duplicates,
+                           batch_size)
 
 
 def inverse_of(kmap: KernelMap) -> KernelMap:
