@@ -11,6 +11,12 @@
     SparseMaxPool3d of the same geometry on a fully occupied 64^3 block (262,144 voxels), forward,
     kernel-map build included: 27 candidate pairs per voxel, the kernel map's worst case.
 
+(d) ``--tile-work``: no timing, a count of the CUDA implicit GEMM's work (any device): per
+    submanifold map of (a) and of (b)'s network, the kernel offsets a block of 64 output rows runs
+    (each a 64-row product; an offset that feeds no row of the block is skipped) with the table's
+    columns in site order and grouped by their offsets (``_implicit_gemm._sorted_columns``), and
+    the pairs' own share (pairs / 64 per block, the floor).
+
 On CUDA pointconv runs its Triton implicit GEMM (the default backend there); the row "pointconv
 (torch ops)" is the same layer on the torch backend (gather, GEMM and ``index_put_`` scatter per
 kernel offset), for the kernels' gain in the same run. "tf32" rows let float32 products run in
@@ -27,6 +33,7 @@ machine whose load drifts during the run, all of them see the same drift.
 
     python benchmarks/bench_sparse.py --device cpu
     python benchmarks/bench_sparse.py --dense-block
+    python benchmarks/bench_sparse.py --tile-work
 """
 from __future__ import annotations
 
@@ -108,6 +115,8 @@ def main(argv=None):
     ap.add_argument("--net", action="store_true", help="(b) spconv's benchmark network instead of (a)")
     ap.add_argument("--dense-block", action="store_true",
                     help="(c) strided convolution and max pooling on a full 64^3 block instead of (a)")
+    ap.add_argument("--tile-work", action="store_true",
+                    help="(d) count the implicit GEMM's block products per kernel map instead of timing")
     args = ap.parse_args(argv)
     try:  # before any work: a clear error, not a traceback from the first CUDA call
         check_device(args.device)
@@ -117,6 +126,8 @@ def main(argv=None):
         return main_net(args)
     if args.dense_block:
         return main_dense_block(args)
+    if args.tile_work:
+        return main_tile_work(args)
     device = torch.device(args.device)
     try:
         import spconv.pytorch as spconv
@@ -263,6 +274,55 @@ def main_dense_block(args, n=64, channels=16):
         for (method, threads), ms in times.items():
             cell = f"{ms:.1f} | {ms / base:.2f}x" if isinstance(ms, float) else f"fails: {str(ms).splitlines()[0][:60]} | "
             print(f"| {cls} | {method} | {threads} | {cell} |", flush=True)
+
+
+def _block_products(table, block=64):
+    """Offsets run per block of ``block`` columns of a ``(V, M)`` gather table: sum over blocks of
+    the offsets that feed at least one of its columns."""
+    V, M = table.shape
+    hit = torch.nn.functional.pad(table >= 0, (0, -M % block)).view(V, -1, block)
+    return int(hit.any(2).sum())
+
+
+def main_tile_work(args):
+    from pointconv.sparse import _implicit_gemm
+    from pointconv.sparse.kernel_map import build_subm
+
+    device = torch.device(args.device)
+    print_header("(d)", device, "the implicit GEMM's 64-row block products per submanifold map (3^3 kernels), the "
+                 "table's columns in site order and grouped by their offsets; no timing")
+    print("| map | sites | pairs / site | blocks | products / block, site order | grouped | floor (pairs / 64) |"
+          " grouped / site order |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    chans = [3, 64, 64, 96, 96, 128, 128, 160, 160, 192, 192, 224, 224, 256, 256]
+    maps = [("(a) sphere shell", sphere_shell(device=device), [256] * 3, None)]
+    x = ours.SparseConvTensor(torch.zeros(120_000, 1, device=device), street_scene(device=device), [80, 1600, 1600], 1)
+    for level in range(7):
+        # the level's two convolutions' multiply-adds per row of a product
+        macs = chans[2 * level] * chans[2 * level + 1] + chans[2 * level + 1] * chans[2 * level + 2]
+        maps.append((f"(b) level {level}", x.indices, x.spatial_shape, macs))
+        if level < 6:
+            x = ours.SparseMaxPool3d(2, 2)(x)
+    sort_now = _implicit_gemm._SORT_COLUMNS
+    totals = [0, 0]
+    for name, idx, shape, macs in maps:
+        kmap = build_subm(idx, shape, (3, 3, 3), (1, 1, 1))
+        _implicit_gemm._SORT_COLUMNS = False
+        try:
+            site_order = kmap.tables().gather
+        finally:
+            _implicit_gemm._SORT_COLUMNS = sort_now
+        grouped = _implicit_gemm._sorted_columns(site_order)[0]
+        blocks = -(-site_order.shape[1] // 64)
+        a, b = _block_products(site_order), _block_products(grouped)
+        pairs = int((site_order >= 0).sum())
+        if macs:
+            totals[0] += a * macs
+            totals[1] += b * macs
+        print(f"| {name} | {len(idx):,} | {pairs / len(idx):.2f} | {blocks:,} | {a / blocks:.1f} | {b / blocks:.1f} | "
+              f"{pairs / 64 / blocks:.1f} | {b / a:.2f} |", flush=True)
+    print(f"\n(b)'s network, products weighted by their layers' multiply-adds: grouped / site order "
+          f"{totals[1] / totals[0]:.2f}")
 
 
 if __name__ == "__main__":

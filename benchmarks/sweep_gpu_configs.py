@@ -5,8 +5,9 @@ one run (CUDA only; for a GPU session, to choose defaults from measurements):
              (bench_gaussian's forward sizes: B = 2, Q = 12,288, P = 4,096, F = 64, K = 16):
              queries per program (BQ) x warps of the brute-force kernels, and the grid selection
              (kernels/gaussian_grid.py, which these sizes take) against them
-  sparse     the implicit-GEMM kernel of SubMConv3d 64 -> 64 on bench_sparse (a)'s sphere shell
-             (its kernel map captured from one convolution): BLOCK_M x BLOCK_K x warps x stages
+  sparse     the implicit-GEMM kernel of SubMConv3d 64 -> 64: its tables' columns grouped by their
+             offsets or in site order, on bench_sparse (a)'s sphere shell and (b)'s street scene;
+             then on (a): BLOCK_M x BLOCK_K x warps x stages
   pointwise  PointwiseCNN.neighbors on bench_pointconv's batch (128 clouds x 2,048 points): the
              centers per step of the window lookups on CUDA (_pointwise_pairs._CENTERS_CUDA), a Python loop
              of small launches on CUDA
@@ -93,32 +94,53 @@ def sweep_gaussian(dev):
 
 
 def sweep_sparse(dev):
-    from bench_sparse import sphere_shell
-    from pointconv import sparse
+    from bench_sparse import sphere_shell, street_scene
     from pointconv.kernels import accumulator, channel_block
     from pointconv.kernels import sparse_conv as SK
+    from pointconv.sparse import _implicit_gemm
+    from pointconv.sparse.kernel_map import build_subm
 
+    # the gather tables' columns grouped by their offsets (now) or in site order: the GEMM alone,
+    # and the tables' build (with the sort), on (a)'s shell and (b)'s street scene (64 -> 64)
+    sort_now = _implicit_gemm._SORT_COLUMNS
+    for scene, idx, shape in (("(a) shell", sphere_shell(device=dev), [256] * 3),
+                              ("(b) scene", street_scene(device=dev), [80, 1600, 1600])):
+        kmap = build_subm(idx, shape, (3, 3, 3), (1, 1, 1))
+        x = torch.randn(len(idx), 64, device=dev)
+        w = torch.randn(27, 64, 64, device=dev) / 40
+        want = base = None
+        for sort in (sort_now, not sort_now):
+            _implicit_gemm._SORT_COLUMNS = sort
+            try:
+                def build():
+                    kmap._tables = None
+                    return kmap.tables()
+                build_ms = _bench(build)
+                T = build()
+                out = SK.gather_gemm(T.gather, T.rows, x, w)
+                want = out if want is None else want
+                ms = _bench(lambda: SK.gather_gemm(T.gather, T.rows, x, w))
+            finally:
+                _implicit_gemm._SORT_COLUMNS = sort_now
+            base = base or ms
+            setting = f"{scene}: columns {'by offsets' if sort else 'in site order'}{' (now)' if ms is base else ''}"
+            _row("gather_gemm", setting, ms, base, torch.allclose(out, want, rtol=1e-4, atol=1e-4))
+            print(f"|   tables' build | {setting} | {build_ms:.3f} | | |", flush=True)
+
+    # launch settings on (a)'s tables
     idx = sphere_shell(device=dev)
-    x = torch.randn(len(idx), 64, device=dev)
-    conv = sparse.SubMConv3d(64, 64, 3, bias=False).to(dev)
-    captured = []
-    real = SK.gather_gemm
-    SK.gather_gemm = lambda table, xx, w: captured.append((table, xx, w)) or real(table, xx, w)
-    try:
-        with torch.no_grad():
-            conv(sparse.SparseConvTensor(x, idx, [256] * 3, 1))
-    finally:
-        SK.gather_gemm = real
-    table, xx, w = captured[0]
+    T = build_subm(idx, [256] * 3, (3, 3, 3), (1, 1, 1)).tables()
+    xx = torch.randn(len(idx), 64, device=dev)
+    w = (torch.randn(27, 64, 64, device=dev) / 40).contiguous()
+    table, rows = T.gather, T.rows
     V, M = table.shape
-    w = w.contiguous()
-    want = real(table, xx, w)
+    want = SK.gather_gemm(table, rows, xx, w)
     out = torch.empty_like(want)
     precision = SK._precision(xx.dtype)
     base = None
     for BM, BK, warps, stages in itertools.product((64, 32, 128), (32, 64), (4, 8), (3, 2, 4)):
         def go():
-            SK._gather_gemm_kernel[(-(-M // BM), 1)](table, xx, w, out, M, 64, 64, V, BLOCK_M=BM, BLOCK_K=BK,
+            SK._gather_gemm_kernel[(-(-M // BM), 1)](table, rows, xx, w, out, M, 64, 64, V, BLOCK_M=BM, BLOCK_K=BK,
                                                     BLOCK_N=channel_block(64, 64), ACC=accumulator(xx.dtype),
                                                     PRECISION=precision, num_warps=warps, num_stages=stages)
         out.fill_(float("nan"))

@@ -57,7 +57,7 @@ CELL = {"crow_ptr": "*i32", "col_ptr": "*i32", "val_ptr": "*fp32", "x_ptr": "*fp
         "out_ptr": "*fp32", "R": "i32", "CIN": "i32", "COUT": "i32"}
 CELL_WGRAD = {"crow_ptr": "*i32", "col_ptr": "*i32", "val_ptr": "*fp32", "x_ptr": "*fp32", "g_ptr": "*fp32",
               "part_ptr": "*fp32", "R": "i32", "CIN": "i32", "COUT": "i32", "blocks_per_chunk": "i32"}
-GATHER_GEMM = {"table_ptr": "*i32", "x_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32", "M": "i32", "CIN": "i32",
+GATHER_GEMM = {"table_ptr": "*i32", "rows_ptr": "*i32", "x_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32", "M": "i32", "CIN": "i32",
                "COUT": "i32", "V": "i32"}
 PAIR_GEMM = {"a_rows_ptr": "*i32", "b_rows_ptr": "*i32", "chunk_start_ptr": "*i64", "chunk_end_ptr": "*i64",
              "x_ptr": "*fp32", "y_ptr": "*fp32", "part_ptr": "*fp32", "CX": "i32", "CY": "i32"}

@@ -74,7 +74,7 @@ def test_a_one_pass_submanifold_lookup_is_the_kernels_gather_table(build, one_pa
     assert torch.equal(T.gather, scattered.gather)
     assert torch.equal(T.transposed.gather, scattered.transposed.gather)
     assert T.gather.dtype == T.transposed.gather.dtype == torch.int32
-    for name in ("in_rows", "out_rows", "chunk_start", "chunk_end", "chunk_table"):
+    for name in ("rows", "in_rows", "out_rows", "chunk_start", "chunk_end", "chunk_table"):
         assert torch.equal(getattr(T, name), getattr(scattered, name))
 
 

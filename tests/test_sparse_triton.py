@@ -115,9 +115,46 @@ def test_tables_are_built_once_per_kernel_map_and_read_both_ways():
     assert T is kmap.tables() and T.transposed.transposed is T
     o = torch.repeat_interleave(torch.arange(len(kmap.start) - 1, device=DEV),
                                 torch.tensor(kmap.start).diff().to(DEV))
-    assert torch.equal(T.gather[o, kmap.out_rows].long(), kmap.in_rows)
-    assert torch.equal(T.transposed.gather[o, kmap.in_rows].long(), kmap.out_rows)
+    assert torch.equal(_by_row(T)[o, kmap.out_rows].long(), kmap.in_rows)
+    assert torch.equal(_by_row(T.transposed)[o, kmap.in_rows].long(), kmap.out_rows)
     assert int((T.gather >= 0).sum()) == kmap.in_rows.numel()  # nothing else in the table
+
+
+def _by_row(T):
+    """``T.gather`` with its columns back in output-row order."""
+    assert torch.equal(T.rows.sort().values, torch.arange(T.rows.numel(), device=T.rows.device, dtype=T.rows.dtype))
+    table = torch.empty_like(T.gather)
+    table[:, T.rows.long()] = T.gather
+    return table
+
+
+def _offset_bits(table):
+    """Per column, whether each offset feeds it, the rarest offset first (ties: the lower offset)."""
+    hit = (table >= 0).cpu()
+    return hit[torch.argsort(hit.sum(1), stable=True)].T.tolist()
+
+
+@pytest.mark.parametrize("kernel", [3, 5])  # 27 offsets: one sort key; 125: three
+def test_table_columns_are_grouped_by_their_offsets_and_give_the_same_convolution(kernel, monkeypatch):
+    x, f = _input("subm", 4, torch.float32, seed=8)
+    layer = spconv.SubMConv3d(4, 3, kernel, indice_key="k").to(DEV)
+    with pointconv.use_backend("triton"):
+        y = layer(x)
+    T = y.find_indice_pair("k").tables()
+    for table in (T.gather, T.transposed.gather):
+        bits = _offset_bits(table)
+        assert bits == sorted(bits) and len(set(map(tuple, bits))) > 1  # grouped, not all alike
+    monkeypatch.setattr(_implicit_gemm, "_SORT_COLUMNS", False)
+    unsorted = layer.__class__(4, 3, kernel, indice_key="k").to(DEV)
+    unsorted.load_state_dict(layer.state_dict())
+    with pointconv.use_backend("triton"):
+        z = unsorted(x)
+        (gz,) = torch.autograd.grad(z.features.pow(2).sum(), f)
+        (gy,) = torch.autograd.grad(layer(x).features.pow(2).sum(), f)
+    T0 = z.find_indice_pair("k").tables()
+    assert torch.equal(T0.rows, torch.arange(len(T0.rows), dtype=torch.int32, device=DEV))
+    assert torch.equal(_by_row(T), T0.gather) and torch.equal(_by_row(T.transposed), T0.transposed.gather)
+    assert torch.equal(y.features, z.features) and torch.equal(gy, gz)  # each row: the same sums in the same order
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(

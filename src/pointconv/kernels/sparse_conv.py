@@ -1,9 +1,12 @@
 """Triton kernels for sparse convolution (``pointconv.sparse._implicit_gemm``): implicit GEMM.
 
-A kernel map with ``V`` offsets is stored as a table ``(V, M)`` of int32 rows: ``table[o, m]`` is
-the input row that feeds output row ``m`` through offset ``o`` (-1: none). Two kernels:
+A kernel map with ``V`` offsets is stored as a table ``(V, M)`` of int32 rows and the output row
+of each of its columns, ``rows (M,)``: ``table[o, j]`` is the input row that feeds output row
+``rows[j]`` through offset ``o`` (-1: none). The columns come sorted by which offsets feed them
+(``_implicit_gemm``), so a block of columns needs few offsets, and a block skips every offset that
+feeds none of its columns. Two kernels:
 
-  gather_gemm   out[m] = sum_o x[table[o, m]] @ w[o]            one program per block of output rows
+  gather_gemm   out[rows[j]] = sum_o x[table[o, j]] @ w[o]     one program per block of columns
   pair_gemm_t   part[c] = sum_{pairs t in chunk c} x[a_t]^T y[b_t]   one program per chunk of pairs
 
 ``gather_gemm`` writes each output row from one program, summing the offsets in order, and
@@ -22,10 +25,10 @@ from . import accumulator, channel_block, on_tensor_device
 
 
 @triton.jit
-def _gather_gemm_kernel(table_ptr, x_ptr, w_ptr, out_ptr, M, CIN, COUT, V,
+def _gather_gemm_kernel(table_ptr, rows_ptr, x_ptr, w_ptr, out_ptr, M, CIN, COUT, V,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                         ACC: tl.constexpr, PRECISION: tl.constexpr):
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # table columns
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = m < M, n < COUT
     m64 = m.to(tl.int64)
@@ -45,7 +48,8 @@ def _gather_gemm_kernel(table_ptr, x_ptr, w_ptr, out_ptr, M, CIN, COUT, V,
                 acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         t_ptr += M
         w_off += CIN * COUT
-    tl.store(out_ptr + m64[:, None] * COUT + n[None, :], acc.to(out_ptr.dtype.element_ty),
+    out_rows = tl.load(rows_ptr + m64, mask=mmask, other=0).to(tl.int64)
+    tl.store(out_ptr + out_rows[:, None] * COUT + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
 
@@ -83,9 +87,10 @@ def _caps(dtype: torch.dtype):
 
 
 @on_tensor_device
-def gather_gemm(table: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``out[m] = sum_o x[table[o, m]] @ w[o]`` for ``table (V, M)`` int32, ``x (N, C_in)``,
-    ``w (V, C_in, C_out)`` of x's dtype -> ``(M, C_out)`` in x's dtype."""
+def gather_gemm(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``out[rows[j]] = sum_o x[table[o, j]] @ w[o]`` for ``table (V, M)`` int32, ``rows (M,)`` int32 (a
+    permutation of the output rows), ``x (N, C_in)``, ``w (V, C_in, C_out)`` of x's dtype -> ``(M, C_out)``
+    in x's dtype."""
     V, M = table.shape
     cin, cout = w.shape[1], w.shape[2]
     out = torch.empty((M, cout), dtype=x.dtype, device=x.device)
@@ -94,7 +99,7 @@ def gather_gemm(table: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.
     kcap, ncap = _caps(x.dtype)
     BM, BN = 64, channel_block(cout, ncap)
     _gather_gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(cout, BN))](
-        table, x.contiguous(), w.contiguous(), out, M, cin, cout, V,
+        table, rows, x.contiguous(), w.contiguous(), out, M, cin, cout, V,
         BLOCK_M=BM, BLOCK_K=channel_block(cin, kcap), BLOCK_N=BN, ACC=accumulator(x.dtype),
         PRECISION=_precision(x.dtype))
     return out

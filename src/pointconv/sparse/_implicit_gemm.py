@@ -16,6 +16,9 @@ from .._backend import backend_for
 from ._bilinear import bilinear_conv
 
 _TARGET_CHUNKS = 16  # per offset, for the weight gradient's parallelism
+_SORT_COLUMNS = True  # gather tables' columns grouped by their offsets (``_sorted_columns``)
+_MASK_WORD = 62  # offsets per sort key (int64 bit masks, one stable sort per word)
+_MASK_CHUNK = 8  # offsets summed into a key per step: an (8, M) int64 temporary, not (62, M)
 _PAIR_BLOCK = 32  # the pair kernel's BLOCK_P: chunks are whole blocks
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -24,12 +27,14 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class ConvTables:
     """A kernel map as the kernels read it (int32 rows; every row index fits: checked on build).
 
-    ``gather (V, M_out)``: the input row feeding output m through offset o, or -1.
+    ``gather (V, M_out)``: the input row feeding output ``rows[j]`` through offset o in column j, or
+    -1; ``rows (M_out,)``: the output row of each column (a permutation, ``_sorted_columns``).
     ``in_rows``, ``out_rows``: the pairs grouped by offset; ``chunk_start``, ``chunk_end`` (int64)
     cut each offset's pairs into chunks; ``chunk_table (V, max chunks)`` lists each offset's chunks
     in order (-1 pads). ``transposed`` is the same map read from the input side."""
 
     gather: torch.Tensor
+    rows: torch.Tensor
     in_rows: torch.Tensor
     out_rows: torch.Tensor
     chunk_start: torch.Tensor
@@ -39,7 +44,7 @@ class ConvTables:
 
     def conv(self, x, w):
         from ..kernels.sparse_conv import gather_gemm
-        return gather_gemm(self.gather, x, w)
+        return gather_gemm(self.gather, self.rows, x, w)
 
     def weight_grad(self, x, g):
         from ..kernels.sparse_conv import pair_gemm_t
@@ -56,6 +61,36 @@ def _table(dst_rows, src_rows, offset_of_pair, V, n_dst):
     table = torch.full((V, n_dst), -1, dtype=torch.int32, device=dst_rows.device)
     table.view(-1)[offset_of_pair * n_dst + dst_rows] = src_rows  # one pair per (offset, row): no clash
     return table
+
+
+def _sorted_columns(gather: torch.Tensor):
+    """``(table, rows)``: the columns of ``gather (V, M)`` reordered so that columns fed through the
+    same offsets sit side by side, and the output row of each column (int32).
+
+    A program of ``gather_gemm`` runs an offset's product for its whole block of columns when any
+    column in it has an input through that offset. In site order (by coordinates) the sites of a
+    block rarely share their offsets: on bench_sparse (b)'s street scene a block of 64 ran 14.3 of
+    the 27 offsets for 1.3 pairs per site. The columns are sorted by their offsets' bits, the
+    rarest offset the most significant (the blocks that need a rare offset are then few; a common
+    one runs in most blocks anyway): 1.8 there, 12.3 instead of 25.1 on (a)'s shell
+    (``bench_sparse.py --tile-work``). Stable sorts of int64 keys of ``_MASK_WORD`` offsets each,
+    the least significant word first; the order is a function of the table alone."""
+    V, M = gather.shape
+    dev = gather.device
+    rows = torch.arange(M, device=dev)
+    if _SORT_COLUMNS and M > 1:
+        hit = gather >= 0
+        hit = hit.index_select(0, torch.argsort(hit.sum(1), stable=True))  # the rarest offset first
+        for word in reversed(range(0, V, _MASK_WORD)):
+            end = min(word + _MASK_WORD, V)
+            key = torch.zeros(M, dtype=torch.int64, device=dev)
+            for a in range(word, end, _MASK_CHUNK):
+                b = min(a + _MASK_CHUNK, end)
+                bit = 2 ** (end - 1 - torch.arange(a, b, device=dev))  # the word's first offset: its top bit
+                key += (hit[a:b].long() * bit[:, None]).sum(0)
+            rows = rows.index_select(0, torch.argsort(key.index_select(0, rows), stable=True))
+        gather = gather.index_select(1, rows)
+    return gather.contiguous(), rows.to(torch.int32)
 
 
 def _chunks(start: list[int]):
@@ -98,8 +133,8 @@ def conv_tables(in_rows, out_rows, start: list[int], n_in: int, n_out: int, gath
             gather = _table(out_rows, ir, offset_of_pair, V, n_out)
         if gather_transposed is None:
             gather_transposed = _table(in_rows, orow, offset_of_pair, V, n_in)
-    fwd = ConvTables(gather.to(torch.int32).contiguous(), ir, orow, lo, hi, table)
-    fwd.transposed = ConvTables(gather_transposed.to(torch.int32).contiguous(), orow, ir, lo, hi, table, fwd)
+    fwd = ConvTables(*_sorted_columns(gather.to(torch.int32)), ir, orow, lo, hi, table)
+    fwd.transposed = ConvTables(*_sorted_columns(gather_transposed.to(torch.int32)), orow, ir, lo, hi, table, fwd)
     return fwd
 
 
