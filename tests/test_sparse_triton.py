@@ -112,6 +112,7 @@ def test_tables_are_built_once_per_kernel_map_and_read_both_ways():
     layer = LAYERS["subm"](3, 3).to(DEV)
     kmap = layer(x).find_indice_pair("k")
     T = kmap.tables()
+    assert T._transposed is None  # a forward alone does not build the input side's table
     assert T is kmap.tables() and T.transposed.transposed is T
     o = torch.repeat_interleave(torch.arange(len(kmap.start) - 1, device=DEV),
                                 torch.tensor(kmap.start).diff().to(DEV))

@@ -8,17 +8,18 @@ offset summed in a fixed order). Deterministic without atomics.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .. import _device_transfers as transfers
 from .._backend import backend_for
+from .._func_transforms import outside_func_transforms
 from ._bilinear import bilinear_conv
 
 _TARGET_CHUNKS = 16  # per offset, for the weight gradient's parallelism
 _SORT_COLUMNS = True  # gather tables' columns grouped by their offsets (``_sorted_columns``)
-_MASK_WORD = 62  # offsets per sort key (int64 bit masks, one stable sort per word)
-_MASK_CHUNK = 8  # offsets summed into a key per step: an (8, M) int64 temporary, not (62, M)
+_MASK_WORD = 31  # offsets per sort key (int32 bit masks, one stable sort per word)
 _PAIR_BLOCK = 32  # the pair kernel's BLOCK_P: chunks are whole blocks
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,7 +32,8 @@ class ConvTables:
     -1; ``rows (M_out,)``: the output row of each column (a permutation, ``_sorted_columns``).
     ``in_rows``, ``out_rows``: the pairs grouped by offset; ``chunk_start``, ``chunk_end`` (int64)
     cut each offset's pairs into chunks; ``chunk_table (V, max chunks)`` lists each offset's chunks
-    in order (-1 pads). ``transposed`` is the same map read from the input side."""
+    in order (-1 pads). ``transposed`` is the same map read from the input side, built when first
+    asked for (a forward alone never needs it)."""
 
     gather: torch.Tensor
     rows: torch.Tensor
@@ -40,7 +42,15 @@ class ConvTables:
     chunk_start: torch.Tensor
     chunk_end: torch.Tensor
     chunk_table: torch.Tensor
-    transposed: "ConvTables | None" = field(default=None, repr=False, compare=False)
+    _transposed: "ConvTables | None" = field(default=None, repr=False, compare=False)
+    _build_transposed: "Callable[[], ConvTables] | None" = field(default=None, repr=False, compare=False)
+
+    @property
+    def transposed(self) -> "ConvTables":
+        if self._transposed is None:
+            self._transposed = self._build_transposed()
+            self._build_transposed = None
+        return self._transposed
 
     def conv(self, x, w):
         from ..kernels.sparse_conv import gather_gemm
@@ -49,12 +59,10 @@ class ConvTables:
     def weight_grad(self, x, g):
         from ..kernels.sparse_conv import pair_gemm_t
         part = pair_gemm_t(self.in_rows, self.out_rows, self.chunk_start, self.chunk_end, x, g)
-        # each offset's chunks added in order (a zero row stands in for the -1 pads)
+        # each offset's chunks summed by one reduction (a zero row stands in for the -1 pads): the
+        # same order on every run, as torch's reductions are deterministic
         part = torch.cat([part, part.new_zeros((1, *part.shape[1:]))])
-        out = part[self.chunk_table[:, 0]]
-        for c in range(1, self.chunk_table.shape[1]):
-            out = out + part[self.chunk_table[:, c]]
-        return out.to(x.dtype)
+        return part[self.chunk_table].sum(1).to(x.dtype)
 
 
 def _table(dst_rows, src_rows, offset_of_pair, V, n_dst):
@@ -64,8 +72,8 @@ def _table(dst_rows, src_rows, offset_of_pair, V, n_dst):
 
 
 def _sorted_columns(gather: torch.Tensor):
-    """``(table, rows)``: the columns of ``gather (V, M)`` reordered so that columns fed through the
-    same offsets sit side by side, and the output row of each column (int32).
+    """``(table, rows)``: the columns of ``gather (V, M)`` int32 reordered so that columns fed
+    through the same offsets sit side by side, and the output row of each column (int32).
 
     A program of ``gather_gemm`` runs an offset's product for its whole block of columns when any
     column in it has an input through that offset. In site order (by coordinates) the sites of a
@@ -73,24 +81,22 @@ def _sorted_columns(gather: torch.Tensor):
     the 27 offsets for 1.3 pairs per site. The columns are sorted by their offsets' bits, the
     rarest offset the most significant (the blocks that need a rare offset are then few; a common
     one runs in most blocks anyway): 1.8 there, 12.3 instead of 25.1 on (a)'s shell
-    (``bench_sparse.py --tile-work``). Stable sorts of int64 keys of ``_MASK_WORD`` offsets each,
+    (``bench_sparse.py --tile-work``). Stable sorts of int32 keys of ``_MASK_WORD`` offsets each,
     the least significant word first; the order is a function of the table alone."""
     V, M = gather.shape
     dev = gather.device
-    rows = torch.arange(M, device=dev)
-    if _SORT_COLUMNS and M > 1:
-        hit = gather >= 0
-        hit = hit.index_select(0, torch.argsort(hit.sum(1), stable=True))  # the rarest offset first
-        for word in reversed(range(0, V, _MASK_WORD)):
-            end = min(word + _MASK_WORD, V)
-            key = torch.zeros(M, dtype=torch.int64, device=dev)
-            for a in range(word, end, _MASK_CHUNK):
-                b = min(a + _MASK_CHUNK, end)
-                bit = 2 ** (end - 1 - torch.arange(a, b, device=dev))  # the word's first offset: its top bit
-                key += (hit[a:b].long() * bit[:, None]).sum(0)
-            rows = rows.index_select(0, torch.argsort(key.index_select(0, rows), stable=True))
-        gather = gather.index_select(1, rows)
-    return gather.contiguous(), rows.to(torch.int32)
+    if not _SORT_COLUMNS or M < 2:
+        return gather.contiguous(), torch.arange(M, dtype=torch.int32, device=dev)
+    hit = gather >= 0
+    hit = hit.index_select(0, torch.argsort(hit.sum(1), stable=True))  # the rarest offset first
+    rows = None
+    for word in reversed(range(0, V, _MASK_WORD)):
+        end = min(word + _MASK_WORD, V)
+        bits = transfers.to_device([1 << (end - 1 - o) for o in range(word, end)], torch.int32, dev)
+        key = (hit[word:end] * bits[:, None]).sum(0, dtype=torch.int32)  # (the word's first offset: its top bit)
+        order = torch.argsort(key if rows is None else key.index_select(0, rows), stable=True)
+        rows = order if rows is None else rows.index_select(0, order)
+    return gather.index_select(1, rows), rows.to(torch.int32)
 
 
 def _chunks(start: list[int]):
@@ -114,8 +120,9 @@ def _chunks(start: list[int]):
 def conv_tables(in_rows, out_rows, start: list[int], n_in: int, n_out: int, gather=None,
                 gather_transposed=None) -> ConvTables:
     """The tables of a kernel map (pairs ``in_rows -> out_rows`` grouped by offset) and its transpose.
-    ``gather`` / ``gather_transposed``: the two ``(V, M)`` gather tables when the map's build has
-    them (else they are scattered from the pairs)."""
+    ``gather``: the ``(V, n_out)`` int32 gather table when the map's build has it, and
+    ``gather_transposed`` a function that makes the transpose's (else they are scattered from the
+    pairs)."""
     if max(n_in, n_out) >= 1 << 31:
         raise ValueError(f"sparse tensors of {max(n_in, n_out)} sites exceed the Triton kernels' int32 rows")
     V = len(start) - 1
@@ -127,14 +134,20 @@ def conv_tables(in_rows, out_rows, start: list[int], n_in: int, n_out: int, gath
     counts, lo, hi, table = sent.split([V, len(lo), len(hi), len(table)])
     table = table.view(V, -1)
     ir, orow = in_rows.to(torch.int32), out_rows.to(torch.int32)
-    if gather is None or gather_transposed is None:
-        offset_of_pair = torch.repeat_interleave(torch.arange(V, device=dev), counts, output_size=start[-1])
-        if gather is None:
-            gather = _table(out_rows, ir, offset_of_pair, V, n_out)
-        if gather_transposed is None:
-            gather_transposed = _table(in_rows, orow, offset_of_pair, V, n_in)
-    fwd = ConvTables(*_sorted_columns(gather.to(torch.int32)), ir, orow, lo, hi, table)
-    fwd.transposed = ConvTables(*_sorted_columns(gather_transposed.to(torch.int32)), orow, ir, lo, hi, table, fwd)
+
+    def offset_of_pair():
+        return torch.repeat_interleave(torch.arange(V, device=dev), counts, output_size=start[-1])
+
+    if gather is None:
+        gather = _table(out_rows, ir, offset_of_pair(), V, n_out)
+    fwd = ConvTables(*_sorted_columns(gather), ir, orow, lo, hi, table)
+
+    @outside_func_transforms  # (built lazily, maybe inside a backward under torch.func's transforms)
+    def transposed():
+        g = gather_transposed() if gather_transposed is not None else _table(in_rows, orow, offset_of_pair(), V, n_in)
+        return ConvTables(*_sorted_columns(g), orow, ir, lo, hi, table, _transposed=fwd)
+
+    fwd._build_transposed = transposed
     return fwd
 
 
