@@ -274,3 +274,19 @@ def test_grid_selection_on_extreme_scales(monkeypatch, case):
     with pointconv.use_backend("triton"):
         got = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, K)
     assert torch.equal(got[3], want[3]) and torch.equal(got[2], want[2])
+
+
+def test_the_fused_forward_reads_the_device_once(monkeypatch):
+    # the value checks (finite q and p, sigma > 0, finite R) and the grid's coordinate bound in one
+    # read; each read waits for a CUDA device (on CUDA: a synchronization)
+    from test_kernel_map_one_pass import SyncingOps
+    from pointconv import _device_transfers
+    q, p, f, sigma, R = (t.float().to(DEV) for t in make(B=2, Q=20, P=40, F=3))
+    reads = []
+    real = _device_transfers.host_floats
+    monkeypatch.setattr(_device_transfers, "host_floats", lambda v: reads.append(v.numel()) or real(v))
+    with pointconv.use_backend("triton"), SyncingOps() as ops:
+        f_out, *_ = pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 4)
+    assert ops.seen == [] and reads == [4]
+    with pointconv.use_backend("torch"):
+        torch.testing.assert_close(f_out, pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 4)[0])

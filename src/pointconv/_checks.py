@@ -29,8 +29,9 @@ def _has_data(name: str, x: torch.Tensor) -> None:
                          "values (their ranges, their neighbors)")
 
 
-def coords(name: str, x, *, ndim: int, dim: int | None = None) -> torch.Tensor:
-    """Floating-point coordinates of shape ``(B, N, D)`` (ndim=3) or ``(N, D)`` (ndim=2), all finite."""
+def coords(name: str, x, *, ndim: int, dim: int | None = None, finite: bool = True) -> torch.Tensor:
+    """Floating-point coordinates of shape ``(B, N, D)`` (ndim=3) or ``(N, D)`` (ndim=2), all finite
+    (``finite=False``: the caller checks that, with ``max_abs``, in one read with its other values)."""
     tensor(name, x)
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name} must be float32 or float64 coordinates, got dtype {x.dtype}")
@@ -41,9 +42,20 @@ def coords(name: str, x, *, ndim: int, dim: int | None = None) -> torch.Tensor:
         raise ValueError(f"{name} must have at least one coordinate (D >= 1), got shape {tuple(x.shape)}")
     if dim is not None and x.shape[-1] != dim:
         raise ValueError(f"{name} must have D = {dim} coordinates, got shape {tuple(x.shape)}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf coordinates")
+    if finite:
+        finite_coords(name, float(max_abs(x)))
     return x
+
+
+def max_abs(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` as a 0-dim float64 tensor (0 when empty): NaN or inf exactly when an element is."""
+    return x.abs().amax().double() if x.numel() else torch.zeros((), dtype=torch.float64, device=x.device)
+
+
+def finite_coords(name: str, largest: float) -> None:
+    """Raise unless ``largest`` (a ``max_abs`` read) is finite."""
+    if not math.isfinite(largest):
+        raise ValueError(f"{name} contains NaN or Inf coordinates")
 
 
 def same_device(**tensors: torch.Tensor | None) -> torch.device:
@@ -131,7 +143,7 @@ def lengths(name: str, lens, batch: int, n: int, device: torch.device) -> torch.
         raise ValueError(f"{name} must have shape ({batch},), got shape {tuple(lens.shape)}")
     if lens.device != device:
         raise ValueError(f"{name} is on {lens.device} but the coordinates are on {device}")
-    if batch and (bool((lens < 0).any()) or bool((lens > n).any())):
+    if batch and bool(((lens < 0) | (lens > n)).any()):
         raise ValueError(f"{name} must lie in [0, {n}], got {lens.tolist()}")
     return lens.to(torch.int64)
 

@@ -5,8 +5,8 @@ device computes: ``int(t)``, ``t.tolist()``, ``torch.nonzero`` (its output size)
 host with ``non_blocking=False``. Each such read waits for all queued work, and the device idles
 while the host prepares the next launches; a kernel map built with one read per kernel offset
 spent more time waiting than computing. So the builds on an accelerator gather everything the host
-must know into one tensor and read it with ``host_ints`` (the reads the tests count), send host
-lists with ``to_device``, and compact masks whose counts they have read with
+must know into one tensor and read it with ``host_ints`` (the reads the tests count; the
+Gaussian op's value checks read theirs with ``host_floats``), send host lists with ``to_device``, and compact masks whose counts they have read with
 ``_index1d.flatnonzero(mask, count)`` (no read of its own).
 """
 from __future__ import annotations
@@ -16,6 +16,11 @@ import torch
 
 def host_ints(values: torch.Tensor) -> list[int]:
     """``values`` (integer or bool, any shape) flattened into Python ints: one device read."""
+    return values.reshape(-1).tolist()
+
+
+def host_floats(values: torch.Tensor) -> list[float]:
+    """``values`` (floating point, any shape) flattened into Python floats: one device read."""
     return values.reshape(-1).tolist()
 
 

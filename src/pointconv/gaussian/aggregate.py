@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
+from .. import _device_transfers as transfers
 from .._backend import TRITON_MAX_K, backend_for
 from .._func_transforms import has_tangent, under_grad_transforms
 from .._matmul_precision import no_autocast
@@ -40,10 +41,13 @@ _SELECT = ("aniso", "euclidean")
 
 
 def _check(q, p, f, sigma, R, K, p_lengths, select, sigma_last):
-    _checks.coords("p", p, ndim=3, dim=3)
+    """``(K, p_lengths, largest |coordinate| of q and p)``, or a ValueError / TypeError. The values'
+    checks (finite coordinates, sigma and R) are read from the device at once: each read waits for
+    it, and a call on a GPU spent more time in them than in its kernels."""
+    _checks.coords("p", p, ndim=3, dim=3, finite=False)
     _checks.tensor("q", q)
     _checks.same_device(p=p, q=q, f=f if isinstance(f, torch.Tensor) else None)
-    _checks.coords("q", q, ndim=3, dim=3)
+    _checks.coords("q", q, ndim=3, dim=3, finite=False)
     _checks.same_dtype(p=p, q=q)
     B, P, _ = p.shape
     if q.shape[0] != B:
@@ -63,8 +67,6 @@ def _check(q, p, f, sigma, R, K, p_lengths, select, sigma_last):
     if sigma.shape != (B, P, sigma_last):
         raise ValueError(f"sigma must have shape ({B}, {P}, {sigma_last}), got shape {tuple(sigma.shape)}")
     _checks.same_device(p=p, sigma=sigma)
-    if sigma.numel() and not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
-        raise ValueError("sigma must be finite and > 0 (a per-axis precision)")
     if R is not None:
         _checks.tensor("R", R)
         if R.dtype != p.dtype:
@@ -72,14 +74,22 @@ def _check(q, p, f, sigma, R, K, p_lengths, select, sigma_last):
         if R.shape != (B, P, 3, 3):
             raise ValueError(f"R must have shape ({B}, {P}, 3, 3), got shape {tuple(R.shape)}")
         _checks.same_device(p=p, R=R)
-        if R.numel() and not bool(torch.isfinite(R).all()):
-            raise ValueError("R contains NaN or Inf")
     K = _checks.positive_int("K", K)
     _checks.output_size("K", B, q.shape[1], K)
     if select not in _SELECT:
         raise ValueError(f"select must be one of {_SELECT}, got {select!r}")
+    values = [_checks.max_abs(p), _checks.max_abs(q),
+              (~(torch.isfinite(sigma) & (sigma > 0))).any().double(),
+              (~torch.isfinite(R)).any().double() if R is not None else torch.zeros_like(_checks.max_abs(p))]
+    p_max, q_max, bad_sigma, bad_R = transfers.host_floats(torch.stack(values))
+    _checks.finite_coords("p", p_max)
+    _checks.finite_coords("q", q_max)
+    if bad_sigma:
+        raise ValueError("sigma must be finite and > 0 (a per-axis precision)")
+    if bad_R:
+        raise ValueError("R contains NaN or Inf")
     p_lengths = _checks.lengths("p_lengths", p_lengths, B, P, p.device)
-    return K, p_lengths
+    return K, p_lengths, max(p_max, q_max)
 
 
 def _empty(q, p, f, sigma, R, K):
@@ -104,15 +114,15 @@ def _fused_forward(q, p, f, sigma, R, K, select) -> bool:
             and K <= TRITON_MAX_K)
 
 
-def _aggregate(q, p, f, sigma, R, K, p_lengths, select):
+def _aggregate(q, p, f, sigma, R, K, p_lengths, select, max_coord=None):
     if _fused_forward(q, p, f, sigma, R, K, select):
         from ..kernels.gaussian import aggregate_aniso
-        f_out, w, m, idx = aggregate_aniso(q, p, f, sigma, R, K, p_lengths)
+        f_out, w, m, idx = aggregate_aniso(q, p, f, sigma, R, K, p_lengths, max_coord)
         return f_out.to(f.dtype), w, m, idx
     B, Q, _ = q.shape
     P, F = p.shape[1], f.shape[2]
     if select == "aniso":
-        idx = select_aniso(q.detach(), p.detach(), sigma.detach(), R.detach(), K, p_lengths)
+        idx = select_aniso(q.detach(), p.detach(), sigma.detach(), R.detach(), K, p_lengths, max_coord)
     else:
         idx = knn(q.detach(), p.detach(), K, points_lengths=p_lengths).idx
     valid = idx >= 0
@@ -153,18 +163,18 @@ def knn_aggregate_aniso(q, p, f, sigma, R, K, *, p_lengths=None, select="aniso")
         ``f_out``, ``w_out`` and ``dists`` are differentiable w.r.t. q, p, f, sigma and R to any order.
     """
     _checks.tensor("R", R)  # None is the isotropic call's
-    K, p_lengths = _check(q, p, f, sigma, R, K, p_lengths, select, 3)
+    K, p_lengths, max_coord = _check(q, p, f, sigma, R, K, p_lengths, select, 3)
     if p.shape[1] == 0:
         return _empty(q, p, f, sigma, R, K)
     with no_autocast(q.device):  # float32 / float64 math (half features accumulate in it), as documented
         if backend_for(q.device) == "reference":
             return knn_aggregate_aniso_reference(q, p, f, sigma, R, K, p_lengths=p_lengths, select=select)
-        return _aggregate(q, p, f, sigma, R, K, p_lengths, select)
+        return _aggregate(q, p, f, sigma, R, K, p_lengths, select, max_coord)
 
 
 def knn_aggregate_iso(q, p, f, sigma, K, *, p_lengths=None, select="aniso"):
     """Isotropic version: ``sigma (B, P, 1)``, ``m = sum_a sigma * (q - p)_a**2``. See knn_aggregate_aniso."""
-    K, p_lengths = _check(q, p, f, sigma, None, K, p_lengths, select, 1)
+    K, p_lengths, max_coord = _check(q, p, f, sigma, None, K, p_lengths, select, 1)
     B, P, _ = p.shape
     if P == 0:
         return _empty(q, p, f, sigma, None, K)
@@ -173,4 +183,4 @@ def knn_aggregate_iso(q, p, f, sigma, K, *, p_lengths=None, select="aniso"):
     with no_autocast(q.device):
         if backend_for(q.device) == "reference":
             return knn_aggregate_aniso_reference(q, p, f, sigma3, eye, K, p_lengths=p_lengths, select=select)
-        return _aggregate(q, p, f, sigma3, eye, K, p_lengths, select)
+        return _aggregate(q, p, f, sigma3, eye, K, p_lengths, select, max_coord)

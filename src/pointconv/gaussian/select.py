@@ -243,8 +243,9 @@ def _select_tree(q, p, sigma, R, K, bound, spread):
 
 @torch.no_grad()
 @outside_func_transforms  # (kd-trees and kernels read values; the selection is not differentiated)
-def select_aniso(q, p, sigma, R, K, p_lengths):
-    """Indices ``(B, Q, K)`` of the K smallest exponents (ties to the lower index), -1 padded."""
+def select_aniso(q, p, sigma, R, K, p_lengths, max_coord=None):
+    """Indices ``(B, Q, K)`` of the K smallest exponents (ties to the lower index), -1 padded.
+    ``max_coord``: the largest ``|coordinate|`` of q and p, when the caller has read it."""
     # the GEMM's bound and the exact formula are float32's / float64's: an autocast region
     # would run their products in fp16 / bf16
     with no_autocast(q.device):
@@ -253,7 +254,7 @@ def select_aniso(q, p, sigma, R, K, p_lengths):
         if backend == "triton" and q.dtype == torch.float32 and K <= TRITON_MAX_K:
             from ..kernels.gaussian import select_aniso as select_triton
 
-            return select_triton(q, p, sigma, R, K, p_lengths)
+            return select_triton(q, p, sigma, R, K, p_lengths, max_coord)
         idx = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
         if Q == 0:
             return idx

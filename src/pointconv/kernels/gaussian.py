@@ -121,10 +121,13 @@ _BRUTE_MAX_POINTS = 2048
 _GRID_MAX_COORD = (torch.finfo(torch.float32).max / 12) ** 0.5
 
 
-def _grid_pays(q, p, K) -> bool:
+def _grid_pays(q, p, K, max_coord=None) -> bool:
+    """Whether the grid selects (``max_coord``: the largest ``|coordinate|`` of q and p, if read)."""
     if p.shape[1] <= _BRUTE_MAX_POINTS or q.shape[0] == 0 or q.shape[1] == 0:
         return False
-    return float(torch.maximum(q.abs().amax(), p.abs().amax())) <= _GRID_MAX_COORD
+    if max_coord is None:
+        max_coord = float(torch.maximum(q.abs().amax(), p.abs().amax()))
+    return max_coord <= _GRID_MAX_COORD
 
 
 def _select_on_grid(q, p, sigma, R, K, p_lengths):
@@ -135,11 +138,11 @@ def _select_on_grid(q, p, sigma, R, K, p_lengths):
 
 
 @on_tensor_device
-def select_aniso(q, p, sigma, R, K, p_lengths):
+def select_aniso(q, p, sigma, R, K, p_lengths, max_coord=None):
     """``(B, Q, K)`` int64 indices of the K smallest exponents (ties to the lower index), -1 padded."""
     B, Q, _ = q.shape
     P = p.shape[1]
-    if _grid_pays(q, p, K):
+    if _grid_pays(q, p, K, max_coord):
         return _select_on_grid(q, p, sigma, R, K, p_lengths)[1]
     out_m = torch.full((B, Q, K), float("inf"), dtype=torch.float32, device=q.device)
     out_i = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
@@ -154,7 +157,7 @@ def select_aniso(q, p, sigma, R, K, p_lengths):
 
 
 @on_tensor_device
-def aggregate_aniso(q, p, f, sigma, R, K, p_lengths):
+def aggregate_aniso(q, p, f, sigma, R, K, p_lengths, max_coord=None):
     """The forward of ``knn_aggregate_aniso`` (``select="aniso"``, float32 coordinates) in one kernel:
     ``(f_out (B, Q, F) float32, w (B, Q, K), m (B, Q, K), idx (B, Q, K) int64)``, padded like the op."""
     B, Q, _ = q.shape
@@ -164,7 +167,7 @@ def aggregate_aniso(q, p, f, sigma, R, K, p_lengths):
     out_f = torch.zeros((B, Q, F), dtype=torch.float32, device=q.device)
     if B == 0 or Q == 0 or P == 0:
         return out_f, torch.zeros_like(out_m), out_m, out_i
-    if _grid_pays(q, p, K):  # the grid's selection, then the weighted-sum kernel (neighbors in ascending m)
+    if _grid_pays(q, p, K, max_coord):  # the grid's selection, then the weighted-sum kernel (neighbors in ascending m)
         from .weighted_sum import gather_sum
 
         out_m, out_i = _select_on_grid(q, p, sigma, R, K, p_lengths)
