@@ -88,7 +88,8 @@ def test_func_grad_of_grad():
 
 
 def test_vmap_stops_at_the_checks():
-    with pytest.raises(RuntimeError, match="data-dependent control flow"):
+    # (a bool() or an item() of a batched value: vmap's error for each)
+    with pytest.raises(RuntimeError, match=r"data-dependent control flow|calling \.item\(\)"):
         torch.func.vmap(lambda q: pointconv.knn(q[None], P[:1], 3).dists)(P[0, :5, None].expand(5, 4, 3))
 
 

@@ -226,3 +226,21 @@ def test_tf32_products_follow_torchs_matmul_setting():
     finally:
         torch.set_float32_matmul_precision("highest")
     assert _precision(torch.float32) == "ieee"
+
+
+def test_a_tensor_with_triton_tables_pickles_and_deep_copies(tmp_path):
+    import copy
+    x, f = _input("subm", 3, torch.float32, seed=9)
+    layer = LAYERS["subm"](3, 2).to(DEV)
+    with pointconv.use_backend("triton"):
+        y = layer(x)
+    assert y.find_indice_pair("k")._tables._transposed is None  # (no backward yet)
+    torch.save(y, tmp_path / "y.pt")
+    # (torch deep-copies only leaf tensors: the copy is of the output's detached features)
+    for z in (torch.load(tmp_path / "y.pt", weights_only=False), copy.deepcopy(y.replace_feature(y.features.detach()))):
+        T, T0 = z.find_indice_pair("k").tables(), y.find_indice_pair("k").tables()
+        assert torch.equal(T.gather, T0.gather) and T.transposed.transposed is T
+        assert torch.equal(T.transposed.gather, T0.transposed.gather)
+        nxt = LAYERS["subm"](2, 2).to(DEV)  # reuses the map under indice_key "k"
+        with pointconv.use_backend("triton"):
+            torch.testing.assert_close(nxt(z).features, nxt(y).features)

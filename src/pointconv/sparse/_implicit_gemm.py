@@ -7,8 +7,8 @@ offset summed in a fixed order). Deterministic without atomics.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -22,6 +22,7 @@ _SORT_COLUMNS = True  # gather tables' columns grouped by their offsets (``_sort
 _MASK_WORD = 31  # offsets per sort key (int32 bit masks, one stable sort per word)
 _PAIR_BLOCK = 32  # the pair kernel's BLOCK_P: chunks are whole blocks
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRANSPOSE_LOCK = threading.Lock()  # (two backwards on one map would build its transpose once)
 
 
 @dataclass
@@ -33,7 +34,9 @@ class ConvTables:
     ``in_rows``, ``out_rows``: the pairs grouped by offset; ``chunk_start``, ``chunk_end`` (int64)
     cut each offset's pairs into chunks; ``chunk_table (V, max chunks)`` lists each offset's chunks
     in order (-1 pads). ``transposed`` is the same map read from the input side, built when first
-    asked for (a forward alone never needs it)."""
+    asked for (a forward alone never needs it) from ``pair_counts`` (per offset, on the device),
+    ``n_in`` and ``symmetric`` (point-symmetric offsets: offset o's transpose is offset V - 1 - o).
+    Plain data throughout: a map (and a tensor holding it) pickles and deep-copies."""
 
     gather: torch.Tensor
     rows: torch.Tensor
@@ -42,14 +45,17 @@ class ConvTables:
     chunk_start: torch.Tensor
     chunk_end: torch.Tensor
     chunk_table: torch.Tensor
+    pair_counts: torch.Tensor
+    n_in: int
+    symmetric: bool
     _transposed: "ConvTables | None" = field(default=None, repr=False, compare=False)
-    _build_transposed: "Callable[[], ConvTables] | None" = field(default=None, repr=False, compare=False)
 
     @property
     def transposed(self) -> "ConvTables":
         if self._transposed is None:
-            self._transposed = self._build_transposed()
-            self._build_transposed = None
+            with _TRANSPOSE_LOCK:
+                if self._transposed is None:
+                    self._transposed = _transpose(self)
         return self._transposed
 
     def conv(self, x, w):
@@ -117,12 +123,30 @@ def _chunks(start: list[int]):
     return lo, hi, table
 
 
+def _offset_of_pair(counts: torch.Tensor, pairs: int) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=pairs)
+
+
+@outside_func_transforms  # (built lazily, maybe inside a backward under torch.func's transforms)
+def _transpose(fwd: ConvTables) -> ConvTables:
+    """``fwd`` read from the input side (``ConvTables.transposed``)."""
+    V, n_out = fwd.gather.shape
+    if fwd.symmetric:  # the forward's table in row order, offsets reversed
+        by_row = torch.empty_like(fwd.gather).index_copy_(1, fwd.rows.long(), fwd.gather)
+        gather = by_row.flip(0)
+    else:
+        gather = _table(fwd.in_rows.long(), fwd.out_rows, _offset_of_pair(fwd.pair_counts, fwd.in_rows.numel()), V,
+                        fwd.n_in)
+    return ConvTables(*_sorted_columns(gather), fwd.out_rows, fwd.in_rows, fwd.chunk_start, fwd.chunk_end,
+                      fwd.chunk_table, fwd.pair_counts, n_out, fwd.symmetric, _transposed=fwd)
+
+
 def conv_tables(in_rows, out_rows, start: list[int], n_in: int, n_out: int, gather=None,
-                gather_transposed=None) -> ConvTables:
-    """The tables of a kernel map (pairs ``in_rows -> out_rows`` grouped by offset) and its transpose.
-    ``gather``: the ``(V, n_out)`` int32 gather table when the map's build has it, and
-    ``gather_transposed`` a function that makes the transpose's (else they are scattered from the
-    pairs)."""
+                symmetric=False) -> ConvTables:
+    """The tables of a kernel map (pairs ``in_rows -> out_rows`` grouped by offset); its transpose
+    is built when first read. ``gather``: the ``(V, n_out)`` int32 gather table when the map's
+    build has it (else it is scattered from the pairs); ``symmetric``: point-symmetric offsets (a
+    submanifold map of an odd kernel), whose transpose is the table's offsets reversed."""
     if max(n_in, n_out) >= 1 << 31:
         raise ValueError(f"sparse tensors of {max(n_in, n_out)} sites exceed the Triton kernels' int32 rows")
     V = len(start) - 1
@@ -134,21 +158,9 @@ def conv_tables(in_rows, out_rows, start: list[int], n_in: int, n_out: int, gath
     counts, lo, hi, table = sent.split([V, len(lo), len(hi), len(table)])
     table = table.view(V, -1)
     ir, orow = in_rows.to(torch.int32), out_rows.to(torch.int32)
-
-    def offset_of_pair():
-        return torch.repeat_interleave(torch.arange(V, device=dev), counts, output_size=start[-1])
-
     if gather is None:
-        gather = _table(out_rows, ir, offset_of_pair(), V, n_out)
-    fwd = ConvTables(*_sorted_columns(gather), ir, orow, lo, hi, table)
-
-    @outside_func_transforms  # (built lazily, maybe inside a backward under torch.func's transforms)
-    def transposed():
-        g = gather_transposed() if gather_transposed is not None else _table(in_rows, orow, offset_of_pair(), V, n_in)
-        return ConvTables(*_sorted_columns(g), orow, ir, lo, hi, table, _transposed=fwd)
-
-    fwd._build_transposed = transposed
-    return fwd
+        gather = _table(out_rows, ir, _offset_of_pair(counts, start[-1]), V, n_out)
+    return ConvTables(*_sorted_columns(gather), ir, orow, lo, hi, table, counts, n_in, symmetric)
 
 
 def use_triton(features: torch.Tensor, groups: int) -> bool:

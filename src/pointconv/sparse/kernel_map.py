@@ -74,12 +74,9 @@ class KernelMap:
     def tables(self):
         """The map as the Triton kernels read it (``_implicit_gemm.ConvTables``), built once."""
         if self._tables is None:
-            gather = self._gather
-            symmetric = gather is not None and self.identity_offset() is not None
-            # point-symmetric offsets: offset o's transpose is offset V - 1 - o
-            gather_t = (lambda: gather.flip(0)) if symmetric else None
             self._tables = conv_tables(self.in_rows, self.out_rows, self.start, self.in_indices.shape[0],
-                                       self.out_indices.shape[0], gather, gather_t)
+                                       self.out_indices.shape[0], self._gather,
+                                       symmetric=self.identity_offset() is not None)
             self._gather = None
         return self._tables
 
