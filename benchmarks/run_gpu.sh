@@ -3,7 +3,7 @@
 # README: few, full calls), from the repository root on the GPU machine:
 #   bash benchmarks/run_gpu.sh tests neighbors gaussian   # then
 #   bash benchmarks/run_gpu.sh sparse pointconv           # carry .gpu_carry (below)
-#   bash benchmarks/run_gpu.sh sweep                      # launch settings and orders to choose from
+#   bash benchmarks/run_gpu.sh sweep profile              # settings to choose from; where time goes
 # (no arguments: all five parts, which pass one call's 600 s limit; the limits below add up to
 # 550 s and 450 s for these two calls, so a device session's 30 minutes also leave time to re-run).
 # The GPU image already has torch, triton, pytest, hypothesis, tqdm and matplotlib; the project
@@ -16,7 +16,7 @@ mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 parts=${*:-tests neighbors gaussian sparse pointconv}
 for part in $parts; do  # a misspelled part stops the call before any work, not after the others ran
-  case $part in tests|neighbors|gaussian|sparse|sparse_a|sparse_b|pointconv|sweep) ;; *) echo "unknown part $part (tests neighbors gaussian sparse sparse_a sparse_b pointconv sweep)"; exit 2 ;; esac
+  case $part in tests|neighbors|gaussian|sparse|sparse_a|sparse_b|pointconv|sweep|profile) ;; *) echo "unknown part $part (tests neighbors gaussian sparse sparse_a sparse_b pointconv sweep profile)"; exit 2 ;; esac
 done
 # run LIMIT LOG COMMAND...: the command's output to LOG (and the screen); a command stopped at its
 # limit says so at the end of its log, which would otherwise end in a cut-off table
@@ -57,5 +57,7 @@ for part in $parts; do
     # each setting against the current one (sweep_gpu_configs.py's docstring): the Gaussian grid
     # against brute force, the GEMM's column order and tiles, Pointwise lookups per step
     sweep) run 400 "$out/sweep_gpu_configs.md" python3 benchmarks/sweep_gpu_configs.py gaussian sparse pointwise ;;
+    # kernels' time against wall time, launches and synchronizations per run (profile_gpu.py)
+    profile) run 150 "$out/profile_gpu.md" python3 benchmarks/profile_gpu.py ;;
   esac
 done
