@@ -82,8 +82,10 @@ class SparseConvTensor:
 
     @classmethod
     def _from_layer(cls, features, indices, spatial_shape, batch_size, indice_dict, benchmark) -> "SparseConvTensor":
-        """A layer's output on sites its kernel map made: in the grid, unique, sorted, of the input's
-        batches by construction, so not checked again (the checks read the device)."""
+        """A layer's output on sites its kernel map made (an inverse conv's: the input sites of the
+        conv it inverts): in the grid and unique by construction, their batches within
+        ``batch_size`` (checked by the inverse conv against its map), so not checked again (the
+        checks read the device)."""
         out = cls.__new__(cls)
         out._set(features, indices, list(spatial_shape), batch_size, indice_dict, benchmark)
         return out
