@@ -16,7 +16,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pointconv.kernels import fps, gaussian, gaussian_grid, gaussian_sum, gaussian_sum_double, knn, pointwise, sparse_conv, weighted_sum  # noqa: E402
+from pointconv.kernels import fps, gaussian, gaussian_grid, grid, gaussian_sum, gaussian_sum_double, knn, pointwise, sparse_conv, weighted_sum  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -77,6 +77,13 @@ GSUM_POINT2 = {"order_ptr": "*i64", "start_ptr": "*i64", "q_ptr": "*fp32", "p_pt
                "r_ptr": "*fp32", "gm_ptr": "*fp32", "wh_ptr": "*fp32", "gf_ptr": "*fp32", "aq_ptr": "*fp32",
                "ap_ptr": "*fp32", "as_ptr": "*fp32", "ar_ptr": "*fp32", "d_p_ptr": "*fp32", "d_s_ptr": "*fp32",
                "d_r_ptr": "*fp32", "d_f_ptr": "*fp32", "F": "i32", "K": "i32"}
+GRID_FRAME = {"p_ptr": "*fp32", "len_ptr": "*i64", "lo_ptr": "*fp32", "ext_ptr": "*fp32", "h_ptr": "*fp32",
+              "dims_ptr": "*i64", "base_ptr": "*i64", "P": "i32", "C": "i32", "target": "fp32"}
+GRID_KEYS = {"x_ptr": "*fp32", "len_ptr": "*i64", "lo_ptr": "*fp32", "h_ptr": "*fp32", "dims_ptr": "*i64",
+             "key_ptr": "*i64", "N": "i32", "C": "i32", "n_clouds": "i32"}
+GRID_COUNT = {"key_ptr": "*i64", "occ_ptr": "*i32", "total": "i32", "C": "i32", "n_clouds": "i32"}
+GRID_REFINE = {"len_ptr": "*i64", "ext_ptr": "*fp32", "occ_ptr": "*i32", "h_ptr": "*fp32", "dims_ptr": "*i64",
+               "C": "i32", "target": "fp32"}
 FPS = {"p_ptr": "*fp32", "len_ptr": "*i64", "start_ptr": "*i64", "mind_ptr": "*fp32", "out_ptr": "*i64",
        "N": "i32", "n_samples": "i32"}
 
@@ -89,6 +96,10 @@ def variants():
             yield "knn_brute", knn._knn_brute_kernel, BRUTE, dict(D=d, K=k, KP=kp, BQ=bq, EXCLUDE_SELF=exclude,
                                                                    USE_RADIUS=radius)
         yield "knn_grid", knn._knn_grid_kernel, GRID, dict(K=k, KP=kp, BQ=bq, EXCLUDE_SELF=exclude, USE_RADIUS=radius)
+    yield "grid_frame", grid._frame_kernel, GRID_FRAME, dict(BLOCK=grid._BLOCK, AXIS_CELLS=grid._AXIS_CELLS)
+    yield "grid_keys", grid._keys_kernel, GRID_KEYS, dict(BLOCK=grid._BLOCK)
+    yield "grid_count", grid._count_occupied_kernel, GRID_COUNT, dict(BLOCK=grid._BLOCK)
+    yield "grid_refine", grid._refine_kernel, GRID_REFINE, dict(AXIS_CELLS=grid._AXIS_CELLS)
     for d in (2, 3):
         yield "fps", fps._fps_kernel, FPS, dict(D=d, BLOCK=1024)
     for k in (8, 16, 40):

@@ -2,7 +2,7 @@
 scanning a uniform grid of the cloud in rings of cells (float32, D = 3).
 
 The brute-force selection of ``kernels/gaussian.py`` evaluates every point of the cloud for every
-query. Here the points are sorted into ``knn.Grid``'s cells and each block of queries (sorted by
+query. Here the points are sorted into ``grid.Grid``'s cells and each block of queries (sorted by
 cell) scans rings of cells around its queries, as the grid kNN kernel does, keeping the K best
 ``(m, index)`` keys with the same packed-key top-k. The stopping rule is the exponent's Euclidean
 lower bound: every computed ``m`` of a cloud is at least ``c |q - p|^2`` (``c`` from
@@ -23,7 +23,8 @@ import triton.language as tl
 
 from . import on_tensor_device
 from .gaussian import _exponent
-from .knn import INF_KEY, Grid, _grid_queries, _kp, _kth_key, _merge, _pack, _store, _unscanned_distance
+from .grid import Grid, sort_queries
+from .knn import INF_KEY, _grid_queries, _kp, _kth_key, _merge, _pack, _store, _unscanned_distance
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def _aniso_grid_select_kernel(
 ):
     slots = tl.program_id(0) * BQ + tl.arange(0, BQ)
     qmask = slots < nq_total
-    qx, qy, qz, qb, qrow, lox, loy, loz, h, gx, gy, gz, base, cx, cy, cz, slack = _grid_queries(
+    qmask, qx, qy, qz, qb, qrow, lox, loy, loz, h, gx, gy, gz, base, cx, cy, cz, slack = _grid_queries(
         q_ptr, qbatch_ptr, qrow_ptr, lo_ptr, h_ptr, dims_ptr, base_ptr, slots.to(tl.int64), qmask)
     c = tl.load(c_ptr + qb, mask=qmask, other=0.0)
     margin = tl.load(margin_ptr + qb, mask=qmask, other=0.0)
@@ -126,22 +127,11 @@ def select_aniso_grid(q, p, sigma, R, K, p_lengths, lower):
     if B == 0 or Q == 0 or P == 0:
         return out_m, out_i
     grid = Grid(p, p_lengths, k_hint=K)
-    if grid.xyz.shape[0] == 0:
-        return out_m, out_i
-    qb = torch.arange(B, device=q.device).repeat_interleave(Q)
-    qrow = torch.arange(Q, device=q.device).repeat(B)
-    qq = q.reshape(B * Q, 3)
-    # queries sorted by cell: a block's queries scan the same cells
-    h = grid.h[qb, None]
-    cell = torch.minimum(((qq - grid.lo[qb]) / h).floor().clamp(min=0).long(), grid.dims[qb] - 1)
-    dims = grid.dims[qb]
-    lin = grid.base[qb] + (cell[:, 2] * dims[:, 1] + cell[:, 1]) * dims[:, 0] + cell[:, 0]
-    order = torch.argsort(lin, stable=True)
-    qq, qb, qrow = qq[order].contiguous(), qb[order].contiguous(), qrow[order].contiguous()
+    qq, qb, qrow = sort_queries(q, torch.full((B,), Q, dtype=torch.int64, device=q.device), grid)
     KP = _kp(K)
     BQ = 32 if KP <= 32 else 16
     _aniso_grid_select_kernel[(triton.cdiv(B * Q, BQ),)](
         qq, qb, qrow, B * Q, grid.xyz, grid.point_idx, grid.cell_start, grid.lo, grid.h,
-        grid.dims.contiguous(), grid.base.contiguous(), _stop_factor(lower), _subnormal_margin(sigma, p_lengths),
+        grid.dims, grid.base, _stop_factor(lower), _subnormal_margin(sigma, p_lengths),
         sigma.contiguous(), R.contiguous(), out_m, out_i, Q, P, K=K, KP=KP, BQ=BQ, enable_fp_fusion=False)
     return out_m, out_i

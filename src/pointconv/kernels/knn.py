@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import on_tensor_device
+from .grid import Grid, sort_queries
 
 INF_BITS = 0x7F800000  # float32 +inf
 INF_KEY = tl.constexpr((INF_BITS << 32) | 0x7FFFFFFF)  # an empty slot: +inf, largest index
@@ -151,9 +152,11 @@ def _scan_cells(
 
 @triton.jit
 def _grid_queries(q_ptr, qbatch_ptr, qrow_ptr, lo_ptr, h_ptr, dims_ptr, base_ptr, slots64, qmask):
-    """A block of cell-sorted queries: coordinates, cloud and row; their cloud's grid (origin, cell
-    size, cells per axis, first cell); the query's cell, clamped into the grid (queries may lie
-    outside the points' box); and the rounding slack of ``_unscanned_distance``."""
+    """A block of cell-sorted queries (``grid.sort_queries``): which slots hold one (row >= 0),
+    coordinates, cloud and row; their cloud's grid (origin, cell size, cells per axis, first
+    cell); the query's cell, clamped into the grid (queries may lie outside the points' box); and
+    the rounding slack of ``_unscanned_distance``."""
+    qmask = qmask & (tl.load(qrow_ptr + slots64, mask=qmask, other=-1) >= 0)
     qx = tl.load(q_ptr + slots64 * 3, mask=qmask, other=0.0)
     qy = tl.load(q_ptr + slots64 * 3 + 1, mask=qmask, other=0.0)
     qz = tl.load(q_ptr + slots64 * 3 + 2, mask=qmask, other=0.0)
@@ -172,7 +175,7 @@ def _grid_queries(q_ptr, qbatch_ptr, qrow_ptr, lo_ptr, h_ptr, dims_ptr, base_ptr
     cz = tl.minimum(tl.maximum(tl.floor((qz - loz) / h), 0.0), (gz - 1).to(tl.float32)).to(tl.int64)
     slack = 1e-4 * h + 1e-6 * (tl.abs(qx) + tl.abs(qy) + tl.abs(qz) + tl.abs(lox) + tl.abs(loy)
                                 + tl.abs(loz) + h * (gx + gy + gz).to(tl.float32))
-    return qx, qy, qz, qb, qrow, lox, loy, loz, h, gx, gy, gz, base, cx, cy, cz, slack
+    return qmask, qx, qy, qz, qb, qrow, lox, loy, loz, h, gx, gy, gz, base, cx, cy, cz, slack
 
 
 @triton.jit
@@ -203,7 +206,7 @@ def _knn_grid_kernel(
 ):
     slots = tl.program_id(0) * BQ + tl.arange(0, BQ)
     qmask = slots < nq_total
-    qx, qy, qz, qb, qrow, lox, loy, loz, h, gx, gy, gz, base, cx, cy, cz, slack = _grid_queries(
+    qmask, qx, qy, qz, qb, qrow, lox, loy, loz, h, gx, gy, gz, base, cx, cy, cz, slack = _grid_queries(
         q_ptr, qbatch_ptr, qrow_ptr, lo_ptr, h_ptr, dims_ptr, base_ptr, slots.to(tl.int64), qmask)
 
     best = tl.full((BQ, KP), INF_KEY, tl.int64)
@@ -247,77 +250,6 @@ def _kp(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
 
 
-class Grid:
-    """Points of a padded batch sorted into per-cloud uniform grids (see module docstring).
-
-    ``xyz (M, 3)`` and ``point_idx (M,)`` are the valid points sorted by (cloud, cell), with their
-    indices into the padded cloud; ``cell_start`` has one entry per cell plus one; cloud ``b``'s
-    grid has origin ``lo[b]``, cell size ``h[b]``, ``dims[b]`` cells (x, y, z) and its first
-    cell at ``base[b]``; cells are numbered ``base + (z * dims_y + y) * dims_x + x``.
-    """
-
-    def __init__(self, points: torch.Tensor, lengths: torch.Tensor, k_hint: int = 16):
-        B, P, _ = points.shape
-        dev = points.device
-        valid = torch.arange(P, device=dev)[None, :] < lengths[:, None]
-        bid, pidx = torch.nonzero(valid, as_tuple=True)
-        xyz = points[bid, pidx].float()
-        lens = lengths.clamp(min=1).float()
-        big = torch.finfo(torch.float32).max
-        lo = torch.where(valid[..., None], points.float(), big).amin(1)
-        hi = torch.where(valid[..., None], points.float(), -big).amax(1)
-        empty = lengths == 0
-        lo = torch.where(empty[:, None], 0.0, lo)
-        hi = torch.where(empty[:, None], 0.0, hi)
-        extent = (hi - lo).clamp(min=1e-12)
-        # Cell size: about `target` points per occupied cell. Start from the box volume, then
-        # correct for clouds that fill little of their box (surfaces, clusters).
-        target = max(2.0, k_hint / 4.0)
-        ext = torch.maximum(extent, extent.amax(1, keepdim=True) * 1e-3)
-        # (the box's volume in float64: in float32 it overflows past extents of ~7e12, h = inf)
-        h = (ext.double().prod(1) / lens * target).pow(1.0 / 3.0).float()
-        for _ in range(2):
-            h = self._cap_cells(h, extent, lens)
-            lin, _, _ = self._cells(xyz, bid, lo, h, extent)
-            occupied = torch.bincount(self._first_of_runs(lin, bid), minlength=B).clamp(min=1)
-            occ = lens / occupied.float()
-            h = h * (target / occ).clamp(0.05, 4.0).sqrt()
-        h = self._cap_cells(h, extent, lens)
-        lin, dims, base = self._cells(xyz, bid, lo, h, extent)
-        order = torch.argsort(lin, stable=True)
-        lin = lin[order]
-        self.xyz = xyz[order].contiguous()
-        self.point_idx = pidx[order].contiguous()
-        total = int(base[-1] + dims[-1].prod()) if B else 0
-        self.cell_start = torch.searchsorted(lin, torch.arange(total + 1, device=dev)).contiguous()
-        self.lo, self.h, self.dims, self.base = lo.contiguous(), h.contiguous(), dims.contiguous(), base
-        self.lengths = lengths
-
-    @staticmethod
-    def _cap_cells(h, extent, lens):
-        # At most about 4 cells per point and 2^10 cells along an axis: bounded memory.
-        cells = ((extent / h[:, None]).floor() + 1).prod(1)
-        h = h * (cells / (4 * lens + 64)).clamp(min=1.0).pow(1.0 / 3.0)
-        return torch.maximum(h, extent.amax(1) / 1023.0).clamp(min=1e-12)
-
-    @staticmethod
-    def _first_of_runs(lin, bid):
-        srt, order = torch.sort(lin)
-        first = torch.ones_like(srt, dtype=torch.bool)
-        first[1:] = srt[1:] != srt[:-1]
-        return bid[order][first]
-
-    @staticmethod
-    def _cells(xyz, bid, lo, h, extent):
-        dims = ((extent / h[:, None]).floor() + 1).long()
-        c = ((xyz - lo[bid]) / h[bid, None]).floor().long()
-        c = torch.minimum(c.clamp(min=0), dims[bid] - 1)
-        ncell = dims.prod(1)
-        base = torch.cumsum(ncell, 0) - ncell
-        lin = base[bid] + (c[:, 2] * dims[bid, 1] + c[:, 1]) * dims[bid, 0] + c[:, 0]
-        return lin, dims, base
-
-
 def _out(B, Q, K, dtype, device):
     return (torch.full((B, Q, K), float("inf"), dtype=dtype, device=device),
             torch.full((B, Q, K), -1, dtype=torch.int64, device=device))
@@ -347,27 +279,16 @@ def search_brute(query, points, k, radius2, query_lengths, points_lengths, exclu
 def search_grid(query, grid, k, radius2, query_lengths, exclude_self):
     """Grid kNN / ball search of padded float32 queries against a prebuilt ``Grid`` (D = 3)."""
     B, Q, _ = query.shape
-    dev = query.device
-    out_d, out_i = _out(B, Q, k, query.dtype, dev)
-    valid = torch.arange(Q, device=dev)[None, :] < query_lengths[:, None]
-    qb, qrow = torch.nonzero(valid, as_tuple=True)
-    if qb.numel() == 0 or grid.xyz.shape[0] == 0:
+    out_d, out_i = _out(B, Q, k, query.dtype, query.device)
+    if B == 0 or Q == 0:
         return out_d, out_i
-    q = query[qb, qrow]
-    # Sort queries by cell so that a block's queries scan the same cells.
-    h = grid.h[qb, None]
-    c = ((q - grid.lo[qb]) / h).floor().clamp(min=0).long()
-    c = torch.minimum(c, grid.dims[qb] - 1)
-    d = grid.dims[qb]
-    lin = grid.base[qb] + (c[:, 2] * d[:, 1] + c[:, 1]) * d[:, 0] + c[:, 0]
-    order = torch.argsort(lin, stable=True)
-    q, qb, qrow = q[order].contiguous(), qb[order].contiguous(), qrow[order].contiguous()
+    q, qb, qrow = sort_queries(query, query_lengths, grid)
     KP = _kp(k)
     BQ = 32 if KP <= 32 else 16
     n = q.shape[0]
     _knn_grid_kernel[(triton.cdiv(n, BQ),)](
         q, qb, qrow, n, grid.xyz, grid.point_idx, grid.cell_start,
-        grid.lo, grid.h, grid.dims.contiguous(), grid.base.contiguous(),
+        grid.lo, grid.h, grid.dims, grid.base,
         out_d, out_i, Q, 0.0 if radius2 is None else radius2,
         K=k, KP=KP, BQ=BQ, EXCLUDE_SELF=exclude_self, USE_RADIUS=radius2 is not None,
         enable_fp_fusion=False,
