@@ -84,6 +84,10 @@ GRID_KEYS = {"x_ptr": "*fp32", "len_ptr": "*i64", "lo_ptr": "*fp32", "h_ptr": "*
 GRID_COUNT = {"key_ptr": "*i64", "occ_ptr": "*i32", "total": "i32", "C": "i32", "n_clouds": "i32"}
 GRID_REFINE = {"len_ptr": "*i64", "ext_ptr": "*fp32", "occ_ptr": "*i32", "h_ptr": "*fp32", "dims_ptr": "*i64",
                "C": "i32", "target": "fp32"}
+GAUSS_BOUNDS = {"s_ptr": "*fp32", "r_ptr": "*fp32", "len_ptr": "*i64", "lam_ptr": "*fp64", "top_ptr": "*fp64",
+                "sig_ptr": "*fp64", "bad_ptr": "*i32", "P": "i32", "n_blocks": "i32"}
+GAUSS_BOUNDS_FINISH = {"lam_ptr": "*fp64", "top_ptr": "*fp64", "sig_ptr": "*fp64", "bad_ptr": "*i32", "c_ptr": "*fp32",
+                       "margin_ptr": "*fp32", "n_blocks": "i32", "eps": "fp32"}
 FPS = {"p_ptr": "*fp32", "len_ptr": "*i64", "start_ptr": "*i64", "mind_ptr": "*fp32", "out_ptr": "*i64",
        "N": "i32", "n_samples": "i32"}
 
@@ -102,6 +106,9 @@ def variants():
     yield "grid_refine", grid._refine_kernel, GRID_REFINE, dict(AXIS_CELLS=grid._AXIS_CELLS)
     for d in (2, 3):
         yield "fps", fps._fps_kernel, FPS, dict(D=d, BLOCK=1024)
+    yield "aniso_bounds", gaussian_grid._bounds_kernel, GAUSS_BOUNDS, dict(
+        BLOCK=gaussian_grid._BOUNDS_BLOCK, SWEEPS=gaussian_grid._JACOBI_SWEEPS)
+    yield "aniso_bounds_finish", gaussian_grid._finish_bounds_kernel, GAUSS_BOUNDS_FINISH, dict(BLOCK=1024)
     for k in (8, 16, 40):
         kp = knn._kp(k)
         yield "aniso_select", gaussian._aniso_select_kernel, GAUSS, dict(K=k, KP=kp, BQ=32 if kp <= 32 else 16)

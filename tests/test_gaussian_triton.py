@@ -276,11 +276,18 @@ def test_grid_selection_on_extreme_scales(monkeypatch, case):
     assert torch.equal(got[3], want[3]) and torch.equal(got[2], want[2])
 
 
-def test_the_fused_forward_reads_the_device_once(monkeypatch):
+@pytest.mark.parametrize("path", ["fused", "grid"])
+def test_the_forward_reads_the_device_once(monkeypatch, path):
     # the value checks (finite q and p, sigma > 0, finite R) and the grid's coordinate bound in one
-    # read; each read waits for a CUDA device (on CUDA: a synchronization)
+    # read; each read waits for a CUDA device (on CUDA: a synchronization). The grid selection's
+    # grid and stopping bounds are built on the device (the bounds' eigenvalues once came from
+    # torch.linalg.eigvalsh, which synchronizes; the grid from nonzero and a read cell count).
     from test_kernel_map_one_pass import SyncingOps
     from pointconv import _device_transfers
+    from pointconv.kernels import gaussian as kernels
+
+    if path == "grid":
+        monkeypatch.setattr(kernels, "_BRUTE_MAX_POINTS", 0)
     q, p, f, sigma, R = (t.float().to(DEV) for t in make(B=2, Q=20, P=40, F=3))
     reads = []
     real = _device_transfers.host_floats
@@ -290,3 +297,36 @@ def test_the_fused_forward_reads_the_device_once(monkeypatch):
     assert ops.seen == [] and reads == [4]
     with pointconv.use_backend("torch"):
         torch.testing.assert_close(f_out, pointconv.knn_aggregate_aniso(q, p, f, sigma, R, 4)[0])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's, in the interpreter
+def test_stop_bounds_are_the_references_on_the_device():
+    # cloud_stop_bounds (Jacobi sweeps in a kernel) against the torch reference (eigvalsh): the same
+    # c up to float64 roundings far inside its margins, never above the exact smallest eigenvalue,
+    # and the same subnormal margin
+    from pointconv.gaussian._exponent import cloud_lower_bounds
+    from pointconv.kernels.gaussian_grid import cloud_stop_bounds
+
+    g = torch.Generator().manual_seed(3)
+    B, P = 7, 300
+    R = _rotations(B, P, g)
+    sigma = torch.rand(B, P, 3, generator=g) * 10 + 0.1
+    sigma[1] = 2.5  # isotropic: a triple eigenvalue, Jacobi's and the closed forms' hard case
+    sigma[2, :, 1:] = 7.0  # a double one
+    R[3] = R[3] + 0.2 * torch.randn(P, 3, 3, generator=g)  # general matrices, not rotations (well conditioned)
+    sigma[4], R[4] = 1e30 * sigma[4], 1e-12 * R[4]  # large and small scales
+    R[5, 17] = 0  # a singular matrix: no bound
+    lengths = torch.tensor([P, P, P, P, P, 250, 0])
+    sigma, R, lengths = sigma.to(DEV), R.to(DEV), lengths.to(DEV)
+    c, margin = cloud_stop_bounds(sigma, R, lengths)
+    ref = cloud_lower_bounds(sigma, R, lengths)
+    want = (ref * (1 - 1e-5)).clamp(max=torch.finfo(torch.float32).max).float()
+    torch.testing.assert_close(c, want, rtol=1e-6, atol=0)
+    assert float(c[5]) == 0.0 and float(c[6]) == 0.0 and bool((c[:5] > 0).all())
+    M = R.double().transpose(-1, -2) @ (sigma.double()[..., None] * R.double())
+    exact = torch.linalg.eigvalsh(M)[..., 0]
+    for b in range(5):
+        assert float(c[b]) <= float(exact[b].min()) * (1 - 1e-6)
+    top = torch.stack([sigma[b, :int(lengths[b])].double().amax() if int(lengths[b]) else torch.zeros((), dtype=torch.float64,
+                       device=DEV) for b in range(B)])
+    assert torch.equal(margin, (2.0 ** -144 * (1 + top)).float())

@@ -90,7 +90,8 @@ def test_one_pass_builds_refuse_duplicate_sites(build, shape, one_pass):
 class SyncingOps(TorchDispatchMode):
     """Records the ops that wait for a CUDA device to learn a value or a size."""
 
-    SYNCING = ("nonzero.", "_local_scalar_dense", "equal.", "is_nonzero", "unique", "masked_select")
+    # (torch.linalg.eigh and eigvalsh synchronize a CUDA device too: they check the solver's status)
+    SYNCING = ("nonzero.", "_local_scalar_dense", "equal.", "is_nonzero", "unique", "masked_select", "_linalg_eigh")
 
     def __init__(self):
         super().__init__()

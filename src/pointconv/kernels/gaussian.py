@@ -131,10 +131,9 @@ def _grid_pays(q, p, K, max_coord=None) -> bool:
 
 
 def _select_on_grid(q, p, sigma, R, K, p_lengths):
-    from ..gaussian._exponent import cloud_lower_bounds
     from .gaussian_grid import select_aniso_grid
 
-    return select_aniso_grid(q, p, sigma, R, K, p_lengths, cloud_lower_bounds(sigma, R, p_lengths))
+    return select_aniso_grid(q, p, sigma, R, K, p_lengths)
 
 
 @on_tensor_device
@@ -162,11 +161,6 @@ def aggregate_aniso(q, p, f, sigma, R, K, p_lengths, max_coord=None):
     ``(f_out (B, Q, F) float32, w (B, Q, K), m (B, Q, K), idx (B, Q, K) int64)``, padded like the op."""
     B, Q, _ = q.shape
     P, F = p.shape[1], f.shape[2]
-    out_m = torch.full((B, Q, K), float("inf"), dtype=torch.float32, device=q.device)
-    out_i = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
-    out_f = torch.zeros((B, Q, F), dtype=torch.float32, device=q.device)
-    if B == 0 or Q == 0 or P == 0:
-        return out_f, torch.zeros_like(out_m), out_m, out_i
     if _grid_pays(q, p, K, max_coord):  # the grid's selection, then the weighted-sum kernel (neighbors in ascending m)
         from .weighted_sum import gather_sum
 
@@ -175,6 +169,11 @@ def aggregate_aniso(q, p, f, sigma, R, K, p_lengths, max_coord=None):
         flat = torch.where(out_i >= 0, out_i + (torch.arange(B, device=q.device) * P)[:, None, None], -1)
         out_f = gather_sum(w.reshape(B * Q, K), f.reshape(B * P, F), flat.reshape(B * Q, K))
         return out_f.float().reshape(B, Q, F), w, out_m, out_i
+    out_m = torch.full((B, Q, K), float("inf"), dtype=torch.float32, device=q.device)
+    out_i = torch.full((B, Q, K), -1, dtype=torch.int64, device=q.device)
+    out_f = torch.zeros((B, Q, F), dtype=torch.float32, device=q.device)
+    if B == 0 or Q == 0 or P == 0:
+        return out_f, torch.zeros_like(out_m), out_m, out_i
     KP = _kp(K)
     BQ, warps = _launch(KP)
     _aniso_aggregate_kernel[(triton.cdiv(Q, BQ), B)](
