@@ -176,3 +176,20 @@ def test_grid_build_and_search_never_read_the_device(monkeypatch):
     launching = [op for op in seen.ops if not any(v in op for v in ("view", "empty", "detach", "slice"))]
     assert len(launching) <= 25, launching
     assert math.isfinite(float(grid.h.sum()))
+
+
+def test_knn_on_the_grid_reads_the_device_once_per_cloud(monkeypatch):
+    # the checks read max |x| of each cloud once (finite, and squared distances within range); the
+    # grid and the search read nothing
+    import pointconv
+    from test_kernel_map_one_pass import SyncingOps
+
+    monkeypatch.setattr(knn_kernels, "_BRUTE_MAX_POINTS", 0)
+    points = make_cloud("clustered", 2, 200, seed=8, device=DEV)
+    query = make_cloud("uniform", 2, 40, seed=9, device=DEV)
+    with pointconv.use_backend("triton"), SyncingOps() as ops:
+        got = pointconv.knn(query, points, 6)
+    assert ops.seen == ["aten._local_scalar_dense.default"] * 2
+    want = search_reference(query, points, 6, radius2=None, query_lengths=torch.full((2,), 40, device=DEV),
+                            points_lengths=torch.full((2,), 200, device=DEV), exclude_self=False)
+    assert torch.equal(got.idx, want[1]) and torch.equal(got.dists, want[0])

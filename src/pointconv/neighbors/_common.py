@@ -22,11 +22,14 @@ class KNN(NamedTuple):
     idx: torch.Tensor
 
 
-def check_magnitude(name: str, x: torch.Tensor) -> None:
+def check_magnitude(name: str, x: torch.Tensor, largest: float | None = None) -> None:
     """Squared distances between coordinates of ``x`` must be finite in its dtype: an overflow to
-    ``inf`` would read as a missing neighbor (float32: |x| up to about 5e18 in 3-D)."""
+    ``inf`` would read as a missing neighbor (float32: |x| up to about 5e18 in 3-D). ``largest``:
+    ``max |x|`` if the caller has read it already."""
     limit = (torch.finfo(x.dtype).max / (4 * max(x.shape[-1], 1))) ** 0.5
-    if x.numel() and float(x.detach().abs().amax()) > limit:
+    if largest is None and x.numel():
+        largest = float(x.detach().abs().amax())
+    if x.numel() and largest > limit:
         advice = "rescale the coordinates" if x.dtype == torch.float64 else "use float64 or rescale the coordinates"
         raise ValueError(f"{name} has coordinates beyond {limit:.3g} in magnitude: their squared distances "
                          f"overflow {x.dtype} ({advice})")
@@ -36,8 +39,7 @@ def check_query(query, points, *, query_lengths, exclude_self):
     """Validate ``query`` against already-validated ``points``; return int64 query lengths."""
     _checks.tensor("query", query)
     _checks.same_device(points=points, query=query)
-    _checks.coords("query", query, ndim=3)
-    check_magnitude("query", query)
+    _check_coords("query", query)
     _checks.flag("exclude_self", exclude_self)
     _checks.same_dtype(points=points, query=query)
     if query.shape[0] != points.shape[0]:
@@ -50,9 +52,17 @@ def check_query(query, points, *, query_lengths, exclude_self):
     return _checks.lengths("query_lengths", query_lengths, query.shape[0], query.shape[1], query.device)
 
 
+def _check_coords(name: str, x) -> None:
+    """``(B, N, D)`` float coordinates, finite and within ``check_magnitude``'s range: one read of
+    ``max |x|`` for both (each read waits for a CUDA device)."""
+    _checks.coords(name, x, ndim=3, finite=False)
+    largest = float(_checks.max_abs(x.detach()))
+    _checks.finite_coords(name, largest)
+    check_magnitude(name, x, largest)
+
+
 def check_points(points, points_lengths, name="points", lengths_name="points_lengths"):
-    _checks.coords(name, points, ndim=3)
-    check_magnitude(name, points)
+    _check_coords(name, points)
     return _checks.lengths(lengths_name, points_lengths, points.shape[0], points.shape[1], points.device)
 
 
