@@ -80,7 +80,7 @@ GSUM_POINT2 = {"order_ptr": "*i64", "start_ptr": "*i64", "q_ptr": "*fp32", "p_pt
 GRID_FRAME = {"p_ptr": "*fp32", "len_ptr": "*i64", "lo_ptr": "*fp32", "ext_ptr": "*fp32", "h_ptr": "*fp32",
               "dims_ptr": "*i64", "base_ptr": "*i64", "P": "i32", "C": "i32", "target": "fp32"}
 GRID_KEYS = {"x_ptr": "*fp32", "len_ptr": "*i64", "lo_ptr": "*fp32", "h_ptr": "*fp32", "dims_ptr": "*i64",
-             "key_ptr": "*i64", "N": "i32", "C": "i32", "n_clouds": "i32"}
+             "key_ptr": "*i64", "N": "i32", "C": "i32", "n_clouds": "i32", "blocks_per_cloud": "i32"}
 GRID_COUNT = {"key_ptr": "*i64", "occ_ptr": "*i32", "total": "i32", "C": "i32", "n_clouds": "i32"}
 GRID_REFINE = {"len_ptr": "*i64", "ext_ptr": "*fp32", "occ_ptr": "*i32", "h_ptr": "*fp32", "dims_ptr": "*i64",
                "C": "i32", "target": "fp32"}

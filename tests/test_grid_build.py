@@ -193,3 +193,15 @@ def test_knn_on_the_grid_reads_the_device_once_per_cloud(monkeypatch):
     want = search_reference(query, points, 6, radius2=None, query_lengths=torch.full((2,), 40, device=DEV),
                             points_lengths=torch.full((2,), 200, device=DEV), exclude_self=False)
     assert torch.equal(got.idx, want[1]) and torch.equal(got.dists, want[0])
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA's limit of 65,535 programs on launch axes 1 and 2 (a review's find)")
+def test_more_clouds_than_a_launch_axis_holds():
+    # the grid's kernels launch clouds x blocks on axis 0: 70,000 clouds on axis 1 would not launch
+    points = make_cloud("uniform", 70_000, 5, seed=12, device=DEV)
+    lengths = torch.full((70_000,), 5, device=DEV)
+    grid = grid_kernels.Grid(points, lengths, k_hint=2)
+    d, i = knn_kernels.search_grid(points, grid, 2, None, lengths, True)
+    rd, ri = search_reference(points, points, 2, radius2=None, query_lengths=lengths, points_lengths=lengths,
+                              exclude_self=True)
+    assert torch.equal(i, ri) and torch.equal(d, rd)

@@ -118,9 +118,11 @@ def _bounds_kernel(s_ptr, r_ptr, len_ptr, lam_ptr, top_ptr, sig_ptr, bad_ptr, P,
                    BLOCK: tl.constexpr, SWEEPS: tl.constexpr):
     """Per block of a cloud's points, in float64: the smallest eigenvalue of ``R^T diag(sigma) R``
     (Jacobi sweeps), the rounding scale ``sum_a sigma_a (sum_b |R_ab|)^2`` and the largest sigma,
-    over the valid points with a finite matrix; and whether a valid point's matrix is not finite."""
-    blk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    over the valid points with a finite matrix; and whether a valid point's matrix is not finite.
+    (Clouds and blocks share program axis 0: axis 1 stops at 65,535 programs.)"""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_blocks
+    blk = pid % n_blocks
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     valid = rows < tl.load(len_ptr + b)
     at = b * P + rows
@@ -225,7 +227,7 @@ def cloud_stop_bounds(sigma: torch.Tensor, R: torch.Tensor, lengths: torch.Tenso
     c = torch.empty(B, dtype=torch.float32, device=sigma.device)
     margin = torch.empty(B, dtype=torch.float32, device=sigma.device)
     if B:
-        _bounds_kernel[(n_blocks, B)](sigma.contiguous(), R.contiguous(), lengths.contiguous(), lam, top, sig, bad,
+        _bounds_kernel[(n_blocks * B,)](sigma.contiguous(), R.contiguous(), lengths.contiguous(), lam, top, sig, bad,
                                       P, n_blocks, BLOCK=_BOUNDS_BLOCK, SWEEPS=_JACOBI_SWEEPS)
         _finish_bounds_kernel[(B,)](lam, top, sig, bad, c, margin, n_blocks, torch.finfo(sigma.dtype).eps,
                                     BLOCK=1024)

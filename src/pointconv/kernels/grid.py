@@ -130,11 +130,13 @@ def _frame_kernel(p_ptr, len_ptr, lo_ptr, ext_ptr, h_ptr, dims_ptr, base_ptr, P,
 
 
 @triton.jit
-def _keys_kernel(x_ptr, len_ptr, lo_ptr, h_ptr, dims_ptr, key_ptr, N, C, n_clouds, BLOCK: tl.constexpr):
-    """The cell key ``b * C + cell`` of each slot of cloud ``b`` (program axis 1), or ``n_clouds * C``
-    past the cloud's length."""
-    b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _keys_kernel(x_ptr, len_ptr, lo_ptr, h_ptr, dims_ptr, key_ptr, N, C, n_clouds, blocks_per_cloud,
+                 BLOCK: tl.constexpr):
+    """The cell key ``b * C + cell`` of each slot of cloud ``b``, or ``n_clouds * C`` past the
+    cloud's length. (Clouds and blocks share program axis 0: axis 1 stops at 65,535 programs.)"""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // blocks_per_cloud
+    rows = (pid % blocks_per_cloud) * BLOCK + tl.arange(0, BLOCK)
     in_range = rows < N
     valid = rows < tl.load(len_ptr + b)
     base = x_ptr + (b * N + rows) * 3
@@ -188,7 +190,8 @@ def _keys(x, lengths, lo, h, dims, C):
     B, N, _ = x.shape
     keys = torch.empty(B * N, dtype=torch.int64, device=x.device)
     if keys.numel():
-        _keys_kernel[(triton.cdiv(N, _BLOCK), B)](x, lengths, lo, h, dims, keys, N, C, B, BLOCK=_BLOCK)
+        blocks = triton.cdiv(N, _BLOCK)
+        _keys_kernel[(blocks * B,)](x, lengths, lo, h, dims, keys, N, C, B, blocks, BLOCK=_BLOCK)
     return keys
 
 
