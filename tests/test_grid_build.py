@@ -178,21 +178,36 @@ def test_grid_build_and_search_never_read_the_device(monkeypatch):
     assert math.isfinite(float(grid.h.sum()))
 
 
-def test_knn_on_the_grid_reads_the_device_once_per_cloud(monkeypatch):
-    # the checks read max |x| of each cloud once (finite, and squared distances within range); the
-    # grid and the search read nothing
+def test_knn_on_the_grid_reads_the_device_once(monkeypatch):
+    # the checks read max |x| of each cloud (finite, and squared distances within range) and
+    # whether given lengths lie in [0, N], all in one transfer; the grid and the search read nothing
     import pointconv
+    from pointconv import _device_transfers
     from test_kernel_map_one_pass import SyncingOps
 
     monkeypatch.setattr(knn_kernels, "_BRUTE_MAX_POINTS", 0)
+    reads = []
+    real = _device_transfers.host_floats
+    monkeypatch.setattr(_device_transfers, "host_floats", lambda v: reads.append(v.numel()) or real(v))
     points = make_cloud("clustered", 2, 200, seed=8, device=DEV)
     query = make_cloud("uniform", 2, 40, seed=9, device=DEV)
-    with pointconv.use_backend("triton"), SyncingOps() as ops:
-        got = pointconv.knn(query, points, 6)
-    assert ops.seen == ["aten._local_scalar_dense.default"] * 2
-    want = search_reference(query, points, 6, radius2=None, query_lengths=torch.full((2,), 40, device=DEV),
-                            points_lengths=torch.full((2,), 200, device=DEV), exclude_self=False)
-    assert torch.equal(got.idx, want[1]) and torch.equal(got.dists, want[0])
+    lengths = torch.tensor([200, 150], device=DEV)
+    # the values read: max |x| per distinct tensor, one flag per lengths tensor given
+    runs = {"query": lambda: pointconv.knn(query, points, 6),
+            "query, lengths": lambda: pointconv.knn(query, points, 6, points_lengths=lengths,
+                                                    query_lengths=torch.tensor([40, 7], device=DEV)),
+            "self": lambda: pointconv.knn(points, points, 6, exclude_self=True),
+            "ball, self, lengths": lambda: pointconv.ball_query(points, points, 0.3, 6, points_lengths=lengths,
+                                                                query_lengths=lengths)}
+    read_sizes = {"query": 2, "query, lengths": 4, "self": 1, "ball, self, lengths": 3}
+    for name, run in runs.items():
+        reads.clear()
+        with pointconv.use_backend("triton"), SyncingOps() as ops:
+            got = run()
+        assert ops.seen == [] and reads == [read_sizes[name]], name
+        with pointconv.use_backend("reference"):
+            want = run()
+        assert torch.equal(got.idx, want.idx) and torch.equal(got.dists, want.dists), name
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA's limit of 65,535 programs on launch axes 1 and 2 (a review's find)")

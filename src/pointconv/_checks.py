@@ -136,6 +136,15 @@ def lengths(name: str, lens, batch: int, n: int, device: torch.device) -> torch.
     """Per-cloud lengths ``(B,)`` in [0, N]; ``None`` means every cloud is full. Returns int64."""
     if lens is None:
         return torch.full((batch,), n, dtype=torch.int64, device=device)
+    lens = lengths_tensor(name, lens, batch, device)
+    if batch and bool(lengths_out_of_range(lens, n)):
+        raise_lengths_range(name, lens, n)
+    return lens.to(torch.int64)
+
+
+def lengths_tensor(name: str, lens, batch: int, device: torch.device) -> torch.Tensor:
+    """``lengths``' checks that read nothing from the device: an int ``(B,)`` tensor on ``device``.
+    The caller checks the range with ``lengths_out_of_range`` among its other values."""
     tensor(name, lens)
     if lens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32 or int64 tensor, got dtype {lens.dtype}")
@@ -143,9 +152,16 @@ def lengths(name: str, lens, batch: int, n: int, device: torch.device) -> torch.
         raise ValueError(f"{name} must have shape ({batch},), got shape {tuple(lens.shape)}")
     if lens.device != device:
         raise ValueError(f"{name} is on {lens.device} but the coordinates are on {device}")
-    if batch and bool(((lens < 0) | (lens > n)).any()):
-        raise ValueError(f"{name} must lie in [0, {n}], got {lens.tolist()}")
-    return lens.to(torch.int64)
+    return lens
+
+
+def lengths_out_of_range(lens: torch.Tensor, n: int) -> torch.Tensor:
+    """0-dim float64 on ``lens``' device: 1 when a length lies outside [0, n], else 0."""
+    return ((lens < 0) | (lens > n)).any().double()
+
+
+def raise_lengths_range(name: str, lens: torch.Tensor, n: int) -> None:
+    raise ValueError(f"{name} must lie in [0, {n}], got {lens.tolist()}")
 
 
 def batch_vector(name: str, batch, n: int, device: torch.device) -> torch.Tensor:

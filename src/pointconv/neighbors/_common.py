@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _checks
+from .. import _device_transfers as transfers
 from .._func_transforms import has_tangent
 from ._distance import sq_dist
 
@@ -37,9 +38,39 @@ def check_magnitude(name: str, x: torch.Tensor, largest: float | None = None) ->
 
 def check_query(query, points, *, query_lengths, exclude_self):
     """Validate ``query`` against already-validated ``points``; return int64 query lengths."""
+    query_lengths = _check_query_shape(query, points, exclude_self, query_lengths)
+    return _read_values([("query", query, "query_lengths", query_lengths)])[0]
+
+
+def check_search(query, points, *, query_lengths, points_lengths, exclude_self):
+    """Validate a search's ``points`` and ``query``; ``(query_lengths, points_lengths)`` as int64.
+    Their shapes first, then all their values in one read of the device (a self-search, ``query
+    is points``, reads the coordinates' range once)."""
+    points_lengths = _check_cloud_shape("points", points, "points_lengths", points_lengths)
+    query_lengths = _check_query_shape(query, points, exclude_self, query_lengths)
+    points_lengths, query_lengths = _read_values([("points", points, "points_lengths", points_lengths),
+                                                  ("query", query, "query_lengths", query_lengths)])
+    return query_lengths, points_lengths
+
+
+def check_points(points, points_lengths, name="points", lengths_name="points_lengths"):
+    """Validate ``(B, N, D)`` coordinates and their lengths; return int64 lengths."""
+    points_lengths = _check_cloud_shape(name, points, lengths_name, points_lengths)
+    return _read_values([(name, points, lengths_name, points_lengths)])[0]
+
+
+def _check_cloud_shape(name, x, lengths_name, lens):
+    """The checks of coordinates and lengths that read nothing from the device: the lengths
+    tensor (or None)."""
+    _checks.coords(name, x, ndim=3, finite=False)
+    return None if lens is None else _checks.lengths_tensor(lengths_name, lens, x.shape[0], x.device)
+
+
+def _check_query_shape(query, points, exclude_self, query_lengths):
+    """``_check_cloud_shape`` of the query, and its agreement with ``points``."""
     _checks.tensor("query", query)
     _checks.same_device(points=points, query=query)
-    _check_coords("query", query)
+    _checks.coords("query", query, ndim=3, finite=False)
     _checks.flag("exclude_self", exclude_self)
     _checks.same_dtype(points=points, query=query)
     if query.shape[0] != points.shape[0]:
@@ -49,21 +80,38 @@ def check_query(query, points, *, query_lengths, exclude_self):
     if exclude_self and query.shape[1] != points.shape[1]:
         raise ValueError("exclude_self=True needs query and points to be the same cloud, got "
                          f"{query.shape[1]} queries and {points.shape[1]} points per cloud")
-    return _checks.lengths("query_lengths", query_lengths, query.shape[0], query.shape[1], query.device)
+    return None if query_lengths is None else _checks.lengths_tensor("query_lengths", query_lengths,
+                                                                     query.shape[0], query.device)
 
 
-def _check_coords(name: str, x) -> None:
-    """``(B, N, D)`` float coordinates, finite and within ``check_magnitude``'s range: one read of
-    ``max |x|`` for both (each read waits for a CUDA device)."""
-    _checks.coords(name, x, ndim=3, finite=False)
-    largest = float(_checks.max_abs(x.detach()))
-    _checks.finite_coords(name, largest)
-    check_magnitude(name, x, largest)
-
-
-def check_points(points, points_lengths, name="points", lengths_name="points_lengths"):
-    _check_coords(name, points)
-    return _checks.lengths(lengths_name, points_lengths, points.shape[0], points.shape[1], points.device)
+def _read_values(clouds) -> list[torch.Tensor]:
+    """``clouds``: ``(name, x, lengths_name, lengths or None)`` whose shapes are checked. Checks
+    that the coordinates are finite and within ``check_magnitude``'s range and the lengths within
+    [0, N], reading all of these values in one transfer (each read waits for a CUDA device);
+    returns the int64 lengths of each cloud, in order."""
+    values, slots = [], {}
+    for _, x, _, lens in clouds:
+        if id(x) not in slots:
+            slots[id(x)] = len(values)
+            values.append(_checks.max_abs(x.detach()))
+        if lens is not None and lens.numel():
+            values.append(_checks.lengths_out_of_range(lens, x.shape[1]))
+    read = iter(transfers.host_floats(torch.stack(values)))
+    read_of = {}
+    out = []
+    for name, x, lengths_name, lens in clouds:
+        if id(x) not in read_of:
+            read_of[id(x)] = next(read)
+        _checks.finite_coords(name, read_of[id(x)])
+        check_magnitude(name, x, read_of[id(x)])
+        B, N = x.shape[:2]
+        if lens is None:
+            out.append(torch.full((B,), N, dtype=torch.int64, device=x.device))
+            continue
+        if lens.numel() and next(read):
+            _checks.raise_lengths_range(lengths_name, lens, N)
+        out.append(lens.to(torch.int64))
+    return out
 
 
 def differentiable_dists(dists, idx, query, points):

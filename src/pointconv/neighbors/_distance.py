@@ -6,6 +6,7 @@ every backend returns bitwise the same squared distances as the reference.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -34,5 +35,9 @@ def sq_dist_gathered(q: torch.Tensor, p_columns: torch.Tensor, idx: torch.Tensor
 
 
 def radius_squared(radius: float, dtype: torch.dtype) -> float:
-    """``radius**2`` rounded to ``dtype``: the threshold every backend compares with (closed ball)."""
-    return torch.tensor(radius * radius, dtype=torch.float64).to(dtype).item()
+    """``radius**2`` rounded to ``dtype``: the threshold every backend compares with (closed ball).
+    Computed on the host (a 0-dim torch tensor's ``item()`` reads like a device value)."""
+    if dtype == torch.float64:
+        return radius * radius
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, as torch's cast gives
+        return float(np.float32(radius * radius))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from ._common import KNN, check_points, check_query, differentiable_dists
+from ._common import KNN, check_search, differentiable_dists
 from ._distance import radius_squared
 from ._reference import search_reference
 from ._search import search
@@ -20,8 +20,8 @@ def ball_query(query: torch.Tensor, points: torch.Tensor, radius: float, k: int,
     ball hold ``idx = -1`` and ``dists = inf``. ``dists`` are SQUARED distances, ascending.
     ``radius**2`` is rounded to the coordinates' dtype before the comparison.
     """
-    points_lengths = check_points(points, points_lengths)
-    query_lengths = check_query(query, points, query_lengths=query_lengths, exclude_self=exclude_self)
+    query_lengths, points_lengths = check_search(query, points, query_lengths=query_lengths,
+                                                 points_lengths=points_lengths, exclude_self=exclude_self)
     radius = _checks.positive_float("radius", radius)
     k = _checks.positive_int("k", k)
     dists, idx = search(query, points, k, radius2=radius_squared(radius, query.dtype),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from ._common import KNN, check_points, check_query, differentiable_dists
+from ._common import KNN, check_search, differentiable_dists
 from ._reference import search_reference
 from ._search import search
 
@@ -28,8 +28,8 @@ def knn(query: torch.Tensor, points: torch.Tensor, k: int, *, query_lengths=None
         by the lower index; ``idx (B, Q, k)`` int64 indices into ``points``. Missing neighbors are
         ``idx = -1``, ``dists = inf``. ``dists`` is differentiable w.r.t. ``query`` and ``points``.
     """
-    points_lengths = check_points(points, points_lengths)
-    query_lengths = check_query(query, points, query_lengths=query_lengths, exclude_self=exclude_self)
+    query_lengths, points_lengths = check_search(query, points, query_lengths=query_lengths,
+                                                 points_lengths=points_lengths, exclude_self=exclude_self)
     k = _checks.positive_int("k", k)
     dists, idx = search(query, points, k, radius2=None, query_lengths=query_lengths,
                         points_lengths=points_lengths, exclude_self=exclude_self)
