@@ -45,9 +45,12 @@ def test_key_space_beyond_int64_raises_instead_of_merging_sites():
     with pytest.raises(ValueError, match="int64 site keys"):
         spconv.functional.sparse_add(a, b)
     x = sct([[1.0], [2.0]], [[0, 0, 0, 0], [1, 0, 0, 0]], [2**21] * 3, 2)  # 2 x 2**63 cells
-    for layer in (spconv.SparseConv3d(1, 1, 1), spconv.SparseMaxPool3d(1), spconv.SubMConv3d(1, 1, 3)):
+    for layer in (spconv.SparseConv3d(1, 1, 2, 2), spconv.SparseMaxPool3d(2), spconv.SubMConv3d(1, 1, 3)):
         with pytest.raises(ValueError, match="int64 site keys"):
             layer(x)
+    # one-tap layers that leave the sites in place (spconv's conv1x1) need no keys
+    assert spconv.SparseConv3d(1, 1, 1)(x).indices is x.indices
+    assert spconv.SparseMaxPool3d(1)(x).indices is x.indices
     # a submanifold map pads the grid by its reach: the padded grid alone passes 2**63 cells
     x = sct([[1.0], [2.0]], [[0, 5, 5, 5], [0, 7, 7, 7]], [2**31 - 1] * 3)
     with pytest.raises(ValueError, match="int64 site keys"):
@@ -57,11 +60,13 @@ def test_key_space_beyond_int64_raises_instead_of_merging_sites():
 def test_large_grid_within_int64_keys_is_exact():
     # one sample of 2**62 cells: the keys fit; output sites sorted, not wrapped
     x = sct([[1.0], [2.0]], [[0, 2**21 - 1, 7, 0], [0, 3, 2**20, 5]], [2**21, 2**21, 2**20])
-    y = spconv.SparseMaxPool3d(1)(x)
-    assert y.indices.tolist() == [[0, 3, 2**20, 5], [0, 2**21 - 1, 7, 0]]
+    y = spconv.SparseMaxPool3d(1, stride=1, padding=1)(x)  # (padding: sites move, outputs are sorted)
+    assert y.spatial_shape == [2**21 + 2, 2**21 + 2, 2**20 + 2]
+    assert y.indices.tolist() == [[0, 4, 2**20 + 1, 6], [0, 2**21, 8, 1]]
     assert y.features.flatten().tolist() == [2.0, 1.0]
     s = spconv.functional.sparse_add(x, x)
-    assert s.indices.tolist() == y.indices.tolist() and s.features.flatten().tolist() == [4.0, 2.0]
+    assert s.indices.tolist() == [[0, 3, 2**20, 5], [0, 2**21 - 1, 7, 0]]
+    assert s.features.flatten().tolist() == [4.0, 2.0]
 
 
 # -- PointToVoxel ---------------------------------------------------------------------------------

@@ -318,3 +318,85 @@ def test_average_pools_of_half_features_sum_in_float32(dtype):
     block = spconv.SparseConvTensor(torch.full((8, 2), 30000.0, dtype=dtype), block_idx, [2, 2, 2], 1)
     pooled = spconv.SparseAvgPool3d(2, 2)(block).features
     assert pooled.dtype == dtype and torch.equal(pooled, torch.full((1, 2), 30000.0, dtype=dtype))
+
+
+# -- one-tap layers that leave the sites in place (spconv's conv1x1) -------------------------------
+
+ONE_TAP = {"SparseConv3d": lambda: spconv.SparseConv3d(3, 4, 1),
+           "SparseConvTranspose3d": lambda: spconv.SparseConvTranspose3d(3, 4, 1),
+           "SubMConv3d": lambda: spconv.SubMConv3d(3, 4, 1),
+           "SparseConv3d, groups": lambda: spconv.SparseConv3d(3, 6, 1, groups=3),
+           "SparseMaxPool3d": lambda: spconv.SparseMaxPool3d(1),
+           "SparseAvgPool3d": lambda: spconv.SparseAvgPool3d(1)}
+
+
+@pytest.mark.parametrize("name", list(ONE_TAP))
+def test_one_tap_layers_keep_the_input_sites_in_order(name):
+    # as spconv's: the input's sites in the input's order (random_sparse shuffles them), so a
+    # residual y.features + x.features or a channel attention pool(x).features * x.features lines up
+    x = random_sparse(3, 2, 3, seed=21)
+    layer = ONE_TAP[name]().double()
+    y = layer(x)
+    assert y.indices is x.indices and y.spatial_shape == x.spatial_shape
+    if "Pool" in name:
+        assert torch.equal(y.features, x.features)
+    else:  # the dense math: weight (out, 1, 1, 1, in / groups) per site, block-diagonal over groups
+        w = layer.weight.detach().reshape(layer.out_channels, -1)
+        og, ig = layer.out_channels // layer.groups, 3 // layer.groups
+        full = torch.zeros(layer.out_channels, 3, dtype=torch.float64)
+        for g in range(layer.groups):
+            full[g * og:(g + 1) * og, g * ig:(g + 1) * ig] = w[g * og:(g + 1) * og]
+        torch.testing.assert_close(y.features, x.features @ full.t() + layer.bias)
+
+
+def test_one_tap_convolutions_neither_check_nor_record_their_key():
+    # spconv's conv1x1 returns before it looks at indice_key: public models pass a block's key to
+    # their 1x1 projections, next to 3x3 layers of the same key
+    x = random_sparse(3, 1, 3, seed=22)
+    a = spconv.SubMConv3d(3, 3, 1, indice_key="blk").double()
+    b = spconv.SubMConv3d(3, 3, 3, indice_key="blk").double()
+    assert "blk" not in a(x).indice_dict
+    h = b(x)
+    z = b(a(h))  # 3x3, 1x1, 3x3 on one key: the second 3x3 reuses the first one's map
+    assert z.indice_dict["blk"] is h.indice_dict["blk"]
+    a0, b0 = spconv.SubMConv3d(3, 3, 1).double(), spconv.SubMConv3d(3, 3, 3).double()
+    a0.load_state_dict(a.state_dict())
+    b0.load_state_dict(b.state_dict())
+    torch.testing.assert_close(z.features, b0(a0(b0(x))).features)
+    # a non-submanifold one tap on a submanifold key (a strided conv would need a key of its own)
+    c = spconv.SparseConv3d(3, 3, 1, indice_key="blk").double()
+    assert c(z).indices is z.indices
+
+
+def test_one_tap_inverse_convolution():
+    x = random_sparse(3, 2, 3, seed=23)
+    # no map under the key: spconv's conv1x1, the input's sites
+    up = spconv.SparseInverseConv3d(3, 4, 1, indice_key="none").double()
+    assert up(x).indices is x.indices
+    # after a strided one-tap conv: restores that conv's input sites (spconv would keep the strided ones)
+    down = spconv.SparseConv3d(3, 3, 1, 2, indice_key="d").double()
+    up = spconv.SparseInverseConv3d(3, 4, 1, indice_key="d").double()
+    y = down(x)
+    z = up(y)
+    assert torch.equal(z.indices, x.indices)
+    even = (x.indices[:, 1:] % 2 == 0).all(1)  # the sites the stride kept feed themselves back
+    w = up.weight.reshape(4, 3)
+    want = torch.zeros(x.indices.shape[0], 4, dtype=torch.float64)
+    keys = {tuple(r): i for i, r in enumerate(y.indices.tolist())}
+    for i, site in enumerate(x.indices.tolist()):
+        if even[i]:
+            want[i] = y.features[keys[(site[0], *[c // 2 for c in site[1:]])]] @ w.t()
+    torch.testing.assert_close(z.features, want + up.bias)
+
+
+def test_one_tap_gradients_to_second_order():
+    x = random_sparse(2, 1, 2, density=0.5, seed=24)
+    conv = spconv.SparseConv2d(2, 3, 1).double()
+
+    def fn(f, w, b):
+        return torch.func.functional_call(conv, {"weight": w, "bias": b}, (x.replace_feature(f),)).features
+
+    args = (x.features.clone().requires_grad_(), conv.weight.detach().clone().requires_grad_(),
+            conv.bias.detach().clone().requires_grad_())
+    torch.autograd.gradcheck(fn, args)
+    torch.autograd.gradgradcheck(fn, args)

@@ -160,3 +160,26 @@ def test_record_voxel_count_checkpoints_load(cls):
     mine.load_state_dict({k: v for k, v in theirs.state_dict().items() if "max_num_voxels" not in k})
     assert int(mine.get_max_num_voxels()) == 0  # as spconv: a checkpoint without the count loads
     assert getattr(ours, cls)(*([2] if "Pool" in cls else [4, 4, 3])).get_max_num_voxels() is None
+
+
+@pytest.mark.parametrize("cls,args", [("SparseConv3d", (4, 4, 1)), ("SparseConvTranspose3d", (4, 4, 1)),
+                                      ("SubMConv3d", (4, 4, 1)), ("SparseMaxPool3d", (1,))])
+def test_one_tap_layers_keep_spconvs_site_order(cls, args):
+    # spconv's conv1x1 (and its CPU pool of one tap) keeps the input's sites in their order: a
+    # residual add after a 1x1 projection lines up only so. Identity weights: spconv's own 1x1
+    # product reads the weight as (in, out), the dense math as (out, in) (README)
+    a, b = _pair(seed=3)
+    perm = torch.randperm(a.indices.shape[0], generator=torch.Generator().manual_seed(0))
+    a = ours.SparseConvTensor(a.features[perm], a.indices[perm], a.spatial_shape, a.batch_size)
+    b = spconv.SparseConvTensor(b.features[perm], b.indices[perm].contiguous(), b.spatial_shape, b.batch_size)
+    mine, theirs = getattr(ours, cls)(*args), getattr(spconv, cls)(*args)
+    if "Pool" not in cls:
+        for m in (mine, theirs):
+            with torch.no_grad():
+                m.weight.copy_(torch.eye(4).view(4, 1, 1, 1, 4))
+                m.bias.zero_()
+    ya, yb = mine(a), theirs(b)
+    assert torch.equal(ya.indices, yb.indices) and torch.equal(ya.indices, a.indices)
+    # (spconv's CPU max pool clamps at 0: compare where the features are positive)
+    keep = (b.features > 0) if "Pool" in cls else torch.ones_like(b.features, dtype=torch.bool)
+    torch.testing.assert_close(ya.features[keep], yb.features[keep])

@@ -28,7 +28,7 @@ from .._dtypes import accumulation_dtype, layer_dtype
 from .._row_sums import add_rows_
 from ._bilinear import bilinear_conv
 from ._implicit_gemm import use_triton
-from .kernel_map import KernelMap, build_conv, build_subm, build_transposed, inverse_of
+from .kernel_map import KernelMap, build_conv, build_subm, build_transposed, inverse_of, transposed_output_shape
 from .modules import SparseModule, VoxelCountRecorder
 from .tensor import SparseConvTensor, check_layer_input
 
@@ -174,6 +174,10 @@ class SparseConvolution(VoxelCountRecorder, SparseModule):
         self.weight = nn.Parameter(torch.empty((out_channels, *self.kernel_size, in_channels // groups), **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self._init_voxel_count(record_voxel_count and not subm and not inverse, device)
+        # spconv's ``conv1x1``: one tap that leaves every site where it is (a submanifold kernel, or
+        # stride 1 without padding) is a product per site; see ``_per_site``
+        self.conv1x1 = math.prod(self.kernel_size) == 1 and (
+            subm or (all(v == 1 for v in self.stride) and not any(self.padding)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -224,6 +228,18 @@ class SparseConvolution(VoxelCountRecorder, SparseModule):
             indice_dict[self.indice_key] = kmap
         return kmap
 
+    def _per_site(self, x: SparseConvTensor) -> bool:
+        """Does this layer run as spconv's ``conv1x1``: every output site is its input site, in the
+        input's order, and the features are one product per site (the dense math: ``weight``
+        ``(out, 1, ..., 1, in / groups)`` as an ``(out, in / groups)`` matrix)? Like spconv, such a
+        layer builds no kernel map, so it neither checks nor records its ``indice_key``, and a
+        residual ``y.features + x.features`` lines up row by row. An inverse convolution of one tap
+        runs so only when no map is recorded under its key (spconv's always does; after a strided
+        one-tap convolution that would leave the strided sites, not restore the convolution's input)."""
+        if not self.conv1x1:
+            return False
+        return not self.inverse or x.find_indice_pair(self.indice_key) is None
+
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         check_layer_input(x, self.ndim)
         if x.features.shape[1] != self.in_channels:
@@ -232,12 +248,24 @@ class SparseConvolution(VoxelCountRecorder, SparseModule):
         # float32 features, silently), but float32 weights take fp16 / bf16 features (summed in float32)
         layer_dtype("features", x.features, self.weight.dtype, float32_for_half=True)
         indice_dict = dict(x.indice_dict)
-        kmap = self._kernel_map(x, indice_dict)
+        per_site = self._per_site(x)
+        kmap = None if per_site else self._kernel_map(x, indice_dict)
         dtype = compute_dtype(x.features)  # under autocast: fp16 or bf16, as the autocast region asks
-        feats = apply_kernel_map(x.features.to(dtype), self.weight.to(dtype), kmap, self.groups)
+        if per_site:
+            w = self.weight.to(dtype).reshape(self.out_channels, self.in_channels // self.groups)
+            feats = _offset_matmul(x.features.to(dtype), w, self.groups)
+        else:
+            feats = apply_kernel_map(x.features.to(dtype), self.weight.to(dtype), kmap, self.groups)
         if self.bias is not None:
             feats = feats + self.bias.to(feats.dtype)
         feats = _ACTIVATIONS[self.act_type](feats, self.act_alpha)
+        if per_site and not self.subm:
+            if not self.inverse:
+                self._record_voxel_count(x.indices.shape[0])
+            shape = (transposed_output_shape(x.spatial_shape, self.kernel_size, self.stride, self.padding,
+                                             self.dilation, self.output_padding) if self.transposed
+                     else x.spatial_shape)
+            return SparseConvTensor._from_layer(feats, x.indices, shape, x.batch_size, indice_dict, x.benchmark)
         if self.subm:
             out = x.replace_feature(feats)
             out.indice_dict = indice_dict

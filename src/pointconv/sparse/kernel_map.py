@@ -420,6 +420,15 @@ def build_conv(indices, shape, kernel_size, stride, padding, dilation) -> Kernel
                            batch_size)
 
 
+def build_in_place(indices, shape, kernel_size, stride, padding, dilation) -> KernelMap:
+    """The map of a one-tap window that leaves every site where it is (stride 1, no padding): each
+    site is its own output, in the input's order (where ``build_conv`` would sort them), as spconv's
+    one-tap layers keep them."""
+    rows = torch.arange(indices.shape[0], device=indices.device)
+    return KernelMap(rows, rows, [0, indices.shape[0]], indices, list(shape), indices, list(shape),
+                     tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), False)
+
+
 def transposed_output_shape(in_shape, kernel_size, stride, padding, dilation, output_padding):
     out = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1
            for n, k, s, p, d, op in zip(in_shape, kernel_size, stride, padding, dilation, output_padding)]

@@ -8,11 +8,13 @@ every active input.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._dtypes import accumulation_dtype
 from .conv import _tuple, check_key_unused
-from .kernel_map import build_conv
+from .kernel_map import build_conv, build_in_place
 from .modules import SparseModule, VoxelCountRecorder
 from .tensor import SparseConvTensor, check_layer_input, has_duplicate_sites
 
@@ -42,7 +44,15 @@ class _SparsePool(VoxelCountRecorder, SparseModule):
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         check_layer_input(x, self.ndim)
         check_key_unused(self.indice_key, x.find_indice_pair(self.indice_key), subm=False)
-        kmap = build_conv(x.indices, x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
+        if math.prod(self.kernel_size) == 1 and all(v == 1 for v in self.stride) and not any(self.padding):
+            # each site its own window: the output keeps the input's sites in their order, so
+            # ``pool(x).features * x.features`` (channel attention) lines up row by row
+            _check_unique_sites(x)
+            kmap = build_in_place(x.indices, x.spatial_shape, self.kernel_size, self.stride, self.padding,
+                                  self.dilation)
+        else:
+            kmap = build_conv(x.indices, x.spatial_shape, self.kernel_size, self.stride, self.padding,
+                              self.dilation)
         indice_dict = dict(x.indice_dict)  # the output's copy, as in spconv
         if self.indice_key is not None:
             indice_dict[self.indice_key] = kmap
