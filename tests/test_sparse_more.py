@@ -400,3 +400,43 @@ def test_one_tap_gradients_to_second_order():
             conv.bias.detach().clone().requires_grad_())
     torch.autograd.gradcheck(fn, args)
     torch.autograd.gradgradcheck(fn, args)
+
+
+def test_add_input_is_added_before_the_activation():
+    from pointconv.sparse.conv import SparseConvolution
+
+    x = random_sparse(3, 2, 3, seed=25)
+    conv = SparseConvolution(3, 3, 4, 3, subm=True, act_type="ReLU").double()
+    skip = x.replace_feature(torch.randn(x.features.shape[0], 4, dtype=torch.float64,
+                                         generator=torch.Generator().manual_seed(1)))
+    plain = spconv.SubMConv3d(3, 4, 3).double()
+    plain.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(conv(x, skip).features, torch.relu(plain(x).features + skip.features))
+    # a strided conv: add_input must be on its output sites
+    down = spconv.SparseConv3d(3, 4, 3, 2, 1).double()
+    y = down(x)
+    torch.testing.assert_close(down(x, y).features, 2 * y.features)
+    with pytest.raises(ValueError, match="add_input must have the output's sites"):
+        down(x, skip)
+    with pytest.raises(ValueError, match="add_input has 3 channels, the output 4"):
+        conv(x, x)
+    with pytest.raises(TypeError, match="add_input must be a SparseConvTensor"):
+        conv(x, skip.features)
+
+
+def test_spconv_helpers_and_attributes():
+    from pointconv.sparse import functional, modules, pool
+
+    x = random_sparse(3, 1, 3, seed=26)
+    conv, pooling = spconv.SubMConv3d(3, 3, 3), spconv.SparseMaxPool3d(2)
+    assert modules.is_spconv_module(conv) and modules.is_spconv_module(spconv.SparseReLU())
+    assert not modules.is_spconv_module(nn.ReLU())
+    assert modules.is_sparse_conv(conv) and not modules.is_sparse_conv(pooling)
+    assert isinstance(pooling, pool.SparseMaxPool) and not isinstance(spconv.SparseAvgPool3d(2), pool.SparseMaxPool)
+    assert type(pool.SparseAvgPool(3, 2)(x)) is spconv.SparseConvTensor
+    assert conv._sparse_unique_name == "" and conv.fp32_accum is None
+    assert not conv.is_inverseable() and spconv.SparseConv3d(3, 3, 3, 2, indice_key="d").is_inverseable()
+    assert not spconv.SparseConv3d(3, 3, 3, 2).is_inverseable()
+    assert x.is_quantized is False
+    y = functional.sparse_add_hash_based(x, x)
+    torch.testing.assert_close(y.features, functional.sparse_add(x, x).features)

@@ -124,8 +124,10 @@ def test_hash_table(key_dtype):
     assert is_empty.dtype == torch.uint8 and is_empty.tolist() == [0, 1]
     keys, values, count = table.items()
     assert keys.tolist() == [1, 5, 7, 9] and values.tolist() == pytest.approx([1.1, 0.5, 7.0, 0.9])
-    assert int(count[0]) == 4
-    assert table.assign_arange_() == 4
+    # spconv's count: a (1,) tensor, int64 on CPU (its own sparse_add_hash_based calls .item() on it)
+    assert count.dtype == torch.int64 and count.tolist() == [4]
+    count = table.assign_arange_()
+    assert count.dtype == torch.int64 and count.item() == 4
     assert table.query(torch.tensor([9, 1], dtype=key_dtype))[0].tolist() == [3, 0]
     with pytest.raises(ValueError, match="more than max_size"):
         table.insert(torch.arange(20, dtype=key_dtype))
@@ -165,3 +167,11 @@ def test_voxels_feed_a_sparse_network():
     per_point = gather_features_by_pc_voxel_id(y.features, pid)
     assert per_point.shape == (2000, 6)
     torch.testing.assert_close(per_point[5], y.features[pid[5]])
+
+
+def test_point_to_voxel_attributes_in_spconvs_zyx_order():
+    gen = spconv.utils.PointToVoxel([0.1, 0.2, 0.4], [0, 0, 0, 3.2, 8, 4], 4, 100, 5)
+    assert gen.grid_size == gen.spatial_shape == [10, 40, 32]  # z, y, x
+    assert gen.grid_stride == [40 * 32, 32, 1]
+    f32 = [float(torch.tensor(v, dtype=torch.float32)) for v in (0.4, 0.2, 0.1, 3.2)]
+    assert gen.vsize == f32[:3] and gen.coors_range == [0.0, 0.0, 0.0, 4.0, 8.0, f32[3]]

@@ -138,6 +138,17 @@ def test_point_to_voxel_parity_in_1_to_4_dimensions(D, on_faces):
     assert torch.equal(id_m, torch.where(id_t >= 0, theirs_as_ours[id_t.clamp(min=0)], -1))
 
 
+@pytest.mark.parametrize("args", [([0.1, 0.2, 0.4], [0, 0, 0, 3.2, 8, 4]), ([0.3], [1, 5]),
+                                  ([0.05, 0.05, 0.1], [-10, -20, -3, 10, 20, 1]),
+                                  ([0.1, 0.2, 0.3, 0.5], [0, 0, 0, 0, 1, 1, 1, 1])])
+def test_point_to_voxel_attributes_are_spconvs(args):
+    # z, y, x lists: code that builds its spatial_shape from grid_size got the axes reversed
+    from spconv.pytorch.utils import PointToVoxel as TheirVoxelizer
+    mine, theirs = ours.utils.PointToVoxel(*args, 5, 100, 5), TheirVoxelizer(*args, 5, 100, 5)
+    for name in ("vsize", "grid_size", "grid_stride", "coors_range"):
+        assert getattr(mine, name) == getattr(theirs, name), name
+
+
 def test_gather_features_by_pc_voxel_id_parity():
     from spconv.pytorch.utils import gather_features_by_pc_voxel_id as theirs
     pid = torch.tensor([2, -1, 0, 0, 1])
@@ -183,3 +194,12 @@ def test_one_tap_layers_keep_spconvs_site_order(cls, args):
     # (spconv's CPU max pool clamps at 0: compare where the features are positive)
     keep = (b.features > 0) if "Pool" in cls else torch.ones_like(b.features, dtype=torch.bool)
     torch.testing.assert_close(ya.features[keep], yb.features[keep])
+
+
+def test_add_input_parity():
+    # spconv's add_input (its fused residual blocks pass it): conv(x) + bias + add_input.features
+    a, b = _pair(seed=4)
+    mine, theirs = ours.SubMConv3d(4, 4, 3), spconv.SubMConv3d(4, 4, 3)
+    mine.load_state_dict(theirs.state_dict())
+    theirs.train()  # (spconv's CPU wheel runs the bias in training mode only)
+    torch.testing.assert_close(mine(a, a).features, theirs(b, b).features, rtol=1e-4, atol=1e-5)

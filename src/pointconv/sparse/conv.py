@@ -106,6 +106,20 @@ def apply_kernel_map_ops(features, W, kmap: KernelMap, groups: int = 1) -> torch
     return out.to(features.dtype)
 
 
+def _added_features(add_input, out_indices, channels) -> torch.Tensor:
+    """The features of a convolution's ``add_input``, which must hold the output's sites in the
+    output's order (the indices tensor itself, or equal to it: one read of the device)."""
+    if not isinstance(add_input, SparseConvTensor):
+        raise TypeError(f"add_input must be a SparseConvTensor, got {type(add_input).__name__}")
+    if add_input.features.shape[1] != channels:
+        raise ValueError(f"add_input has {add_input.features.shape[1]} channels, the output {channels}")
+    same = add_input.indices is out_indices or (add_input.indices.shape == out_indices.shape
+                                                and torch.equal(add_input.indices, out_indices))
+    if not same:
+        raise ValueError("add_input must have the output's sites, in the output's order")
+    return add_input.features
+
+
 def _offset_matmul(src, w, groups):
     """``src (m, in) -> (m, out)`` through one kernel offset's weight ``w (out, in / groups)``."""
     if groups == 1:
@@ -162,6 +176,7 @@ class SparseConvolution(VoxelCountRecorder, SparseModule):
         self.transposed, self.inverse = transposed, inverse
         self.indice_key = indice_key
         self.algo = algo
+        self.fp32_accum = fp32_accum  # (spconv's; fp16 / bf16 products are always summed in float32 here)
         # spconv's fused activation (its cumm Activation enum, or the name): applied after the bias
         self.act_type = "None_" if act_type is None else getattr(act_type, "name", str(act_type))
         if self.act_type not in _ACTIVATIONS:
@@ -228,6 +243,10 @@ class SparseConvolution(VoxelCountRecorder, SparseModule):
             indice_dict[self.indice_key] = kmap
         return kmap
 
+    def is_inverseable(self) -> bool:
+        """spconv's: can an inverse convolution undo this one (it records a map under its key)?"""
+        return self.indice_key is not None and not self.subm
+
     def _per_site(self, x: SparseConvTensor) -> bool:
         """Does this layer run as spconv's ``conv1x1``: every output site is its input site, in the
         input's order, and the features are one product per site (the dense math: ``weight``
@@ -240,7 +259,11 @@ class SparseConvolution(VoxelCountRecorder, SparseModule):
             return False
         return not self.inverse or x.find_indice_pair(self.indice_key) is None
 
-    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+    def forward(self, x: SparseConvTensor, add_input: SparseConvTensor | None = None) -> SparseConvTensor:
+        """``add_input`` (spconv's): a tensor on the output's sites whose features are added before
+        the fused activation: ``act(conv(x) + bias + add_input.features)``, as spconv's int8 kernels
+        do (its float path computes ``act(act(conv(x) + bias) + add)``: the same without ``act_type``,
+        which spconv allows in inference only)."""
         check_layer_input(x, self.ndim)
         if x.features.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.features.shape[1]} channels, this layer expects {self.in_channels}")
@@ -258,22 +281,23 @@ class SparseConvolution(VoxelCountRecorder, SparseModule):
             feats = apply_kernel_map(x.features.to(dtype), self.weight.to(dtype), kmap, self.groups)
         if self.bias is not None:
             feats = feats + self.bias.to(feats.dtype)
+        out_indices = x.indices if per_site or self.subm else kmap.out_indices
+        if add_input is not None:
+            feats = feats + _added_features(add_input, out_indices, self.out_channels).to(feats.dtype)
         feats = _ACTIVATIONS[self.act_type](feats, self.act_alpha)
-        if per_site and not self.subm:
-            if not self.inverse:
-                self._record_voxel_count(x.indices.shape[0])
-            shape = (transposed_output_shape(x.spatial_shape, self.kernel_size, self.stride, self.padding,
-                                             self.dilation, self.output_padding) if self.transposed
-                     else x.spatial_shape)
-            return SparseConvTensor._from_layer(feats, x.indices, shape, x.batch_size, indice_dict, x.benchmark)
         if self.subm:
             out = x.replace_feature(feats)
             out.indice_dict = indice_dict
             return out
         if not self.inverse:
-            self._record_voxel_count(kmap.out_indices.shape[0])
-        return SparseConvTensor._from_layer(feats, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
-                                            indice_dict, x.benchmark)
+            self._record_voxel_count(out_indices.shape[0])
+        if per_site:
+            shape = (transposed_output_shape(x.spatial_shape, self.kernel_size, self.stride, self.padding,
+                                             self.dilation, self.output_padding) if self.transposed
+                     else x.spatial_shape)
+        else:
+            shape = kmap.out_spatial_shape
+        return SparseConvTensor._from_layer(feats, out_indices, shape, x.batch_size, indice_dict, x.benchmark)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={list(self.kernel_size)}, "

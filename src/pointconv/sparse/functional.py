@@ -39,3 +39,7 @@ def sparse_add(*tensors: SparseConvTensor) -> SparseConvTensor:
     out = add_rows(out, inverse, feats)
     indices = delinearize(uniq, first.spatial_shape) if uniq.numel() else first.indices[:0]
     return SparseConvTensor(out, indices, first.spatial_shape, first.batch_size, indice_dict=first.indice_dict)
+
+
+# spconv's hash-based variant of the same sum (its outputs come in hash order, ours sorted)
+sparse_add_hash_based = sparse_add

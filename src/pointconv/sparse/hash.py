@@ -100,14 +100,20 @@ class HashTable:
             self._values[pos[found]] = values[found]
         return (~found).to(torch.uint8)
 
-    def assign_arange_(self) -> int:
-        """Values 0, 1, ... in ascending key order; returns the number of keys."""
+    def _count(self) -> torch.Tensor:
+        """The number of keys as spconv returns it: a ``(1,)`` tensor, int64 on CPU; on a GPU on the
+        table's device, int32 for int32 keys (its kernels count in the keys' width)."""
+        narrow = self.device.type != "cpu" and self.key_dtype == torch.int32
+        return torch.tensor([len(self)], dtype=torch.int32 if narrow else torch.int64, device=self.device)
+
+    def assign_arange_(self) -> torch.Tensor:
+        """Values 0, 1, ... in ascending key order; returns the number of keys (``_count``)."""
         self._values = torch.arange(len(self), dtype=self.value_dtype, device=self.device)
-        return len(self)
+        return self._count()
 
     def items(self, max_size: int | None = -1):
         """``(keys, values, count)`` in ascending key order: the first ``max_size`` keys (negative or
         None, spconv's default -1: all of them)."""
         max_size = -1 if max_size is None else _checks.integer("max_size", max_size)
         n = len(self) if max_size < 0 else min(len(self), max_size)
-        return self._keys[:n], self._values[:n], torch.tensor([len(self)], dtype=torch.int32)
+        return self._keys[:n], self._values[:n], self._count()

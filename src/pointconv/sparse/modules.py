@@ -24,6 +24,20 @@ class SparseModule(nn.Module):
     def __init__(self, name=None):
         super().__init__()
         self.name = name
+        self._sparse_unique_name = ""  # spconv's (assign_name_for_sparse_modules sets it)
+
+
+def is_spconv_module(module) -> bool:
+    """spconv's: does ``module`` take a ``SparseConvTensor`` (a ``SparseModule``, or a batch norm or
+    ReLU of this package's)?"""
+    return isinstance(module, (SparseModule, SparseBatchNorm, SparseReLU))
+
+
+def is_sparse_conv(module) -> bool:
+    """spconv's: is ``module`` a sparse convolution?"""
+    from .conv import SparseConvolution  # (conv imports this module)
+
+    return isinstance(module, SparseConvolution)
 
 
 # spconv's name for the buffer of record_voxel_count (in its checkpoints' state_dicts)

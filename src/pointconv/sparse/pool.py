@@ -26,7 +26,7 @@ def _check_unique_sites(x: SparseConvTensor) -> None:
 
 
 class _SparsePool(VoxelCountRecorder, SparseModule):
-    reduce = "amax"
+    reduce = "amax"  # or "mean"
 
     def __init__(self, ndim, kernel_size, stride=None, padding=0, dilation=1, indice_key=None, algo=None,
                  record_voxel_count=False, name=None):
@@ -72,7 +72,13 @@ class _SparsePool(VoxelCountRecorder, SparseModule):
                                             indice_dict, x.benchmark)
 
 
-class _SparseAvgPool(_SparsePool):
+class SparseMaxPool(_SparsePool):
+    """spconv's base of ``SparseMaxPoolNd``: ``SparseMaxPool(ndim, kernel_size, ...)``."""
+    reduce = "amax"
+
+
+class SparseAvgPool(_SparsePool):
+    """spconv's base of ``SparseAvgPoolNd``: ``SparseAvgPool(ndim, kernel_size, ...)``."""
     reduce = "mean"
 
 
@@ -81,18 +87,18 @@ def _pool_class(base, ndim, name):
                  record_voxel_count=False, name=None):  # spconv's SparseMaxPoolNd arguments, in its order
         base.__init__(self, ndim, kernel_size, stride, padding, dilation, indice_key, algo, record_voxel_count, name)
 
-    kind = "max" if base is _SparsePool else "average"
+    kind = "max" if base is SparseMaxPool else "average"
     return type(name, (base,), {"__init__": __init__, "__doc__": f"{ndim}-D sparse {kind} pooling over active inputs."})
 
 
-SparseMaxPool1d = _pool_class(_SparsePool, 1, "SparseMaxPool1d")
-SparseMaxPool2d = _pool_class(_SparsePool, 2, "SparseMaxPool2d")
-SparseMaxPool3d = _pool_class(_SparsePool, 3, "SparseMaxPool3d")
-SparseMaxPool4d = _pool_class(_SparsePool, 4, "SparseMaxPool4d")
-SparseAvgPool1d = _pool_class(_SparseAvgPool, 1, "SparseAvgPool1d")
-SparseAvgPool2d = _pool_class(_SparseAvgPool, 2, "SparseAvgPool2d")
-SparseAvgPool3d = _pool_class(_SparseAvgPool, 3, "SparseAvgPool3d")
-SparseAvgPool4d = _pool_class(_SparseAvgPool, 4, "SparseAvgPool4d")
+SparseMaxPool1d = _pool_class(SparseMaxPool, 1, "SparseMaxPool1d")
+SparseMaxPool2d = _pool_class(SparseMaxPool, 2, "SparseMaxPool2d")
+SparseMaxPool3d = _pool_class(SparseMaxPool, 3, "SparseMaxPool3d")
+SparseMaxPool4d = _pool_class(SparseMaxPool, 4, "SparseMaxPool4d")
+SparseAvgPool1d = _pool_class(SparseAvgPool, 1, "SparseAvgPool1d")
+SparseAvgPool2d = _pool_class(SparseAvgPool, 2, "SparseAvgPool2d")
+SparseAvgPool3d = _pool_class(SparseAvgPool, 3, "SparseAvgPool3d")
+SparseAvgPool4d = _pool_class(SparseAvgPool, 4, "SparseAvgPool4d")
 
 
 class SparseGlobalMaxPool(SparseModule):

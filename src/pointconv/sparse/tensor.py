@@ -112,6 +112,11 @@ class SparseConvTensor:
         self._features = _feature_tensor("features", value, self.indices.shape[0])
 
     @property
+    def is_quantized(self) -> bool:
+        """spconv's: int8-quantized features (``torch.qint8``; pointconv computes in float only)."""
+        return self._features.dtype == torch.qint8
+
+    @property
     def spatial_size(self) -> int:
         return math.prod(self.spatial_shape)
 

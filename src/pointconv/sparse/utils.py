@@ -50,10 +50,11 @@ class PointToVoxel:
             raise ValueError(f"coors_range_xyz must be {2 * D} numbers finite in float32, the low corner then the high one "
                              f"([x0, y0, z0, x1, y1, z1] in 3-D, x1 > x0 ...), got {list(coors_range_xyz)}")
         self.ndim = D
-        self.vsize = vsize
-        self.lo, self.hi = rng[:D], rng[D:]
+        # x, y, z order inside; spconv's attributes (below) are z, y, x
+        self._vsize_xyz = vsize
+        self._lo, hi = rng[:D], rng[D:]
         # spconv: std::round of the float32 quotient (halves away from zero); held in float64: no overflow yet
-        quotient = ((self.hi.float() - self.lo.float()) / vsize.float()).double()
+        quotient = ((hi.float() - self._lo.float()) / vsize.float()).double()
         grid = torch.floor(quotient + 0.5).clamp(min=1)
         # the voxel indices are int32 and a voxel's key, z * gy * gx + y * gx + x, int64
         cells = [int(g) if math.isfinite(g) else g for g in grid.tolist()]  # (hi - lo may pass float32's range)
@@ -61,7 +62,14 @@ class PointToVoxel:
             raise ValueError(f"vsize_xyz {list(vsize_xyz)} is too small for coors_range_xyz {list(coors_range_xyz)}: "
                              f"the grid would have {cells} voxels (x, y, z), at most 2**31 - 1 per axis and 2**63 "
                              "in all")
-        self.grid_size = grid.long()
+        self._grid_xyz = grid.long()
+        # spconv's attributes, as its calc_point2voxel_meta_data gives them: z, y, x lists (sizes and
+        # the range's corners in float32), the grid's shape (a SparseConvTensor's spatial_shape) and
+        # the row-major strides of its voxel keys
+        self.vsize = vsize.float().flip(0).tolist()
+        self.grid_size = self._grid_xyz.flip(0).tolist()
+        self.grid_stride = [math.prod(self.grid_size[a + 1:]) for a in range(D)]
+        self.coors_range = self._lo.float().flip(0).tolist() + hi.float().flip(0).tolist()
         self.num_point_features = _checks.positive_int("num_point_features", num_point_features)
         if self.num_point_features < D:
             raise ValueError(f"num_point_features counts the {D} coordinates and the rest: must be >= {D}, got "
@@ -73,7 +81,7 @@ class PointToVoxel:
     @property
     def spatial_shape(self) -> list[int]:
         """Grid size in ZYX order (the ``spatial_shape`` of a SparseConvTensor built from the voxels)."""
-        return self.grid_size.flip(0).tolist()
+        return list(self.grid_size)
 
     def __call__(self, pc: torch.Tensor, clear_voxels: bool = True, empty_mean: bool = False):
         voxels, indices, num_points, _ = self.generate_voxel_with_id(pc, clear_voxels, empty_mean)
@@ -96,7 +104,7 @@ class PointToVoxel:
         P = self.max_num_points_per_voxel
         D = self.ndim
         work = torch.float64 if pc.dtype == torch.float64 else torch.float32  # spconv's float32 arithmetic
-        lo, vsize, grid = self.lo.to(dev, work), self.vsize.to(dev, work), self.grid_size.to(dev)
+        lo, vsize, grid = self._lo.to(dev, work), self._vsize_xyz.to(dev, work), self._grid_xyz.to(dev)
         c = torch.floor((pc[:, :D].to(work) - lo) / vsize).double()
         # in float64 first: casting a far (or NaN) point's cell to int64 is undefined
         inside = ((c >= 0) & (c < grid)).all(1)
