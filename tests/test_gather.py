@@ -74,3 +74,11 @@ def test_gather_bad_input():
         pointconv.gather(v[0], torch.zeros(2, 1, 1, dtype=torch.int64))
     out = pointconv.gather(torch.randn(1, 0, 4), torch.full((1, 2, 3), -1))
     assert out.shape == (1, 2, 3, 4) and bool((out == 0).all())
+
+
+@pytest.mark.parametrize("B,P,Q", [(1, 2, 0), (1, 0, 1), (0, 3, 2)])
+def test_reference_of_empty_shapes(B, P, Q):
+    values = torch.randn(B, P, 4)
+    idx = torch.zeros(B, Q, 3, dtype=torch.long) if P else torch.full((B, Q, 3), -1)
+    assert torch.equal(gather_reference(values, idx), pointconv.gather(values, idx))
+    assert gather_reference(values, idx).shape == (B, Q, 3, 4)

@@ -339,3 +339,20 @@ def test_packed_cloud_ids_may_have_huge_gaps():
     got = pointconv.knn_packed(q, p, 2, query_batch=torch.tensor([0, 0, 0, 7, 7, 10**12, 10**12]),
                                points_batch=pb * 10**11)
     assert (got.idx[3:5] == -1).all() and (got.idx[:3] >= 0).all()
+
+
+@pytest.mark.parametrize("B,P,length,k", [(1, 6, 3, 4), (1, 50, 20, 20), (1, 50, 20, 5), (2, 40, 12, 13)])
+def test_exclude_self_for_queries_beyond_the_points_length(B, P, length, k):
+    # a query at or past points_lengths has no self among the points: it keeps every neighbor (the
+    # kd-tree path dropped its last candidate, and with every point a candidate never rechecked)
+    g = torch.Generator().manual_seed(P + k)
+    pts = torch.rand(B, P, 3, generator=g, dtype=torch.float64)
+    lengths = torch.full((B,), length)
+    for fn, args in ((pointconv.knn, (pts, pts, k)), (pointconv.ball_query, (pts, pts, 0.6, k))):
+        got = fn(*args, points_lengths=lengths, exclude_self=True)
+        assert_same(got, reference(fn, *args, points_lengths=lengths, exclude_self=True))
+    knn_idx = pointconv.knn(pts, pts, k, points_lengths=lengths, exclude_self=True).idx
+    assert ((knn_idx[:, length:] >= 0).sum(-1) == min(k, length)).all()  # every point, no self to drop
+    index = pointconv.NeighborIndex(pts, lengths)
+    assert_same(index.knn(pts, k, exclude_self=True),
+                reference(pointconv.knn, pts, pts, k, points_lengths=lengths, exclude_self=True))

@@ -28,6 +28,11 @@ OPS = {
         pointconv.gather(feats, i).sum().backward()
         pb = torch.arange(2).repeat_interleave(120)
         pointconv.knn_packed(pts.reshape(-1, 3), pts.reshape(-1, 3), 4, query_batch=pb, points_batch=pb)
+        pg = pts.reshape(-1, 3).clone().requires_grad_()  # (a check's float() of such a tensor warned)
+        pointconv.knn_packed(pg, pg, 4, query_batch=pb, points_batch=pb).dists.sum().backward()
+        pointconv.ball_query_packed(pg, pg, 0.2, 4, query_batch=pb, points_batch=pb).dists.sum().backward()
+        pp = pts.clone().requires_grad_()
+        pointconv.knn(pp, pp, 4).dists.sum().backward()
     """,
     "point convolutions": """
         i = pointconv.knn(pts, pts, 8).idx

@@ -43,7 +43,7 @@ def coords(name: str, x, *, ndim: int, dim: int | None = None, finite: bool = Tr
     if dim is not None and x.shape[-1] != dim:
         raise ValueError(f"{name} must have D = {dim} coordinates, got shape {tuple(x.shape)}")
     if finite:
-        finite_coords(name, float(max_abs(x)))
+        finite_coords(name, float(max_abs(x.detach())))
     return x
 
 

@@ -98,16 +98,23 @@ def morton_order(x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.T
 
 
 def _drop_self(cand: torch.Tensor, d64: torch.Tensor, rows: torch.Tensor, following=None):
-    """Remove each row's own index from its candidates (or the last candidate if it is absent),
-    and the same slot from ``following`` (``_query_chunk``'s, if any)."""
+    """Remove each row's own index from its candidates, the later ones moving one slot left; the
+    freed last slot holds no candidate (-1, inf) and the last slot's ``following`` bound
+    (``_query_chunk``'s, if any). A row without its own index among the candidates keeps them all:
+    a query beyond the points' length has no self (dropping its last candidate lost a neighbor when
+    every point was a candidate), and duplicates at distance 0 may fill the slots before it."""
     n, m = cand.shape
     is_self = cand == rows
-    pos = torch.where(is_self.any(1), is_self.int().argmax(1), m - 1)
-    cols = torch.arange(m - 1)[None, :]
-    cols = cols + (cols >= pos[:, None]).long()
+    has_self = is_self.any(1)
+    pos = torch.where(has_self, is_self.int().argmax(1), m)
+    cols = torch.arange(m)[None, :]
+    cols = (cols + (cols >= pos[:, None]).long()).clamp(max=m - 1)
     if following is not None:
         following = following.gather(1, cols)
-    return cand.gather(1, cols), d64.gather(1, cols), following
+    cand, d64 = cand.gather(1, cols), d64.gather(1, cols)
+    cand[:, m - 1].masked_fill_(has_self, -1)
+    d64[:, m - 1].masked_fill_(has_self, float("inf"))
+    return cand, d64, following
 
 
 def _unseen_after_groups(cand, d64, following, out_i, k, groups):

@@ -10,9 +10,11 @@ from .._graph_zeros import zeros_like_graph
 def gather_reference(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Plain loop-free reference: ``out[b, q, j] = values[b, idx[b, q, j]]``, zeros where idx = -1."""
     B, Q, K = idx.shape
+    C = values.shape[-1]
+    if B == 0 or values.shape[1] == 0:  # (no point to read: every slot is -1)
+        return values.new_zeros((B, Q, K, C))
     safe = idx.clamp(min=0).long()
-    out = torch.stack([values[b][safe[b].reshape(-1)].reshape(Q, K, -1) for b in range(B)]) if B else \
-        values.new_zeros((0, Q, K, values.shape[-1]))
+    out = torch.stack([values[b][safe[b].reshape(-1)].reshape(Q, K, C) for b in range(B)])
     return out.masked_fill((idx < 0)[..., None], 0)  # (0 * an inf in row 0 would be NaN)
 
 
