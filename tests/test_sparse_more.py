@@ -433,10 +433,39 @@ def test_spconv_helpers_and_attributes():
     assert not modules.is_spconv_module(nn.ReLU())
     assert modules.is_sparse_conv(conv) and not modules.is_sparse_conv(pooling)
     assert isinstance(pooling, pool.SparseMaxPool) and not isinstance(spconv.SparseAvgPool3d(2), pool.SparseMaxPool)
-    assert type(pool.SparseAvgPool(3, 2)(x)) is spconv.SparseConvTensor
+    # the bases take spconv's arguments and defaults: stride 1 (the Nd classes: the kernel size), subm 7th
+    base = pool.SparseAvgPool(3, 2, None, 0, 1, None, False)
+    assert pool.SparseMaxPool(3, 2).stride == (1, 1, 1) and base.stride == (2, 2, 2) and not base.subm
+    assert type(base(x)) is spconv.SparseConvTensor
     assert conv._sparse_unique_name == "" and conv.fp32_accum is None
     assert not conv.is_inverseable() and spconv.SparseConv3d(3, 3, 3, 2, indice_key="d").is_inverseable()
     assert not spconv.SparseConv3d(3, 3, 3, 2).is_inverseable()
     assert x.is_quantized is False
     y = functional.sparse_add_hash_based(x, x)
     torch.testing.assert_close(y.features, functional.sparse_add(x, x).features)
+
+
+@pytest.mark.parametrize("k,d", [(3, 1), (3, 2), (5, 1)])
+def test_submanifold_pools_at_the_input_sites(k, d):
+    # spconv's SparseMaxPool(ndim, ..., subm=True): the window centered on each input site, over its
+    # active inputs; the input's sites in their order
+    from pointconv.sparse import pool
+
+    x = random_sparse(3, 2, 3, seed=27 + k + d)
+    at = tuple(x.indices.long().unbind(1))
+    active = site_mask(x)[:, None].double()
+    for cls in (pool.SparseMaxPool, pool.SparseAvgPool):
+        y = cls(3, k, dilation=d, subm=True)(x)
+        assert y.indices is x.indices and y.spatial_shape == x.spatial_shape
+        dense = x.dense()
+        if cls is pool.SparseMaxPool:
+            filled = torch.where(active.bool(), dense, torch.full_like(dense, float("-inf")))
+            r = k // 2 * d  # (max_pool3d refuses padding past half the kernel: pad by hand)
+            ref = F.max_pool3d(F.pad(filled, [r] * 6, value=float("-inf")), k, 1, 0, d)
+        else:
+            ones = torch.ones(1, 1, k, k, k, dtype=torch.float64)
+            sums = F.conv3d(dense.flatten(0, 1)[:, None], ones, padding=k // 2 * d, dilation=d).view(dense.shape)
+            ref = sums / F.conv3d(active, ones, padding=k // 2 * d, dilation=d)
+        torch.testing.assert_close(y.features, ref.movedim(1, -1)[at])
+    with pytest.raises(ValueError, match="a submanifold pool has stride 1"):
+        pool.SparseMaxPool(3, 3, 2, subm=True)

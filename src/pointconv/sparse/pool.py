@@ -3,7 +3,9 @@
 Windows and output sites follow the regular sparse convolution (torch's pooling formulas; stride
 defaults to the kernel size, as in torch). ``SparseMaxPoolNd`` takes the max over active inputs
 only (a dense max pool over -inf at inactive sites); ``SparseAvgPoolNd`` averages the active inputs.
-Gradients: max sends the gradient to the maximum (split evenly between exact ties), average to
+The bases ``SparseMaxPool(ndim, ...)`` / ``SparseAvgPool`` take spconv's arguments (stride 1 by
+default; ``subm=True``: the window centered on each input site, whose output keeps the input's
+sites). Gradients: max sends the gradient to the maximum (split evenly between exact ties), average to
 every active input.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from .._dtypes import accumulation_dtype
 from .conv import _tuple, check_key_unused
-from .kernel_map import build_conv, build_in_place
+from .kernel_map import build_conv, build_in_place, build_subm
 from .modules import SparseModule, VoxelCountRecorder
 from .tensor import SparseConvTensor, check_layer_input, has_duplicate_sites
 
@@ -28,8 +30,10 @@ def _check_unique_sites(x: SparseConvTensor) -> None:
 class _SparsePool(VoxelCountRecorder, SparseModule):
     reduce = "amax"  # or "mean"
 
-    def __init__(self, ndim, kernel_size, stride=None, padding=0, dilation=1, indice_key=None, algo=None,
-                 record_voxel_count=False, name=None):
+    # spconv's SparseMaxPool(ndim, ...) arguments, in its order and with its defaults (the Nd classes
+    # default the stride to the kernel size)
+    def __init__(self, ndim, kernel_size=3, stride=1, padding=0, dilation=1, indice_key=None, subm=False,
+                 algo=None, record_voxel_count=False, name=None):
         super().__init__(name=name)
         self.ndim = ndim
         self.kernel_size = _tuple("kernel_size", kernel_size, ndim)
@@ -38,11 +42,17 @@ class _SparsePool(VoxelCountRecorder, SparseModule):
         self.dilation = _tuple("dilation", dilation, ndim)
         if any(v < 1 for v in self.kernel_size + self.stride + self.dilation) or any(p < 0 for p in self.padding):
             raise ValueError("kernel_size, stride and dilation must be >= 1 and padding >= 0")
+        self.subm = bool(subm)
+        if self.subm and any(v != 1 for v in self.stride):
+            raise ValueError(f"a submanifold pool has stride 1, got {list(self.stride)}")
         self.indice_key, self.algo = indice_key, algo
-        self._init_voxel_count(record_voxel_count)
+        self._init_voxel_count(record_voxel_count and not self.subm)
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         check_layer_input(x, self.ndim)
+        if self.subm:  # the window centered on each input site, which is its output site (no key)
+            kmap = build_subm(x.indices, x.spatial_shape, self.kernel_size, self.dilation)
+            return x.replace_feature(self._reduce(x.features, kmap))
         check_key_unused(self.indice_key, x.find_indice_pair(self.indice_key), subm=False)
         if math.prod(self.kernel_size) == 1 and all(v == 1 for v in self.stride) and not any(self.padding):
             # each site its own window: the output keeps the input's sites in their order, so
@@ -57,7 +67,11 @@ class _SparsePool(VoxelCountRecorder, SparseModule):
         if self.indice_key is not None:
             indice_dict[self.indice_key] = kmap
         self._record_voxel_count(kmap.out_indices.shape[0])
-        f = x.features
+        return SparseConvTensor._from_layer(self._reduce(x.features, kmap), kmap.out_indices, kmap.out_spatial_shape,
+                                            x.batch_size, indice_dict, x.benchmark)
+
+    def _reduce(self, f, kmap):
+        """Max or mean of each output site's active inputs (the pairs of ``kmap``)."""
         n_out, C = kmap.out_indices.shape[0], f.shape[1]
         src = f.index_select(0, kmap.in_rows)
         rows = kmap.out_rows[:, None].expand(-1, C)
@@ -68,8 +82,7 @@ class _SparsePool(VoxelCountRecorder, SparseModule):
             out = src.new_zeros((n_out, C), dtype=acc).scatter_add(0, rows, src.to(acc))
             count = torch.bincount(kmap.out_rows, minlength=n_out).to(acc)
             out = (out / count[:, None]).to(f.dtype)
-        return SparseConvTensor._from_layer(out, kmap.out_indices, kmap.out_spatial_shape, x.batch_size,
-                                            indice_dict, x.benchmark)
+        return out
 
 
 class SparseMaxPool(_SparsePool):
@@ -85,7 +98,8 @@ class SparseAvgPool(_SparsePool):
 def _pool_class(base, ndim, name):
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, indice_key=None, algo=None,
                  record_voxel_count=False, name=None):  # spconv's SparseMaxPoolNd arguments, in its order
-        base.__init__(self, ndim, kernel_size, stride, padding, dilation, indice_key, algo, record_voxel_count, name)
+        base.__init__(self, ndim, kernel_size, stride, padding, dilation, indice_key, algo=algo,
+                      record_voxel_count=record_voxel_count, name=name)
 
     kind = "max" if base is SparseMaxPool else "average"
     return type(name, (base,), {"__init__": __init__, "__doc__": f"{ndim}-D sparse {kind} pooling over active inputs."})
