@@ -16,12 +16,23 @@ import torch
 
 def host_ints(values: torch.Tensor) -> list[int]:
     """``values`` (integer or bool, any shape) flattened into Python ints: one device read."""
-    return values.reshape(-1).tolist()
+    return _to_host(values)
 
 
 def host_floats(values: torch.Tensor) -> list[float]:
     """``values`` (floating point, any shape) flattened into Python floats: one device read."""
-    return values.reshape(-1).tolist()
+    return _to_host(values)
+
+
+def _to_host(values: torch.Tensor) -> list:
+    try:
+        return values.reshape(-1).tolist()
+    except RuntimeError:
+        # a value batched by torch.func.vmap: raise vmap's own error for a read ("calling .item()"),
+        # which says what happened, rather than tolist's about a tensor without storage
+        if values.numel():
+            values.reshape(-1)[0].item()
+        raise
 
 
 def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
