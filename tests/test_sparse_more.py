@@ -469,3 +469,60 @@ def test_submanifold_pools_at_the_input_sites(k, d):
         torch.testing.assert_close(y.features, ref.movedim(1, -1)[at])
     with pytest.raises(ValueError, match="a submanifold pool has stride 1"):
         pool.SparseMaxPool(3, 3, 2, subm=True)
+
+
+def test_spconv_submodule_paths():
+    # ported code imports from spconv's submodules: `from spconv.pytorch.tables import AddTable`
+    from pointconv.sparse import core, identity, modules, ops, tables
+
+    assert core.SparseConvTensor is spconv.SparseConvTensor and identity.Identity is spconv.Identity
+    assert tables.AddTable is spconv.AddTable and tables.JoinTable is spconv.JoinTable
+    assert ops.ConvAlgo is spconv.ConvAlgo and tables.AddTableMisaligned is modules.AddTableMisaligned
+    # AddTableMisaligned sums tensors with different sites: against the sum of the dense grids
+    a, b = random_sparse(3, 2, 3, seed=30), random_sparse(3, 2, 3, seed=31)
+    y = tables.AddTableMisaligned()([a, b])
+    torch.testing.assert_close(y.dense(), a.dense() + b.dense())
+    assert torch.equal(site_mask(y), site_mask(a) | site_mask(b))
+    with pytest.raises(ValueError, match="list of SparseConvTensors"):
+        tables.AddTableMisaligned()(a)
+
+
+def test_spconv_core_helpers():
+    from pointconv.sparse import core
+
+    assert core.expand_nd(3, 2) == [2, 2, 2] and core.expand_nd(2, (1, 4)) == [1, 4]
+    assert core.expand_nd(2, torch.tensor([3, 5]).numpy()) == [3, 5]
+    with pytest.raises(ValueError, match="3 ints"):
+        core.expand_nd(3, [1, 2])
+    with pytest.raises(TypeError):
+        core.expand_nd(2, 1.5)
+    indices = torch.tensor([[0, 2], [1, 0], [0, 1]])
+    updates = torch.arange(6.0).view(3, 2)
+    out = core.scatter_nd(indices, updates, [2, 3, 2])
+    ref = torch.zeros(2, 3, 2)
+    for (i, j), u in zip(indices.tolist(), updates):
+        ref[i, j] = u
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="twice"):
+        core.scatter_nd(indices[[0, 0]], updates[:2], [2, 3, 2])
+    with pytest.raises(ValueError, match="outside"):
+        core.scatter_nd(torch.tensor([[2, 0]]), updates[:1], [2, 3, 2])
+    with pytest.raises(ValueError, match="updates must have shape"):
+        core.scatter_nd(indices, updates[:, :1], [2, 3, 2])
+
+
+@pytest.mark.parametrize("k,s,p,d", [(3, 1, 1, 1), (3, 2, 1, 1), (2, 2, 0, 1), (3, 1, 0, 2), (5, 3, 2, 1)])
+def test_spconv_output_size_formulas(k, s, p, d):
+    # the formulas say what the layers build: the dense output shapes of torch's convolutions
+    from pointconv.sparse import ops
+
+    x = random_sparse(2, 1, 2, seed=k + s + p + d)
+    shape = x.spatial_shape
+    conv = spconv.SparseConv2d(2, 2, k, s, p, d).double()
+    assert ops.get_conv_output_size(shape, [k] * 2, [s] * 2, [p] * 2, [d] * 2) == conv(x).spatial_shape
+    tconv = spconv.SparseConvTranspose2d(2, 2, k, s, p, d).double()
+    assert ops.get_deconv_output_size(shape, [k] * 2, [s] * 2, [p] * 2, [d] * 2, [0, 0]) == tconv(x).spatial_shape
+    # spconv's kernel size -1 spans the whole axis: one output
+    assert ops.get_conv_output_size([7, 9], [-1, k], [1, s], [0, p], [1, d])[0] == 1
+    with pytest.raises(ValueError, match="output spatial shape"):
+        ops.get_conv_output_size([2, 2], [5, 5], [1, 1], [0, 0], [1, 1])

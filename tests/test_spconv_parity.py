@@ -203,3 +203,28 @@ def test_add_input_parity():
     mine.load_state_dict(theirs.state_dict())
     theirs.train()  # (spconv's CPU wheel runs the bias in training mode only)
     torch.testing.assert_close(mine(a, a).features, theirs(b, b).features, rtol=1e-4, atol=1e-5)
+
+
+# spconv's own scatter_nd indexes with a list (torch warns)
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence for multidimensional indexing")
+def test_submodule_paths_and_formulas_match_spconv():
+    # `import spconv.pytorch.X` -> `import pointconv.sparse.X` for the submodules ported code imports
+    import importlib
+
+    for name, names in {"core": ["SparseConvTensor", "expand_nd", "scatter_nd"], "identity": ["Identity"],
+                        "tables": ["AddTable", "AddTableMisaligned", "ConcatTable", "JoinTable"],
+                        "ops": ["ConvAlgo", "get_conv_output_size", "get_deconv_output_size"]}.items():
+        theirs, mine = importlib.import_module(f"spconv.pytorch.{name}"), importlib.import_module(f"pointconv.sparse.{name}")
+        assert all(hasattr(theirs, n) and hasattr(mine, n) for n in names), name
+    from pointconv.sparse import core, ops
+    from spconv.pytorch import core as score, ops as sops
+
+    for args in [([10, 11, 7], [3, -1, 2], [2, 1, 1], [1, 0, 1], [1, 1, 2]), ([20, 5], [2, 3], [2, 2], [0, 1], [1, 1])]:
+        assert ops.get_conv_output_size(*args) == sops.get_conv_output_size(*args)
+    # spconv's transposed formula leaves dilation out: compare at dilation 1
+    args = ([10, 11], [3, 2], [2, 1], [1, 0], [1, 1], [1, 0])
+    assert ops.get_deconv_output_size(*args) == sops.get_deconv_output_size(*args)
+    assert core.expand_nd(3, (1, 2, 3)) == score.expand_nd(3, (1, 2, 3)) and core.expand_nd(2, 4) == score.expand_nd(2, 4)
+    indices, updates = torch.tensor([[0, 2], [1, 0]]), torch.randn(2, 5)
+    assert torch.equal(core.scatter_nd(indices, updates, [2, 3, 5]), score.scatter_nd(indices, updates, [2, 3, 5]))
+    # (spconv's AddTableMisaligned needs CUDA for its hash table: test_sparse_more checks ours against dense sums)

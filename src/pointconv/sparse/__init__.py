@@ -7,6 +7,10 @@ Implemented: ``SparseConvTensor``; ``SubMConvNd``, ``SparseConvNd``, ``SparseCon
 ``AddTable``, ``ConcatTable``, ``JoinTable``, ``ConvAlgo``, ``assign_name_for_sparse_modules``;
 ``functional.sparse_add``.
 ``utils.PointToVoxel`` / ``utils.gather_features_by_pc_voxel_id`` and ``hash.HashTable``.
+spconv's submodule paths that ported code imports from: ``core`` (``SparseConvTensor``,
+``expand_nd``, ``scatter_nd``), ``tables`` (``AddTable``, ``AddTableMisaligned``, ``ConcatTable``,
+``JoinTable``), ``identity`` (``Identity``), ``ops`` (``ConvAlgo`` and the output-size formulas),
+besides ``conv``, ``pool``, ``modules``, ``functional``, ``utils`` and ``hash``.
 fp16 and bf16 under ``torch.autocast``; Triton implicit-GEMM kernels on CUDA, per-offset gather-GEMM-
 scatter in torch on the CPU (``conv.py``).
 """
@@ -22,9 +26,11 @@ from .modules import (AddTable, ConcatTable, ConvAlgo, Identity, JoinTable, Remo
 from .pool import (SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgPool4d, SparseGlobalAvgPool,
                    SparseGlobalMaxPool, SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d)
 from .tensor import SparseConvTensor
+from . import core, identity, ops, tables  # (after the modules they re-export)
 
 __all__ = [
     "SparseConvTensor", "SparseConvolution", "HashTable", "functional", "hash", "utils",
+    "core", "identity", "ops", "tables",
     "SubMConv1d", "SubMConv2d", "SubMConv3d", "SubMConv4d",
     "SparseConv1d", "SparseConv2d", "SparseConv3d", "SparseConv4d",
     "SparseConvTranspose1d", "SparseConvTranspose2d", "SparseConvTranspose3d", "SparseConvTranspose4d",

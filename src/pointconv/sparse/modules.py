@@ -15,6 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .functional import sparse_add
 from .tensor import SparseConvTensor
 
 
@@ -215,6 +216,16 @@ class AddTable(SparseModule):
     def forward(self, tensors):
         first = _same_sites(tensors)
         return first.replace_feature(sum(t.features for t in tensors))
+
+
+class AddTableMisaligned(SparseModule):
+    """Sum of a list of SparseConvTensors with possibly different sites: ``functional.sparse_add``
+    (output sites sorted by batch, then coordinates)."""
+
+    def forward(self, tensors):
+        if not isinstance(tensors, (list, tuple)) or not tensors:
+            raise ValueError("expected a non-empty list of SparseConvTensors (a ConcatTable's output)")
+        return sparse_add(*tensors)
 
 
 class JoinTable(SparseModule):
