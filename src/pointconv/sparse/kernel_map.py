@@ -308,10 +308,18 @@ def _neighbor_rows(sites: SiteIndex, offsets) -> torch.Tensor:
     """``(len(offsets), N)``: the row of each site's neighbor at each offset, or -1."""
     # linear keys are additive: key(site + off) = key(site) + key(off) inside the padded grid
     off_keys = [_linear_offset(off, sites.shape) for off in offsets]
+    if sites.table is None:
+        # searchsorted reads the sorted keys in order when its queries ascend too: look up the
+        # sites' neighbors in key order, then put them in row order (bench_sparse's (b) scene,
+        # 120K sites in random order: searchsorted 77 -> 24 ms, the whole map 84 -> 46 ms)
+        shifts = transfers.to_device(off_keys, torch.int64, sites.keys.device)
+        in_key_order = sites.lookup(sites.sorted_keys[None] + shifts[:, None])
+        found = torch.empty_like(in_key_order)
+        found[:, sites.order] = in_key_order
+        return found
     # keys of a dense table fit in int32: half the bytes to move
-    dtype = torch.int32 if sites.table is not None else torch.int64
-    keys = sites.keys.to(dtype)
-    return sites.lookup(keys[None] + transfers.to_device(off_keys, dtype, keys.device)[:, None])
+    keys = sites.keys.to(torch.int32)
+    return sites.lookup(keys[None] + transfers.to_device(off_keys, torch.int32, keys.device)[:, None])
 
 
 def _subm_pairs_per_offset(sites: SiteIndex, offsets, odd: bool):
