@@ -116,3 +116,21 @@ def test_grid_voxel_size_beyond_float32_is_not_rounded_to_0_or_inf():
         for fn in (pointconv.grid_subsample, grid_subsample_reference):
             out = fn(two, 1e39)
             assert out.lengths.tolist() == [2] and torch.equal(out.points, two)
+
+
+def test_grid_subsample_means_of_many_points_far_from_the_origin():
+    # 200K float32 points in one voxel near 1000: summed in float32 one by one, their mean drifted
+    # by 2.2 (outside the voxel); summed in float64 it is within float32 rounding of the true mean
+    g = torch.Generator().manual_seed(0)
+    x = 1000 + 0.9 * torch.rand(1, 200_000, 3, generator=g)
+    out = pointconv.grid_subsample(x, 1.0)
+    assert out.lengths.tolist() == [1]
+    torch.testing.assert_close(out.points[0, 0].double(), x[0].double().mean(0), rtol=0, atol=1e-4)
+
+
+def test_grid_subsample_takes_any_finite_coordinates():
+    # no squared distances here: coordinates past float32's distance range (~5e18 in 3-D) are fine
+    x = torch.tensor([[[1.2e19, 0, 0], [1.6e19, 0, 0], [3.5e19, 0, 0]]])
+    out = pointconv.grid_subsample(x, 1e19)
+    assert out.lengths.tolist() == [2]
+    torch.testing.assert_close(out.points[0], torch.tensor([[1.4e19, 0, 0], [3.5e19, 0, 0]]))

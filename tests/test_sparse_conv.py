@@ -197,6 +197,8 @@ def test_dense_values_and_gradients(channels_first):
     feats = x.features.clone().requires_grad_()
     torch.autograd.gradcheck(fn, (feats,))
     torch.autograd.gradgradcheck(fn, (feats,))
+    with pytest.raises(TypeError, match="channels_first must be a bool"):
+        x.dense("no")  # a string would read as True
 
 
 def test_dense_holds_one_grid():

@@ -91,6 +91,14 @@ def test_gather_features_by_pc_voxel_id():
     assert out.tolist() == [[4.0, 5.0], [-7.0, -7.0], [0.0, 1.0]]
     with pytest.raises(ValueError, match="must be < 3"):
         gather_features_by_pc_voxel_id(seg, torch.tensor([3]))
+    # integer labels take an invalid_value they hold exactly (torch's own error did not name it)
+    labels = torch.tensor([4, 5, 6], dtype=torch.int32)
+    assert gather_features_by_pc_voxel_id(labels, pid, invalid_value=-2**31).tolist() == [6, -2**31, 4]
+    for bad in (2**40, 0.5, float("inf")):
+        with pytest.raises(ValueError, match=r"invalid_value must be an integer in \[-2147483648, 2147483647\]"):
+            gather_features_by_pc_voxel_id(labels, pid, invalid_value=bad)
+    with pytest.raises(ValueError, match=r"invalid_value must be an integer in \[0, 1\]"):
+        gather_features_by_pc_voxel_id(labels > 4, pid, invalid_value=2)
 
 
 def test_point_to_voxel_bad_input():
@@ -107,9 +115,19 @@ def test_point_to_voxel_bad_input():
         PointToVoxel([1, 1, 1], [0, 0, 0, 1e39, 1, 1], 3, 10, 2)
     with pytest.raises(ValueError, match=r"too small .* \[inf, 1, 1\] voxels"):
         PointToVoxel([1, 1, 1], [-3e38, 0, 0, 3e38, 1, 1], 3, 10, 2)
+    # a range under half a voxel along an axis rounds to no voxels there (spconv then drops every
+    # point; a widened axis kept points outside the range)
+    with pytest.raises(ValueError, match=r"spans less than half a voxel"):
+        PointToVoxel([1, 1, 1], [0, 0, 0, 0.4, 1, 1], 3, 10, 2)
     gen = PointToVoxel([1, 1, 1], [0, 0, 0, 1, 1, 1], 3, 10, 2)
     with pytest.raises(ValueError, match=r"pc must have shape \(N, 3\)"):
         gen(torch.zeros(5, 4))
+    # flags are bools: the string "no" would read as True
+    for kwargs in ({"empty_mean": "no"}, {"clear_voxels": "no"}):
+        with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be a bool"):
+            gen(torch.zeros(5, 3), **kwargs)
+        with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be a bool"):
+            gen.generate_voxel_with_id(torch.zeros(5, 3), **kwargs)
 
 
 @pytest.mark.parametrize("key_dtype", [torch.int32, torch.int64])

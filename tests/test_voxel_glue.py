@@ -155,3 +155,19 @@ def test_voxel_size_must_be_a_normal_number_of_the_points_dtype():
     assert x.indices.tolist() == [[0, 0, 0, 0]]
     with pytest.raises(ValueError, match="voxel_size"):
         pointconv.devoxelize(x, pts, 1e39)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_voxelize_sums_in_float64(dtype):
+    # the mean of many features far from zero, all in one voxel: summed in the features' dtype,
+    # float32 drifted and float16 overflowed past 65504 to inf
+    g = torch.Generator().manual_seed(1)
+    n = 200_000 if dtype == torch.float32 else 1000
+    feats = (1000 + torch.rand(1, n, 2, generator=g)).to(dtype)
+    points = torch.rand(1, n, 3, generator=g) * 0.5
+    tensor, _ = pointconv.voxelize(points, feats, 1.0)
+    assert tensor.features.shape == (1, 2) and tensor.features.dtype == dtype
+    ref = feats[0].double().mean(0).to(dtype)
+    torch.testing.assert_close(tensor.features[0], ref, rtol=0, atol=1e-4 if dtype == torch.float32 else 0.5)
+    summed, _ = pointconv.voxelize(points, feats.float(), 1.0, reduce="sum")
+    torch.testing.assert_close(summed.features[0].double(), feats[0].double().sum(0), rtol=1e-7, atol=0)

@@ -53,10 +53,11 @@ def check_search(query, points, *, query_lengths, points_lengths, exclude_self):
     return query_lengths, points_lengths
 
 
-def check_points(points, points_lengths, name="points", lengths_name="points_lengths"):
-    """Validate ``(B, N, D)`` coordinates and their lengths; return int64 lengths."""
+def check_points(points, points_lengths, name="points", lengths_name="points_lengths", distances=True):
+    """Validate ``(B, N, D)`` coordinates and their lengths; return int64 lengths. ``distances``:
+    the caller takes squared distances of the coordinates (``check_magnitude``)."""
     points_lengths = _check_cloud_shape(name, points, lengths_name, points_lengths)
-    return _read_values([(name, points, lengths_name, points_lengths)])[0]
+    return _read_values([(name, points, lengths_name, points_lengths)], distances)[0]
 
 
 def _check_cloud_shape(name, x, lengths_name, lens):
@@ -84,11 +85,11 @@ def _check_query_shape(query, points, exclude_self, query_lengths):
                                                                      query.shape[0], query.device)
 
 
-def _read_values(clouds) -> list[torch.Tensor]:
+def _read_values(clouds, distances=True) -> list[torch.Tensor]:
     """``clouds``: ``(name, x, lengths_name, lengths or None)`` whose shapes are checked. Checks
-    that the coordinates are finite and within ``check_magnitude``'s range and the lengths within
-    [0, N], reading all of these values in one transfer (each read waits for a CUDA device);
-    returns the int64 lengths of each cloud, in order."""
+    that the coordinates are finite and (``distances``) within ``check_magnitude``'s range and the
+    lengths within [0, N], reading all of these values in one transfer (each read waits for a CUDA
+    device); returns the int64 lengths of each cloud, in order."""
     values, slots = [], {}
     for _, x, _, lens in clouds:
         if id(x) not in slots:
@@ -103,7 +104,8 @@ def _read_values(clouds) -> list[torch.Tensor]:
         if id(x) not in read_of:
             read_of[id(x)] = next(read)
         _checks.finite_coords(name, read_of[id(x)])
-        check_magnitude(name, x, read_of[id(x)])
+        if distances:
+            check_magnitude(name, x, read_of[id(x)])
         B, N = x.shape[:2]
         if lens is None:
             out.append(torch.full((B,), N, dtype=torch.int64, device=x.device))

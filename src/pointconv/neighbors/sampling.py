@@ -154,9 +154,11 @@ def grid_subsample(points: torch.Tensor, voxel_size: float, *, lengths=None) -> 
     Voxel ``v`` of a point ``x`` is ``floor(x / voxel_size)``, the quotient in float64 (a grid
     anchored at the origin, the same for every cloud). Returns ``GridSubsample(points (B, M, D), lengths (B,))`` with the voxels
     of each cloud sorted by their integer coordinates; deterministic, and differentiable w.r.t.
-    ``points``.
+    ``points``. The means are summed in float64 (a float32 sum of many points far from the origin
+    drifts: 200K points in [1000, 1001)^3 averaged 2.2 off, outside their voxel).
     """
-    lengths = check_points(points, lengths, lengths_name="lengths")
+    # (no squared distances here: any finite coordinates)
+    lengths = check_points(points, lengths, lengths_name="lengths", distances=False)
     if isinstance(voxel_size, numbers.Real) or isinstance(voxel_size, torch.Tensor):
         voxel_size = _checks.positive_float("voxel_size", voxel_size)
     else:
@@ -174,8 +176,8 @@ def grid_subsample(points: torch.Tensor, voxel_size: float, *, lengths=None) -> 
                          "must stay below 2^61")
     vox = vox.long()
     uniq, inverse, counts = unique_rows(torch.cat([bid[:, None], vox], dim=1))
-    sums = add_rows(x.new_zeros((uniq.shape[0], D)), inverse, x)
-    means = sums / counts[:, None].to(x.dtype)
+    sums = add_rows(x.new_zeros((uniq.shape[0], D), dtype=torch.float64), inverse, x.double())
+    means = (sums / counts[:, None].double()).to(x.dtype)
     ub = uniq[:, 0]
     new_lengths = torch.bincount(ub, minlength=B)
     offsets = torch.cumsum(new_lengths, 0) - new_lengths

@@ -202,6 +202,7 @@ class SparseConvTensor:
     def dense(self, channels_first: bool = True) -> torch.Tensor:
         """``(B, C, *spatial)`` (or channels last ``(B, *spatial, C)``); inactive sites are zero.
         Raises on duplicate sites, which would otherwise silently keep one of their features."""
+        _checks.flag("channels_first", channels_first)
         C = self.features.shape[1]
         if self.batch_size * self.spatial_size * C * self.features.element_size() >= 2**62:
             raise ValueError(f"dense() would hold {self.batch_size} x {self.spatial_shape} x {C} elements: more "

@@ -55,7 +55,10 @@ class PointToVoxel:
         self._lo, hi = rng[:D], rng[D:]
         # spconv: std::round of the float32 quotient (halves away from zero); held in float64: no overflow yet
         quotient = ((hi.float() - self._lo.float()) / vsize.float()).double()
-        grid = torch.floor(quotient + 0.5).clamp(min=1)
+        grid = torch.floor(quotient + 0.5)
+        if bool((grid < 1).any()):  # spconv builds a grid without voxels there, and drops every point
+            raise ValueError(f"coors_range_xyz {list(coors_range_xyz)} spans less than half a voxel (vsize_xyz "
+                             f"{list(vsize_xyz)}) along an axis: round((x1 - x0) / vsize) = 0 voxels there")
         # the voxel indices are int32 and a voxel's key, z * gy * gx + y * gx + x, int64
         cells = [int(g) if math.isfinite(g) else g for g in grid.tolist()]  # (hi - lo may pass float32's range)
         if max(cells) > INT32_MAX or math.prod(cells) > 2**63:
@@ -94,6 +97,8 @@ class PointToVoxel:
         is spconv's (False skips zeroing the buffer it reuses between calls, leaving old points in
         the empty slots); the voxels here are a new tensor every call, so it changes nothing."""
         _checks.tensor("pc", pc)
+        _checks.flag("clear_voxels", clear_voxels)
+        empty_mean = _checks.flag("empty_mean", empty_mean)
         F = self.num_point_features
         if pc.dim() != 2 or pc.shape[1] != F:
             raise ValueError(f"pc must have shape (N, {F}), got shape {tuple(pc.shape)}")
@@ -172,6 +177,13 @@ def gather_features_by_pc_voxel_id(seg_res_features: torch.Tensor, pc_voxel_id: 
                              f"values), got shape {tuple(invalid_value.shape)}")
     elif isinstance(invalid_value, bool) or not isinstance(invalid_value, numbers.Real):
         raise TypeError(f"invalid_value must be a number, got {type(invalid_value).__name__}")
+    elif not seg_res_features.is_floating_point() and not seg_res_features.is_complex():
+        # integer (or bool) labels: a value they hold exactly, not one wrapped or truncated
+        dtype = seg_res_features.dtype
+        lo, hi = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+        if not (math.isfinite(invalid_value) and invalid_value == int(invalid_value) and lo <= invalid_value <= hi):
+            raise ValueError(f"invalid_value must be an integer in [{lo}, {hi}] for {dtype} values, got "
+                             f"{invalid_value}")
     valid = (pc_voxel_id >= 0).view(-1, *[1] * len(rest))
     out = seg_res_features.index_select(0, pc_voxel_id.clamp(min=0).long()) if M else \
         seg_res_features.new_zeros((pc_voxel_id.shape[0], *rest))
