@@ -219,6 +219,14 @@ def test_pointwise_dilation_too_large(dilation):
         pointconv.nn.PointwiseConv3d(4, 5, 0.1, dilation=dilation)
 
 
+def test_pointwise_dilation_past_the_grid_names_it():
+    # accepted dilations can still span more cells than the pair search's grid holds: the error
+    # says so (it spoke of the points alone)
+    pts = torch.tensor([[[0.0, 0.0, 0.0], [0.05, 0.0, 0.0]]])
+    with pytest.raises(ValueError, match="windows of dilation 1048576 .* smaller dilation"):
+        pointconv.pointwise_conv(pts, torch.ones(1, 2, 1), torch.ones(1, 1, 3, 3, 3), 0.1, dilation=2**20)
+
+
 def test_pointwise_cnn_input_dtype():
     model = pointconv.nn.PointwiseCNN(5)
     with pytest.raises(TypeError, match="features has dtype torch.float64"):

@@ -91,6 +91,15 @@ def test_max_gathers_blocks_of_queries(monkeypatch):
         assert pointconv.aggregate(values[:0], idx[:0], reduce).shape == (0, 7, 4)
 
 
+@pytest.mark.parametrize("B,Q", [(0, 3), (2, 0)])
+def test_aggregate_reference_of_no_queries(B, Q):
+    values = torch.rand(B, 4, 3)
+    idx = torch.zeros(B, Q, 2, dtype=torch.int64)
+    for reduce in ("mean", "max", "sum"):
+        assert torch.equal(aggregate_reference(values, idx, reduce), pointconv.aggregate(values, idx, reduce))
+        assert aggregate_reference(values, idx, reduce).shape == (B, Q, 3)
+
+
 def test_adjacency_is_the_aggregation():
     values, idx, weights = _inputs(B=2)
     adj = pointconv.adjacency(idx, values.shape[1])
@@ -118,6 +127,31 @@ def test_adjacency_in_float64_is_the_aggregation_and_differentiable():
         return torch.sparse.mm(pointconv.adjacency(idx[1], values.shape[1], weights=w), v)
 
     torch.autograd.gradcheck(product, (w, values[1].clone().requires_grad_()))
+    # second order: through the features' gradient exact (against the dense matrix); through the
+    # weights' gradient torch's sparse backward is first-order only, which raises (it came out
+    # wrong or missing, silently)
+    def dense(w):
+        valid = idx[1] >= 0
+        wn = torch.where(valid, w, 0)
+        total = wn.sum(-1, keepdim=True)
+        wn = torch.where(total != 0, wn / torch.where(total != 0, total, 1), 0)
+        rows = torch.arange(idx.shape[1])[:, None].expand_as(idx[1])
+        return torch.zeros(idx.shape[1], values.shape[1], dtype=w.dtype).index_put(
+            (rows[valid], idx[1][valid]), wn[valid], accumulate=True)
+
+    for make in (product, lambda w, v: dense(w) @ v):
+        wg, vg = w.detach().clone().requires_grad_(), values[1].clone().requires_grad_()
+        gv, = torch.autograd.grad(make(wg, vg).square().sum(), vg, create_graph=True)
+        second = torch.autograd.grad(gv.square().sum(), (wg, vg))
+        if make is product:
+            ours = second
+        else:
+            for a, b in zip(ours, second):
+                torch.testing.assert_close(a, b)
+    wg, vg = w.detach().clone().requires_grad_(), values[1].clone().requires_grad_()
+    gw, = torch.autograd.grad(product(wg, vg).square().sum(), wg, create_graph=True)
+    with pytest.raises(RuntimeError, match="weights cannot be differentiated again"):
+        torch.autograd.grad(gw.square().sum(), (wg, vg))
     with pytest.raises(TypeError, match="dtype must be a floating"):
         pointconv.adjacency(idx, 9, dtype=torch.int64)
     with pytest.raises(TypeError, match="weights must be a floating-point"):

@@ -241,6 +241,20 @@ def test_global_max_pool_keeps_infinite_maxima():
     assert torch.equal(out, torch.tensor([[float("inf"), -1.0], [0.0, 0.0], [float("-inf"), 2.0]]))
 
 
+def test_max_pool_gradients_at_minus_infinity():
+    # a window (or sample) whose max is -inf: the gradient is 1, split evenly between exact ties
+    # (torch's backward had counted the rows' -inf starting value as one more tie)
+    inf = float("inf")
+    idx = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 2, 2], [1, 1, 1]], dtype=torch.int32)
+    feats = torch.tensor([[-inf], [-inf], [-inf], [2.0]], requires_grad=True)
+    x = spconv.SparseConvTensor(feats, idx, [4, 4], 2)
+    pooled = spconv.SparseMaxPool2d(2, 2)(x)  # windows: {0, 1} tied at -inf, {2} alone at -inf, {3}
+    grad, = torch.autograd.grad(pooled.features.sum(), feats)
+    assert grad[:, 0].tolist() == [0.5, 0.5, 1.0, 1.0]
+    grad, = torch.autograd.grad(spconv.SparseGlobalMaxPool()(x).sum(), feats)
+    torch.testing.assert_close(grad[:, 0], torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0]))
+
+
 def test_table_and_hash_input_errors():
     with pytest.raises(ValueError, match="non-empty list"):
         spconv.AddTable()([])

@@ -171,3 +171,14 @@ def test_voxelize_sums_in_float64(dtype):
     torch.testing.assert_close(tensor.features[0], ref, rtol=0, atol=1e-4 if dtype == torch.float32 else 0.5)
     summed, _ = pointconv.voxelize(points, feats.float(), 1.0, reduce="sum")
     torch.testing.assert_close(summed.features[0].double(), feats[0].double().sum(0), rtol=1e-7, atol=0)
+
+
+def test_voxelize_max_gradient_at_minus_infinity():
+    # a voxel whose max is -inf: its gradient is 1, split evenly between exact ties (torch's backward
+    # had counted the voxels' -inf starting value as one more tie: 1/2 for a lone -inf)
+    inf = float("inf")
+    pts = torch.tensor([[[0.5, 0.5, 0.5], [1.5, 1.5, 1.5], [1.6, 1.6, 1.6], [2.5, 2.5, 2.5]]])
+    feats = torch.tensor([[[2.0], [-inf], [-inf], [-inf]]], requires_grad=True)
+    x, _ = pointconv.voxelize(pts, feats, 1.0, reduce="max")
+    grad, = torch.autograd.grad(x.features.sum(), feats)
+    assert grad[0, :, 0].tolist() == [1.0, 0.5, 0.5, 1.0]

@@ -154,7 +154,9 @@ class Windows:
         self.ext = (hi - self.lo + 1).tolist()
         nb = int(batch.max()) + 1
         if math.prod(self.ext) * nb * 2 * _X_BINS >= 1 << 62:  # the keys of (window, x bin)
-            raise ValueError("points span too many cells of cell_size for one grid (more than 2^58 in all)")
+            raise ValueError(f"the points and the windows of dilation {reach} around them span too many cells of "
+                             "cell_size for one grid (more than 2^58 in all): use a larger cell_size or a smaller "
+                             "dilation")
         # every point in the 8 windows whose lowest cell is G - b. Linear keys are additive (G - b
         # stays inside the grid): a window's key is its point's cell key minus b's. Within a window
         # the points are grouped by x bin (b_x X + f_x in X-ths of a cell: 2 X bins from the

@@ -6,6 +6,39 @@ import torch
 from .. import _checks
 
 
+class _FirstOrderEntries(torch.autograd.Function):
+    """The identity on the matrix's entries, differentiable once. Torch's backward of a sparse
+    matrix's values (``sparse_coo_tensor``, ``coalesce``) returns gradients cut from the graph: a
+    second derivative through the weights' gradient came out wrong (``normalize="row"``) or
+    missing, silently. Through this Function it raises instead. (Second derivatives through the
+    features' gradient pass through the entries once, and stay exact.)"""
+
+    @staticmethod
+    def forward(ctx, values):
+        ctx.save_for_backward(values)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not torch.is_grad_enabled():  # (create_graph=False)
+            return grad
+        # the gradient, tied to the entries' graph (and so to the weights) by a node that raises
+        # when a second derivative reaches it
+        return _SecondDerivativeRaises.apply(grad, *ctx.saved_tensors)
+
+
+class _SecondDerivativeRaises(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, values):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("the gradient of adjacency()'s weights cannot be differentiated again: torch's "
+                           "backward of sparse matrix values is first-order only (differentiate through the "
+                           "features' gradient, or build the matrix densely)")
+
+
 def adjacency(idx: torch.Tensor, num_points: int, *, weights: torch.Tensor | None = None, normalize: str | None = "row",
               dtype: torch.dtype | None = None):
     """A sparse COO matrix whose product with features aggregates neighbors.
@@ -22,7 +55,10 @@ def adjacency(idx: torch.Tensor, num_points: int, *, weights: torch.Tensor | Non
 
     Returns:
         ``(Q, P)``, or block-diagonal ``(B * Q, B * P)`` for a batch: row ``b * Q + q`` holds query q
-        of cloud b. Repeated neighbors add up (as in the aggregation). Works with autograd.
+        of cloud b. Repeated neighbors add up (as in the aggregation). Works with autograd to
+        first order w.r.t. ``weights`` (a second derivative through the weights' gradient raises:
+        torch's sparse backward is not differentiable), to any order through the features it
+        multiplies.
     """
     _checks.tensor("idx", idx)
     _checks.index_tensor("idx", idx, idx.dim())
@@ -65,7 +101,9 @@ def adjacency(idx: torch.Tensor, num_points: int, *, weights: torch.Tensor | Non
     indices = torch.stack([rows.expand_as(idx3).reshape(-1)[keep], cols.reshape(-1)[keep]])
     # checked (cheap next to the coalesce), and said through torch's switch as well: torch 2.11
     # warns about unchecked tensors while the switch was never set, whatever the argument says
+    values = w.reshape(-1)[keep]
+    if values.requires_grad:
+        values = _FirstOrderEntries.apply(values)
     with torch.sparse.check_sparse_tensor_invariants(enable=True):
-        adj = torch.sparse_coo_tensor(indices, w.reshape(-1)[keep], (B * Q, B * P) if batched else (Q, P),
-                                      check_invariants=True)
+        adj = torch.sparse_coo_tensor(indices, values, (B * Q, B * P) if batched else (Q, P), check_invariants=True)
     return adj.coalesce()

@@ -110,4 +110,4 @@ def aggregate_reference(values, idx, reduce="mean", weights=None):
                 rows.append(v.mean(0))
             else:
                 rows.append((weights[b, q, js][:, None] * v).sum(0))
-    return torch.stack(rows).reshape(B, Q, C)
+    return torch.stack(rows).reshape(B, Q, C) if rows else values.new_zeros((B, Q, C))

@@ -15,6 +15,7 @@ import math
 import torch
 
 from .._dtypes import accumulation_dtype
+from .._row_sums import max_rows
 from .conv import _tuple, check_key_unused
 from .kernel_map import build_conv, build_in_place, build_subm
 from .modules import SparseModule, VoxelCountRecorder
@@ -74,11 +75,11 @@ class _SparsePool(VoxelCountRecorder, SparseModule):
         """Max or mean of each output site's active inputs (the pairs of ``kmap``)."""
         n_out, C = kmap.out_indices.shape[0], f.shape[1]
         src = f.index_select(0, kmap.in_rows)
-        rows = kmap.out_rows[:, None].expand(-1, C)
         if self.reduce == "amax":
-            out = f.new_full((n_out, C), float("-inf")).scatter_reduce(0, rows, src, "amax", include_self=False)
+            out = max_rows(n_out, kmap.out_rows, src)
         else:  # summed in float32 for fp16 / bf16 (an fp16 sum passes 65504 where the mean does not)
             acc = accumulation_dtype(f.dtype)
+            rows = kmap.out_rows[:, None].expand(-1, C)
             out = src.new_zeros((n_out, C), dtype=acc).scatter_add(0, rows, src.to(acc))
             count = torch.bincount(kmap.out_rows, minlength=n_out).to(acc)
             out = (out / count[:, None]).to(f.dtype)
@@ -121,11 +122,9 @@ class SparseGlobalMaxPool(SparseModule):
     def forward(self, x: SparseConvTensor) -> torch.Tensor:
         check_layer_input(x)
         _check_unique_sites(x)
-        C = x.features.shape[1]
         b = x.indices[:, 0].long()
-        out = x.features.new_full((x.batch_size, C), float("-inf"))
-        out = out.scatter_reduce(0, b[:, None].expand(-1, C), x.features, "amax", include_self=False)
-        has_sites = torch.bincount(b, minlength=x.batch_size) > 0  # (not isinf: an inf feature is a max)
+        out = max_rows(x.batch_size, b, x.features)  # (NaN for a sample without sites)
+        has_sites = torch.bincount(b, minlength=x.batch_size) > 0
         return torch.where(has_sites[:, None], out, torch.zeros_like(out))
 
 
