@@ -155,3 +155,17 @@ def test_empty_input_and_no_pairs():
     lone = spconv.SparseConvTensor(torch.ones(1, 3), torch.zeros(1, 4, dtype=torch.int32), [5, 5, 5], 1)
     y = apply_kernel_map(lone.features, w, MAPS["subm"](lone))  # only the center pair
     torch.testing.assert_close(y, lone.features @ w[:, 1, 1, 1].t())
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_no_pairs_give_zero_gradients(groups):
+    # no input sites, or sites that no strided output reads: zero gradients, not missing ones (the
+    # grouped path's result had no edge to the features or weights)
+    for feats, idx in ((torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.int32)),
+                       (torch.ones(2, 2), torch.tensor([[0, 1], [0, 4]], dtype=torch.int32))):
+        f = feats.clone().requires_grad_()
+        layer = spconv.SparseConv1d(2, 2, 1, 3, groups=groups)
+        y = layer(spconv.SparseConvTensor(f, idx, [6], 1))
+        assert y.features.shape == (0, 2)
+        gf, gw = torch.autograd.grad(y.features.sum(), (f, layer.weight))
+        assert torch.equal(gf, torch.zeros_like(f)) and torch.equal(gw, torch.zeros_like(layer.weight))

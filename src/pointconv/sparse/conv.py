@@ -103,6 +103,10 @@ def apply_kernel_map_ops(features, W, kmap: KernelMap, groups: int = 1) -> torch
         # in place: ``out`` is a fresh accumulator no other op saved, so autograd allows it, and an
         # out-of-place add would copy the whole output once per kernel offset
         out = add_rows_(out, kmap.out_rows[a:b], _offset_matmul(src, W[:, o], groups).to(out.dtype))
+    if kmap.start[-1] == 0:
+        # no pairs (no input sites, or no output site): zeros that still depend on the inputs, so
+        # their gradients are zeros rather than missing (sums of empty slices: 0, whatever the values)
+        out = out + (features[:0].sum() + W[:0].sum()).to(out.dtype)
     return out.to(features.dtype)
 
 
