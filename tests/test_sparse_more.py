@@ -523,6 +523,10 @@ def test_spconv_core_helpers():
         core.scatter_nd(torch.tensor([[2, 0]]), updates[:1], [2, 3, 2])
     with pytest.raises(ValueError, match="updates must have shape"):
         core.scatter_nd(indices, updates[:, :1], [2, 3, 2])
+    with pytest.raises(TypeError, match="indices must be an int64"):
+        core.scatter_nd(indices.float(), updates, [2, 3, 2])  # (a cast would truncate 0.7 to 0)
+    with pytest.raises(TypeError, match="updates must be a torch.Tensor"):
+        core.scatter_nd(indices, updates.tolist(), [2, 3, 2])
 
 
 @pytest.mark.parametrize("k,s,p,d", [(3, 1, 1, 1), (3, 2, 1, 1), (2, 2, 0, 1), (3, 1, 0, 2), (5, 3, 2, 1)])
@@ -540,3 +544,8 @@ def test_spconv_output_size_formulas(k, s, p, d):
     assert ops.get_conv_output_size([7, 9], [-1, k], [1, s], [0, p], [1, d])[0] == 1
     with pytest.raises(ValueError, match="output spatial shape"):
         ops.get_conv_output_size([2, 2], [5, 5], [1, 1], [0, 0], [1, 1])
+    # a per-axis list of the wrong length would drop axes (zip stops at the shortest)
+    with pytest.raises(ValueError, match="kernel_size must have one value per axis"):
+        ops.get_conv_output_size([7, 9, 4], [3, 3], [1, 1, 1], [0, 0, 0], [1, 1, 1])
+    with pytest.raises(ValueError, match="output_padding must have one value per axis"):
+        ops.get_deconv_output_size([7, 9], [3, 3], [1, 1], [0, 0], [1, 1], [0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import _checks
 from .conv import _tuple
 from .tensor import SparseConvTensor
 
@@ -25,7 +26,12 @@ def scatter_nd(indices: torch.Tensor, updates: torch.Tensor, shape) -> torch.Ten
     ``scatter_nd``): ``indices (..., m)`` address the first m axes, ``updates`` has shape
     ``indices.shape[:-1] + shape[m:]``. An index given twice raises a ValueError (which update
     would win is unspecified; spconv's version keeps either)."""
-    shape = [int(s) for s in shape]
+    _checks.tensor("updates", updates)
+    _checks.tensor("indices", indices)
+    if indices.dim() == 0 or indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be an int64 (or int32) tensor of shape (..., m), got dtype {indices.dtype} "
+                        f"and shape {tuple(indices.shape)}")
+    shape = [_checks.nonneg_int("shape", s) for s in shape]
     m = indices.shape[-1]
     if m > len(shape):
         raise ValueError(f"scatter_nd: indices address {m} axes, shape {shape} has {len(shape)}")
